@@ -1,0 +1,1 @@
+"""symmech: symmetries of the loss -> exact laws of training dynamics -> live trackers."""
