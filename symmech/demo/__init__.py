@@ -1,0 +1,1 @@
+"""Data sets and small models for symmech's demo, tests and benchmarks."""
