@@ -22,7 +22,7 @@ from sympy.matrices.expressions import (
     ZeroMatrix,
 )
 
-from .matrix_ops import Inner, _split_scalar, clean, expand_inner
+from .matrix_ops import Inner, _split_scalar, clean, expand_inner, expand_terms
 
 
 class NotAffineError(ValueError):
@@ -54,10 +54,7 @@ def _push_transposes(expr):
 
 def _flatten_terms(expr) -> list[MatrixExpr]:
     """Expand products of sums into a flat list of product terms."""
-    expr = _push_transposes(clean(expr))
-    expanded = sp.expand(expr) if isinstance(expr, (MatAdd, MatMul)) else expr
-    expanded = clean(expanded)
-    return list(expanded.args) if isinstance(expanded, MatAdd) else [expanded]
+    return [m if c == 1 else MatMul(c, m) for c, m in expand_terms(_push_transposes(clean(expr)))]
 
 
 def adjoint_apply(expr: MatrixExpr, block: MatrixSymbol, v: MatrixExpr) -> MatrixExpr:

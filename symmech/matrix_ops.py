@@ -231,21 +231,47 @@ def scalar_coefficients(expr, alpha: sp.Symbol) -> list[sp.Expr]:
     return found
 
 
+def expand_terms(expr) -> list[tuple[sp.Expr, MatrixExpr]]:
+    """Fully distribute a matrix expression into (scalar coefficient, monomial) pairs.
+
+    Products distribute over sums and transposes are pushed down to the leaves, so
+    every monomial is a product of symbols, their transposes and opaque nodes.
+    """
+    if isinstance(expr, MatAdd):
+        return [t for a in expr.args for t in expand_terms(a)]
+    if isinstance(expr, MatMul):
+        out: list[tuple[sp.Expr, list]] = [(sp.S.One, [])]
+        for a in expr.args:
+            if not getattr(a, "is_Matrix", False):
+                out = [(c * a, fs) for c, fs in out]
+                continue
+            parts = expand_terms(a)
+            out = [(c * pc, fs + [pm]) for c, fs in out for pc, pm in parts]
+        result = []
+        for c, fs in out:
+            if c == 0 or any(isinstance(f, ZeroMatrix) for f in fs):
+                continue
+            fs = [f for f in fs if not isinstance(f, Identity)] or fs[:1]
+            result.append((c, fs[0] if len(fs) == 1 else MatMul(*fs).doit()))
+        return result
+    if isinstance(expr, Transpose):
+        return [(c, Transpose(m).doit()) for c, m in expand_terms(expr.arg)]
+    if isinstance(expr, ZeroMatrix):
+        return []
+    return [(sp.S.One, expr)]
+
+
 def expand_inner(expr: sp.Expr) -> sp.Expr:
     """Distribute every :class:`Inner` over sums and pull scalar factors out,
     putting the arguments of each inner product in a canonical order."""
 
     def expand_one(a: MatrixExpr, b: MatrixExpr) -> sp.Expr:
         total = sp.S.Zero
-        for ta in _terms(clean(a)):
-            ca, ma = _split_scalar(ta)
-            for tb in _terms(clean(b)):
-                cb, mb = _split_scalar(tb)
-                if isinstance(ma, ZeroMatrix) or isinstance(mb, ZeroMatrix):
-                    continue
+        for ca, ma in expand_terms(a):
+            for cb, mb in expand_terms(b):
                 x, y = sorted([ma, mb], key=sp.default_sort_key)
                 total += ca * cb * Inner(x, y)
-        return total
+        return sp.expand(total)
 
     return expr.replace(lambda e: isinstance(e, Inner), lambda e: expand_one(*e.args))
 
