@@ -66,7 +66,12 @@ def structural_closure(geometry: Geometry, charge: sp.Expr | None, why_no_charge
             "the term ⟨ξ(θ), θ̇⟩ would have to be measured every step",
         )
     if charge is None:
-        return Closure(False, None, xi_theta, f"there is no conserved quantity to project onto: {why_no_charge}")
+        return Closure(
+            False,
+            None,
+            xi_theta,
+            f"there is no conserved quantity to project onto: {why_no_charge}",
+        )
     kappa = None
     for base in (2, 3):
         sizes = sample_sizes(geometry.symmetry, base)
@@ -122,7 +127,8 @@ def optimizer_closure(
             leftover = expand_inner(
                 sp.Add(
                     *[
-                        (sp.Symbol(f"{symbol}_{b.name}") - sp.Symbol(symbol)) * Inner(geometry.generator[b], b)
+                        (sp.Symbol(f"{symbol}_{b.name}") - sp.Symbol(symbol))
+                        * Inner(geometry.generator[b], b)
                         for b in blocks
                     ]
                 )

@@ -62,7 +62,11 @@ def _combine(*pairs: tuple[sp.Expr, dict[Block, MatrixExpr]]) -> dict[Block, Mat
     out = {}
     for b in blocks:
         terms = [coeff * vec[b] for coeff, vec in pairs if coeff != 0]
-        out[b] = clean(MatAdd(*terms)) if len(terms) > 1 else (terms[0] if terms else ZeroMatrix(*b.shape))
+        out[b] = (
+            clean(MatAdd(*terms))
+            if len(terms) > 1
+            else (terms[0] if terms else ZeroMatrix(*b.shape))
+        )
     return out
 
 

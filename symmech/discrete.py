@@ -63,7 +63,9 @@ def discrete_law(derivation: Derivation, closure: Closure, dt: DataTerms) -> Law
     steps = [
         (
             "Q is quadratic, so a step θ → θ − ηu changes it exactly by",
-            TeX(r"Q(\theta - \eta u) = Q(\theta) - \eta\langle\xi(\theta), u\rangle + \tfrac{1}{2}\eta^{2} u^{\top}J u"),
+            TeX(
+                r"Q(\theta - \eta u) = Q(\theta) - \eta\langle\xi(\theta), u\rangle + \tfrac{1}{2}\eta^{2} u^{\top}J u"
+            ),
         ),
         ("The charge", sp.Eq(sp.Symbol("Q"), q)),
         (

@@ -65,10 +65,18 @@ def _closure_tex(closure: Closure, derivation: Derivation) -> TeX:
 def _projection_steps_first_order(derivation: Derivation, closure: Closure, dt: DataTerms) -> list:
     g = derivation.geometry
     return [
-        ("Project θ̇ + λθ = −g − (η/2)Hg onto ξ (J symmetric, so Q̇ = ⟨ξ, θ̇⟩)", TeX(r"\dot{Q} = -\langle\xi, g\rangle - \lambda\langle\xi,\theta\rangle - \tfrac{\eta}{2}\langle\xi, Hg\rangle")),
+        (
+            "Project θ̇ + λθ = −g − (η/2)Hg onto ξ (J symmetric, so Q̇ = ⟨ξ, θ̇⟩)",
+            TeX(
+                r"\dot{Q} = -\langle\xi, g\rangle - \lambda\langle\xi,\theta\rangle - \tfrac{\eta}{2}\langle\xi, Hg\rangle"
+            ),
+        ),
         ("G1: ⟨ξ, g⟩ vanishes", sp.Eq(g.gradient_constraint, 0)),
         ("Closure: ⟨ξ, θ⟩ = κQ", _closure_tex(closure, derivation)),
-        ("G2 turns ⟨ξ, Hg⟩ = ⟨Hξ, g⟩ = −⟨Dξᵀg, g⟩ into −gᵀJg", TeX(r"\langle \xi, H g\rangle = " + sp.latex(-dt.gJg))),
+        (
+            "G2 turns ⟨ξ, Hg⟩ = ⟨Hξ, g⟩ = −⟨Dξᵀg, g⟩ into −gᵀJg",
+            TeX(r"\langle \xi, H g\rangle = " + sp.latex(-dt.gJg)),
+        ),
     ]
 
 
@@ -129,12 +137,21 @@ def green_kernels(kappa: sp.Expr) -> dict[str, dict[str, sp.Expr]]:
 def _second_order(derivation: Derivation, closure: Closure, dt: DataTerms) -> Law:
     kappa = closure.kappa
     m_value = eta * (1 + beta) / 2
-    ode = sp.Eq(m_sym * Q(t).diff(t, 2) + (1 - beta) * Q(t).diff(t) + kappa * lam * Q(t), m_sym * F(t))
+    ode = sp.Eq(
+        m_sym * Q(t).diff(t, 2) + (1 - beta) * Q(t).diff(t) + kappa * lam * Q(t), m_sym * F(t)
+    )
     kernel = sp.Function("G")
-    solution = sp.Eq(Q(t), sp.Function("Q_h")(t) + sp.Integral(kernel(t - s) * m_sym * F(s), (s, 0, t)))
+    solution = sp.Eq(
+        Q(t), sp.Function("Q_h")(t) + sp.Integral(kernel(t - s) * m_sym * F(s), (s, 0, t))
+    )
     g = derivation.geometry
     steps = [
-        ("Project m θ̈ + (1−β)θ̇ + λθ = −g onto ξ; with J symmetric, Q̇ = ⟨ξ, θ̇⟩ and Q̈ = ⟨ξ, θ̈⟩ + θ̇ᵀJθ̇", TeX(r"m\ddot{Q} = -(1-\beta)\dot{Q} - \lambda\langle\xi,\theta\rangle - \langle\xi, g\rangle + m\,\dot\theta^{\top}J\dot\theta")),
+        (
+            "Project m θ̈ + (1−β)θ̇ + λθ = −g onto ξ; with J symmetric, Q̇ = ⟨ξ, θ̇⟩ and Q̈ = ⟨ξ, θ̈⟩ + θ̇ᵀJθ̇",
+            TeX(
+                r"m\ddot{Q} = -(1-\beta)\dot{Q} - \lambda\langle\xi,\theta\rangle - \langle\xi, g\rangle + m\,\dot\theta^{\top}J\dot\theta"
+            ),
+        ),
         ("G1: ⟨ξ, g⟩ vanishes", sp.Eq(g.gradient_constraint, 0)),
         ("Closure: ⟨ξ, θ⟩ = κQ", _closure_tex(closure, derivation)),
         ("Forcing: θ̇ at step k is measured as −uₖ, so F = uₖᵀJuₖ", sp.Eq(F(s), dt.uJu["sgd"])),
@@ -192,13 +209,17 @@ class Dynamics:
 
     def closure_for(self, optimizer: str = "SGD", weight_decay=None, lr=None) -> Closure:
         """The verdict for an optimizer name and per-block hyperparameters ({block: value})."""
-        return optimizer_closure(self.structural, self.derivation.geometry, optimizer, weight_decay, lr)
+        return optimizer_closure(
+            self.structural, self.derivation.geometry, optimizer, weight_decay, lr
+        )
 
     # -- data ------------------------------------------------------------------------
     @property
     def data_terms(self) -> DataTerms:
         if self._data is None:
-            raise ClosureError(explain(f"{self.derivation.name}.dynamics.data_terms", self.structural.why))
+            raise ClosureError(
+                explain(f"{self.derivation.name}.dynamics.data_terms", self.structural.why)
+            )
         return self._data
 
     def _law(self, name: str) -> Law:
@@ -236,7 +257,9 @@ class Dynamics:
 
     @property
     def laws(self) -> dict[str, Law]:
-        return {n: self._law(n) for n in ("gradient_flow", "first_order", "second_order", "discrete")}
+        return {
+            n: self._law(n) for n in ("gradient_flow", "first_order", "second_order", "discrete")
+        }
 
     # -- evaluation helpers for Derivation.evaluate ------------------------------------
     def evaluable(self) -> dict[str, sp.Expr]:
@@ -275,11 +298,15 @@ class Dynamics:
         for name, law in self.laws.items():
             laws[name] = {
                 "title": law.title,
-                "ode": sp.sstr(law.ode) if not isinstance(law.ode, list) else [sp.sstr(e) for e in law.ode],
+                "ode": sp.sstr(law.ode)
+                if not isinstance(law.ode, list)
+                else [sp.sstr(e) for e in law.ode],
                 "solution": sp.sstr(law.solution)
                 if not isinstance(law.solution, list)
                 else [sp.sstr(e) for e in law.solution],
-                "latex": sp.latex(law.ode) if not isinstance(law.ode, list) else [sp.latex(e) for e in law.ode],
+                "latex": sp.latex(law.ode)
+                if not isinstance(law.ode, list)
+                else [sp.latex(e) for e in law.ode],
                 "data": {k: sp.sstr(v) for k, v in law.data.items()},
                 "initial_conditions": [sp.sstr(e) for e in law.initial_conditions],
             }

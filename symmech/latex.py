@@ -6,7 +6,6 @@ The template is a real file (``templates/derivation.tex.j2``) rendered by Jinja2
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,12 +20,39 @@ if TYPE_CHECKING:
 TEMPLATES = Path(__file__).parent / "templates"
 
 _UNICODE_MATH = {
-    "ξ": r"\xi", "θ": r"\theta", "η": r"\eta", "λ": r"\lambda", "β": r"\beta", "τ": r"\tau",
-    "κ": r"\kappa", "ψ": r"\psi", "α": r"\alpha", "δ": r"\delta", "Σ": r"\Sigma", "ω": r"\omega",
-    "⟨": r"\langle ", "⟩": r"\rangle ", "∇": r"\nabla ", "∂": r"\partial ", "√": r"\sqrt{}",
-    "≠": r"\neq ", "→": r"\to ", "∘": r"\circ ", "·": r"\cdot ", "−": "-", "ᵀ": r"^{\top}",
-    "ₖ": "_k", "₀": "_0", "₁": "_1", "₂": "_2", "₊": "_+", "₋": "_-", "²": "^2", "𝟙": r"\mathbb{1}",
-    "ε": r"\varepsilon", "v̂": r"\hat v",
+    "ξ": r"\xi",
+    "θ": r"\theta",
+    "η": r"\eta",
+    "λ": r"\lambda",
+    "β": r"\beta",
+    "τ": r"\tau",
+    "κ": r"\kappa",
+    "ψ": r"\psi",
+    "α": r"\alpha",
+    "δ": r"\delta",
+    "Σ": r"\Sigma",
+    "ω": r"\omega",
+    "⟨": r"\langle ",
+    "⟩": r"\rangle ",
+    "∇": r"\nabla ",
+    "∂": r"\partial ",
+    "√": r"\sqrt{}",
+    "≠": r"\neq ",
+    "→": r"\to ",
+    "∘": r"\circ ",
+    "·": r"\cdot ",
+    "−": "-",
+    "ᵀ": r"^{\top}",
+    "ₖ": "_k",
+    "₀": "_0",
+    "₁": "_1",
+    "₂": "_2",
+    "₊": "_+",
+    "₋": "_-",
+    "²": "^2",
+    "𝟙": r"\mathbb{1}",
+    "ε": r"\varepsilon",
+    "v̂": r"\hat v",
 }
 _COMBINING = {"\u0307": r"\dot", "\u0308": r"\ddot", "\u0302": r"\hat"}
 
@@ -109,7 +135,9 @@ def _law_context(law) -> dict[str, Any]:
         extra.append(("with mass", _tex(law.extra["m"])))
         for regime, parts in law.extra["kernels"].items():
             roots = ", ".join(f"{sp.latex(k)} = {sp.latex(v)}" for k, v in parts["roots"].items())
-            extra.append((f"{regime.capitalize()} case, ${_tex(parts['condition'])}$; roots", roots))
+            extra.append(
+                (f"{regime.capitalize()} case, ${_tex(parts['condition'])}$; roots", roots)
+            )
             extra.append(("Green's kernel", f"G(t) = {sp.latex(parts['G'])}"))
             extra.append(("homogeneous part", f"Q_h(t) = {sp.latex(parts['Q_h'])}"))
     if law.name == "discrete":
@@ -149,7 +177,9 @@ def derivation_context(d: Derivation) -> dict[str, Any]:
         "g2": [(sp.latex(b), sp.latex(v)) for b, v in d.hessian_constraint.items()],
         "g3": sp.latex(d.hessian_quadratic_form),
         "e1": [(sp.latex(b), sp.latex(v)) for b, v in d.equivariance.items()],
-        "e2": [(sp.latex(b), sp.latex(v)) for b, v in d.action_linear_part.items()] if d.affine.is_affine else [],
+        "e2": [(sp.latex(b), sp.latex(v)) for b, v in d.action_linear_part.items()]
+        if d.affine.is_affine
+        else [],
         "charge": sp.latex(d.conserved) if d.conserved is not None else "",
         "why_no_charge": tex_text(d.why_no_conserved),
         "conserved_matrices": [(sp.latex(c), sp.latex(m)) for c, m in d.conserved_matrices.items()],
@@ -178,7 +208,9 @@ def document_to_latex(derivations: list[Derivation], title: str | None = None) -
     from . import __version__
 
     env = _environment()
-    bodies = [env.get_template("derivation.tex.j2").render(**derivation_context(d)) for d in derivations]
+    bodies = [
+        env.get_template("derivation.tex.j2").render(**derivation_context(d)) for d in derivations
+    ]
     if title is None:
         names = ", ".join(d.name.replace("_", " ") for d in derivations)
         title = f"Symmetry {names}: geometry, conservation law and learning dynamics"

@@ -63,13 +63,13 @@ def linear_pair(structure: str = "symmetric") -> Symmetry:
     """
     U = Block("U", shape=("d", "r"))
     V = Block("V", shape=("k", "r"))
-    E = Constant("E", shape=("r", "r"), structure=structure)
+    E = Constant("E" if structure == "symmetric" else "A", shape=("r", "r"), structure=structure)
     name = "linear_pair" if structure == "symmetric" else f"linear_pair_{structure}"
     return Symmetry(
         name,
         action={U: U * expm(alpha * E), V: V * expm(-alpha * E.T)},
         identity=0,
-        description=f"GL(r) action on a pair of linear layers, f(x) = V U^T x, along a {structure} direction E.",
+        description=f"GL(r) action on a pair of linear layers, f(x) = V U^T x, along a {structure} direction.",
     )
 
 

@@ -12,7 +12,6 @@ A spec is ψ(θ, α) given as the image of each moved parameter block.
 from __future__ import annotations
 
 import importlib.util
-import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -24,9 +23,6 @@ from .matrix_ops import MatrixExp, replace_exp_of_matrices
 
 #: The group parameter α of every spec.
 alpha = sp.Symbol("alpha", real=True)
-
-_VECTOR_DIMS = ("n", "m", "p", "q", "s")
-_vector_counter = itertools.count()
 
 
 def _dimension(size: str | int | sp.Expr) -> sp.Expr:
@@ -70,14 +66,17 @@ class Block(MatrixSymbol):
 
 
 _STRUCTURES = ("general", "symmetric", "antisymmetric")
-_constant_structure: dict[str, str] = {}
 
 
 class Constant(MatrixSymbol):
     """A constant matrix of a spec (such as E in (U, V) ↦ (U e^{αE}, V e^{−αEᵀ})).
 
-    ``structure`` is ``"general"``, ``"symmetric"`` (Eᵀ = E) or ``"antisymmetric"`` (Eᵀ = −E).
+    ``structure`` is ``"general"``, ``"symmetric"`` (Eᵀ = E) or ``"antisymmetric"`` (Eᵀ = −E);
+    it is carried by the class of the returned symbol, so two constants of the same name but
+    different structure are different symbols.
     """
+
+    structure = "general"
 
     def __new__(cls, name: str, shape=None, cols=None, structure: str = "general"):
         if cols is not None:
@@ -94,12 +93,24 @@ class Constant(MatrixSymbol):
         rows, cols_ = _dimension(shape[0]), _dimension(shape[1])
         if structure != "general" and rows != cols_:
             raise SpecError(explain(f"Constant({name!r})", f"a {structure} matrix must be square"))
-        _constant_structure[name] = structure
-        return super().__new__(cls, name, rows, cols_)
+        target = {
+            "general": Constant,
+            "symmetric": SymmetricConstant,
+            "antisymmetric": AntisymmetricConstant,
+        }
+        return MatrixSymbol.__new__(target[structure], name, rows, cols_)
 
-    @property
-    def structure(self) -> str:
-        return _constant_structure.get(self.name, "general")
+
+class SymmetricConstant(Constant):
+    """A constant with Eᵀ = E."""
+
+    structure = "symmetric"
+
+
+class AntisymmetricConstant(Constant):
+    """A constant with Eᵀ = −E."""
+
+    structure = "antisymmetric"
 
 
 def impose_structure(expr):

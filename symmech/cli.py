@@ -1,0 +1,195 @@
+"""The ``symmech`` command.
+
+    symmech list                          built-in symmetries and the spec files in derivations/
+    symmech derive SPEC... [--json]       readable derivation (or JSON for other tools)
+    symmech latex SPEC -o FILE.tex        one LaTeX document
+    symmech latex --all [--check]         refresh (or check) every derivations/*.tex
+    symmech generate SPEC... -o DIR       generated PyTorch trackers (--check: fail when stale)
+    symmech demo [...]                    train on digits and compare theory with training
+    symmech detect --model NAME           detected symmetries of a model
+
+SPEC is a built-in name (``symmech list``) or the path of a spec file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import library
+from .derivation import derive
+from .errors import SymmechError
+from .spec import Symmetry, load_spec
+
+DEFAULT_DERIVATIONS = Path("derivations")
+
+
+def resolve(spec: str) -> list[Symmetry]:
+    """A built-in name, a spec file path, or the stem of a file in ./derivations."""
+    if spec in library.BUILTIN:
+        return [library.BUILTIN[spec]()]
+    path = Path(spec)
+    if path.suffix != ".py" and (DEFAULT_DERIVATIONS / f"{spec}.py").is_file():
+        path = DEFAULT_DERIVATIONS / f"{spec}.py"
+    if path.is_file():
+        return load_spec(path)
+    known = ", ".join(sorted(library.BUILTIN))
+    raise SymmechError(f"symmech: unknown spec {spec!r}: not a built-in ({known}) and no such file")
+
+
+def spec_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob("*.py") if not p.name.startswith("_"))
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    print("built-in symmetries:")
+    for name, make in library.BUILTIN.items():
+        print(f"  {name:28s} {make().description}")
+    directory = Path(args.dir)
+    if directory.is_dir():
+        print(f"spec files in {directory}/:")
+        for path in spec_files(directory):
+            names = ", ".join(s.name for s in load_spec(path))
+            print(f"  {path.name:28s} {names}")
+    return 0
+
+
+def _cmd_derive(args: argparse.Namespace) -> int:
+    derivations = [derive(s) for spec in args.specs for s in resolve(spec)]
+    if args.json:
+        print(json.dumps([d.dynamics.to_json() for d in derivations], indent=2, ensure_ascii=False))
+    else:
+        print("\n\n".join(d.summary() for d in derivations))
+    return 0
+
+
+def latex_for_file(path: Path) -> str:
+    from .latex import document_to_latex
+
+    return document_to_latex([derive(s) for s in load_spec(path)])
+
+
+def _cmd_latex(args: argparse.Namespace) -> int:
+    from .latex import document_to_latex
+
+    if args.all:
+        stale = []
+        for path in spec_files(Path(args.dir)):
+            target = path.with_suffix(".tex")
+            text = latex_for_file(path)
+            if args.check:
+                if not target.is_file() or target.read_text() != text:
+                    stale.append(str(target))
+            else:
+                target.write_text(text)
+                print(f"wrote {target}")
+        if stale:
+            print("stale LaTeX (run `symmech latex --all`): " + ", ".join(stale), file=sys.stderr)
+            return 1
+        return 0
+    if not args.specs:
+        print("symmech latex: give SPEC (or --all)", file=sys.stderr)
+        return 2
+    text = document_to_latex([derive(s) for spec in args.specs for s in resolve(spec)])
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}")
+    else:
+        print(text)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .codegen.render import check_generated, write_generated
+
+    specs = args.specs or [str(p) for p in spec_files(Path(args.dir))]
+    symmetries = [s for spec in specs for s in resolve(spec)]
+    if args.check:
+        stale = check_generated(symmetries, Path(args.output))
+        if stale:
+            print(
+                "stale generated code (run `symmech generate`): " + ", ".join(stale),
+                file=sys.stderr,
+            )
+            return 1
+        print(f"{len(symmetries)} generated modules in {args.output}/ are up to date")
+        return 0
+    for path in write_generated(symmetries, Path(args.output)):
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.run import run_demo
+
+    return run_demo(args)
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from .demo.run import detect_command
+
+    return detect_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="symmech", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="list built-in symmetries and spec files")
+    p.add_argument("--dir", default=str(DEFAULT_DERIVATIONS))
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("derive", help="derive and print")
+    p.add_argument("specs", nargs="+")
+    p.add_argument(
+        "--json", action="store_true", help="all laws, κ, J, c, data terms, closure as JSON"
+    )
+    p.set_defaults(func=_cmd_derive)
+
+    p = sub.add_parser("latex", help="export LaTeX")
+    p.add_argument("specs", nargs="*")
+    p.add_argument("-o", "--output")
+    p.add_argument("--all", action="store_true", help="refresh every .tex beside the spec files")
+    p.add_argument("--check", action="store_true", help="with --all: fail when a .tex is stale")
+    p.add_argument("--dir", default=str(DEFAULT_DERIVATIONS))
+    p.set_defaults(func=_cmd_latex)
+
+    p = sub.add_parser("generate", help="generate PyTorch trackers")
+    p.add_argument("specs", nargs="*", help="default: every spec file in derivations/")
+    p.add_argument("-o", "--output", default="generated")
+    p.add_argument("--check", action="store_true", help="fail when a generated file is stale")
+    p.add_argument("--dir", default=str(DEFAULT_DERIVATIONS))
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("demo", help="train on digits and compare theory with training")
+    try:
+        from .demo.options import add_demo_arguments
+    except ImportError:  # pragma: no cover - the demo is optional while it is being built
+        add_demo_arguments = None
+    if add_demo_arguments is not None:
+        add_demo_arguments(p)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("detect", help="print the symmetries detected in a model")
+    p.add_argument("--model", default="vgg-tiny-bn")
+    p.add_argument("--dataset", default="digits")
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(func=_cmd_detect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SymmechError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
