@@ -107,16 +107,7 @@ def optimizer_closure(
     if not base.closes:
         return base
     if optimizer not in SUPPORTED_OPTIMIZERS:
-        how = _ADAPTIVE.get(optimizer)
-        reason = (
-            f"the optimizer {optimizer} {how}, so ⟨ξₖ, uₖ⟩ is no longer fixed by G1 and the weight-decay "
-            "term: the preconditioned update breaks the projection. The law would need ⟨ξ(θₖ), uₖ⟩ "
-            "measured every step (symmech covers torch.optim.SGD with momentum, dampening, Nesterov, "
-            "weight decay and any learning-rate schedule)"
-            if how
-            else f"the optimizer {optimizer} is not covered: symmech derives exact laws for torch.optim.SGD only"
-        )
-        return Closure(False, None, base.xi_dot_theta, reason)
+        return Closure(False, None, base.xi_dot_theta, unsupported_optimizer_reason(optimizer))
     for label, values, symbol in (("weight decay", weight_decay, "λ"), ("learning rate", lr, "η")):
         if not values:
             continue
@@ -149,9 +140,14 @@ def optimizer_closure(
     return base
 
 
-def require_supported(optimizer: object) -> None:
-    """Raise a :class:`ClosureError` for an optimizer instance the laws do not cover."""
-    name = type(optimizer).__name__
-    verdict = optimizer_closure(Closure(True, sp.Integer(1), None), None, name)  # type: ignore[arg-type]
-    if not verdict.closes:
-        raise ClosureError(explain(f"track(model, {name}(...))", verdict.why))
+def unsupported_optimizer_reason(optimizer: str) -> str:
+    """Why the laws do not cover an optimizer (by class name)."""
+    how = _ADAPTIVE.get(optimizer)
+    if how:
+        return (
+            f"the optimizer {optimizer} {how}, so ⟨ξₖ, uₖ⟩ is no longer fixed by G1 and the weight-decay "
+            "term: the preconditioned update breaks the projection. The law would need ⟨ξ(θₖ), uₖ⟩ "
+            "measured every step (symmech covers torch.optim.SGD with momentum, dampening, Nesterov, "
+            "weight decay and any learning-rate schedule)"
+        )
+    return f"the optimizer {optimizer} is not covered: symmech derives exact laws for torch.optim.SGD only"

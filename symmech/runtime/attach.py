@@ -1,0 +1,89 @@
+"""``symmech.track``: one call that attaches every law to a model and its optimizer.
+
+Symmetries are given as bindings (:func:`symmech.bind`) or found automatically from the
+model's graph (:func:`symmech.detect`), each detected family confirmed on a batch when one
+is given, and turned into bindings.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import BindingError, explain
+from .binding import Binding, BoundSlice, bind
+from .tracker import Schedule, Tracker, TrackerWarning
+
+
+def bindings_from_families(model: torch.nn.Module, families: Sequence[Any]) -> list[Binding]:
+    """Turn detected families (parameter names and dims) into bindings on the model's tensors.
+
+    Families that failed confirmation are skipped with a warning that gives the reason.
+    """
+    params = dict(model.named_parameters())
+    out = []
+    for fam in families:
+        if getattr(fam, "confirmed", None) is False:
+            warnings.warn(
+                f"symmech: {fam.symmetry} on {fam.layer} not tracked: {fam.reason}",
+                TrackerWarning,
+                stacklevel=3,
+            )
+            continue
+        blocks = {
+            name: [BoundSlice(params[s.param], s.dim, s.view, s.param) for s in slices]
+            for name, slices in fam.blocks.items()
+        }
+        out.append(bind(fam.symmetry, layer=fam.layer, **blocks))
+    return out
+
+
+def track(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    symmetries: Sequence[Binding] | None = None,
+    log_every: int = 1,
+    example_input: Any = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    schedule: Schedule | None = None,
+) -> Tracker:
+    """Attach the laws of every symmetry to ``optimizer``; the training loop stays as it is.
+
+    ``symmetries``: bindings from :func:`symmech.bind`; when None they are detected from
+    the model's graph using ``example_input`` (an input tensor, or an ``(x, y)`` batch, which
+    also confirms each family numerically with ``loss_fn``, default cross-entropy).
+    ``log_every`` thins the history only (laws update every step); ``schedule(step) -> bool``
+    replaces it with any rule.
+    """
+    if symmetries is None:
+        if example_input is None:
+            raise BindingError(
+                explain(
+                    "track(model, optimizer)",
+                    "no symmetries given and no example_input to detect them from",
+                    "pass example_input=(x, y) (a batch) or symmetries=[symmech.bind(...), ...]",
+                )
+            )
+        from .detect import detect
+
+        batch = (
+            example_input
+            if isinstance(example_input, (tuple, list)) and len(example_input) == 2
+            else None
+        )
+        x = batch[0] if batch is not None else example_input
+        result = detect(model, x, loss_fn=loss_fn, confirm_batch=batch)
+        symmetries = bindings_from_families(model, list(result))
+    for b in symmetries:
+        if not isinstance(b, Binding):
+            raise BindingError(
+                explain(
+                    "track(..., symmetries=[...])",
+                    f"{b!r} is not a binding",
+                    "make one with symmech.bind(...)",
+                )
+            )
+    return Tracker(model, optimizer, list(symmetries), log_every=log_every, schedule=schedule)

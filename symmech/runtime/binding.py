@@ -1,0 +1,235 @@
+"""Binding the blocks of a spec to slices of real parameters.
+
+Each block is a list of ``(tensor, dim)`` pairs: group j of the family is slice j along
+``dim`` of every listed tensor (``dim=None``: the whole tensor is one group). A third item
+may reshape the tensor first (a shape tuple, e.g. a Linear weight after Flatten viewed as
+``(out, C, H*W)``), or transpose it (``"T"``).
+
+>>> import torch, symmech
+>>> conv = torch.nn.Conv2d(1, 4, 3)
+>>> b = symmech.bind("scale", theta=[(conv.weight, 0), (conv.bias, 0)])
+>>> b.n_groups
+4
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..derivation import Derivation, derive
+from ..errors import BindingError, explain
+from ..library import BUILTIN
+from ..spec import Symmetry
+
+View = tuple[int, ...] | str | None
+
+
+@dataclass(frozen=True)
+class BoundSlice:
+    """One tensor of a block, with the dimension that indexes the groups."""
+
+    tensor: torch.Tensor
+    dim: int | None
+    view: View = None
+    name: str = ""
+
+    def shaped(self, t: torch.Tensor) -> torch.Tensor:
+        """Apply the view to θ, its gradient or its momentum buffer alike."""
+        if self.view is None:
+            return t
+        if self.view == "T":
+            return t.mT
+        return t.reshape(self.view)
+
+    def reduce_dims(self, ndim: int) -> tuple[int, ...]:
+        if self.dim is None:
+            return tuple(range(ndim))
+        return tuple(i for i in range(ndim) if i != self.dim)
+
+    def prepare(self, t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        x = self.shaped(t)
+        return x, self.reduce_dims(x.ndim)
+
+    @property
+    def n_groups(self) -> int:
+        x = self.shaped(self.tensor.detach())
+        return 1 if self.dim is None else int(x.shape[self.dim])
+
+
+@dataclass
+class Binding:
+    """A spec bound to parameters: one family of G groups."""
+
+    derivation: Derivation
+    blocks: dict[str, list[BoundSlice]]
+    constants: dict[str, torch.Tensor] = field(default_factory=dict)
+    layer: str = ""
+
+    @property
+    def symmetry(self) -> Symmetry:
+        return self.derivation.symmetry
+
+    @property
+    def name(self) -> str:
+        return self.derivation.name
+
+    @property
+    def n_groups(self) -> int:
+        return next(iter(self.blocks.values()))[0].n_groups
+
+    @property
+    def tensors(self) -> list[torch.Tensor]:
+        return [s.tensor for slices in self.blocks.values() for s in slices]
+
+    @property
+    def module(self) -> types.ModuleType:
+        """The generated tracker module of this spec (rendered from the derivation)."""
+        return generated_module(self.derivation)
+
+
+@functools.cache
+def _derive_builtin(name: str) -> Derivation:
+    return derive(BUILTIN[name]())
+
+
+_MODULES: dict[str, types.ModuleType] = {}
+
+
+def generated_module(d: Derivation) -> types.ModuleType:
+    """Compile the generated code of a derivation (identical to ``generated/<name>.py``)."""
+    from ..codegen.render import render_module
+
+    text = render_module(d)
+    key = f"{d.name}:{hash(text)}"
+    if key not in _MODULES:
+        module = types.ModuleType(f"symmech_generated_{d.name}")
+        module.__file__ = f"<generated {d.name}>"
+        exec(compile(text, module.__file__, "exec"), module.__dict__)  # noqa: S102 - our own template
+        _MODULES[key] = module
+    return _MODULES[key]
+
+
+def as_derivation(symmetry: Symmetry | Derivation | str) -> Derivation:
+    """Accept a spec, a derivation or a built-in name."""
+    if isinstance(symmetry, Derivation):
+        return symmetry
+    if isinstance(symmetry, Symmetry):
+        if symmetry.name in BUILTIN and repr(symmetry) == repr(BUILTIN[symmetry.name]()):
+            return _derive_builtin(symmetry.name)
+        return derive(symmetry)
+    if isinstance(symmetry, str):
+        if symmetry not in BUILTIN:
+            raise BindingError(
+                explain(
+                    f"bind({symmetry!r}, ...)",
+                    "unknown symmetry name",
+                    f"choose one of {sorted(BUILTIN)}",
+                )
+            )
+        return _derive_builtin(symmetry)
+    raise BindingError(
+        explain(f"bind({symmetry!r}, ...)", "expected a Symmetry, a Derivation or a built-in name")
+    )
+
+
+def _slice(call: str, block: str, item: Any, position: int) -> BoundSlice:
+    if isinstance(item, BoundSlice):
+        return item
+    if not isinstance(item, (tuple, list)) or len(item) not in (2, 3):
+        raise BindingError(
+            explain(
+                call,
+                f"block '{block}' item {position} is {item!r}",
+                "give (tensor, dim) or (tensor, dim, view)",
+            )
+        )
+    tensor, dim = item[0], item[1]
+    view = item[2] if len(item) == 3 else None
+    if not isinstance(tensor, torch.Tensor):
+        raise BindingError(
+            explain(
+                call, f"block '{block}' item {position}: {type(tensor).__name__} is not a tensor"
+            )
+        )
+    bound = BoundSlice(
+        tensor,
+        dim,
+        tuple(view) if isinstance(view, list) else view,
+        getattr(tensor, "_symmech_name", ""),
+    )
+    try:
+        shaped = bound.shaped(tensor.detach())
+    except RuntimeError as err:
+        raise BindingError(
+            explain(
+                call,
+                f"block '{block}' item {position}: view {view} does not fit shape {tuple(tensor.shape)}: {err}",
+            )
+        ) from None
+    if dim is not None and not (-shaped.ndim <= dim < shaped.ndim):
+        raise BindingError(
+            explain(
+                call,
+                f"block '{block}' item {position}: dim={dim} is out of range for shape {tuple(shaped.shape)}",
+            )
+        )
+    return bound
+
+
+def bind(
+    symmetry: Symmetry | Derivation | str,
+    layer: str = "",
+    constants: Mapping[str, torch.Tensor] | None = None,
+    **blocks: Sequence[Any],
+) -> Binding:
+    """Bind every block of a spec to parameter slices (see the module docstring)."""
+    d = as_derivation(symmetry)
+    call = f"bind({d.name!r}, {', '.join(f'{k}=...' for k in blocks)})"
+    names = [b.name for b in d.blocks]
+    unknown = [k for k in blocks if k not in names]
+    if unknown:
+        raise BindingError(
+            explain(call, f"unknown block(s) {unknown}", f"the blocks of {d.name} are {names}")
+        )
+    missing = [n for n in names if n not in blocks]
+    if missing:
+        raise BindingError(explain(call, f"no slices given for block(s) {missing}"))
+    bound: dict[str, list[BoundSlice]] = {}
+    for name in names:
+        items = blocks[name]
+        if isinstance(items, tuple) and len(items) in (2, 3) and isinstance(items[0], torch.Tensor):
+            items = [items]
+        if not items:
+            raise BindingError(explain(call, f"block '{name}' has no slices"))
+        bound[name] = [_slice(call, name, it, i) for i, it in enumerate(items)]
+    counts = {
+        f"{n}[{i}] (shape {tuple(s.shaped(s.tensor.detach()).shape)}, dim={s.dim})": s.n_groups
+        for n, sl in bound.items()
+        for i, s in enumerate(sl)
+    }
+    if len(set(counts.values())) > 1:
+        listing = ", ".join(f"{k}: {v}" for k, v in counts.items())
+        raise BindingError(
+            explain(
+                call,
+                f"the slices disagree in group count ({listing})",
+                "every slice must index the same groups",
+            )
+        )
+    consts = dict(constants or {})
+    needed = [c.name for c in d.symmetry.constants]
+    if sorted(consts) != sorted(needed):
+        raise BindingError(
+            explain(
+                call,
+                f"constants {sorted(consts)} given, {needed} needed",
+                "pass constants={name: tensor}",
+            )
+        )
+    return Binding(d, bound, consts, layer or d.name)
