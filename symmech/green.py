@@ -215,5 +215,5 @@ def second_order_closed_form(
     forced = np.tensordot(weights, F, axes=([1], [0]))
     q0 = np.asarray(Q0, dtype=np.float64)
     qd0 = np.asarray(Qdot0, dtype=np.float64)
-    shape = (-1,) + (1,) * q0.ndim
+    shape = (-1,) + (1,) * max(F.ndim - 1, q0.ndim, qd0.ndim)
     return q0 * phi11(t).reshape(shape) + qd0 * green(t).reshape(shape) + forced

@@ -60,15 +60,15 @@ class SGDHyper:
         lr = np.asarray(self.lr, dtype=np.float64)
         if lr.ndim > 1:
             raise ValueError(f"lr must be a scalar or a 1-D per-step array, got shape {lr.shape}")
-        bad = np.flatnonzero(~np.isfinite(np.atleast_1d(lr)))
+        flat = np.atleast_1d(lr)
+        where = (lambda i: "") if lr.ndim == 0 else (lambda i: f" at step {i}")
+        bad = np.flatnonzero(~np.isfinite(flat))
         if bad.size:
-            raise ValueError(
-                f"lr must be finite, got {np.atleast_1d(lr)[bad[0]]!r} at step {bad[0]}"
-            )
-        neg = np.flatnonzero(np.atleast_1d(lr) < 0)
+            raise ValueError(f"lr must be finite, got {float(flat[bad[0]])!r}{where(bad[0])}")
+        neg = np.flatnonzero(flat < 0)
         if neg.size:
             raise ValueError(
-                f"Invalid learning rate: {np.atleast_1d(lr)[neg[0]]!r} at step {neg[0]} (must be >= 0)"
+                f"Invalid learning rate: {float(flat[neg[0]])!r}{where(neg[0])} (must be >= 0)"
             )
         beta = _check_finite_scalar("momentum", self.momentum)
         if not 0.0 <= beta < 1.0:
@@ -103,7 +103,7 @@ def _as_steps_groups(name: str, arr: np.ndarray, n_groups: int | None) -> np.nda
     bad = np.argwhere(~np.isfinite(a))
     if bad.size:
         k, g = bad[0]
-        raise ValueError(f"data[{name!r}] is not finite at step {k}, group {g}: {a[k, g]!r}")
+        raise ValueError(f"data[{name!r}] is not finite at step {k}, group {g}: {float(a[k, g])!r}")
     return a
 
 
@@ -118,7 +118,7 @@ def _validate(
         raise ValueError(f"Q0 must be a scalar or have shape (G,), got shape {q0.shape}")
     bad = np.flatnonzero(~np.isfinite(q0))
     if bad.size:
-        raise ValueError(f"Q0 is not finite in group {bad[0]}: {q0[bad[0]]!r}")
+        raise ValueError(f"Q0 is not finite in group {bad[0]}: {float(q0[bad[0]])!r}")
     missing = [k for k in _REQUIRED if k not in data]
     if missing:
         raise ValueError(
@@ -217,7 +217,10 @@ def predict_laws(
     Initial conditions of the second-order law: Q(0) = Q0 and Q'(0) = -<xi_0, u_0> with r = 0,
     i.e. -kappa lam Q0 ((1+beta) times that with Nesterov); Q and Q' are continuous across steps
     when the learning rate changes. With dampening tau the weight-decay term carries (1 - tau),
-    as the momentum buffer does (tau = 0 gives the equation of DESIGN.md).
+    as the momentum buffer does (tau = 0 gives the equation of DESIGN.md). This start makes the
+    law O(eta) when beta > 0 and lam > 0 (a slow-mode offset of relative size
+    kappa eta lam beta / (2 (1 - beta))); Q'(0) = -(1 + tau) kappa lam Q0 / (1 + beta) would
+    remove it, see tests/test_continuous_order.py.
 
     >>> import numpy as np
     >>> n = 3
@@ -229,12 +232,13 @@ def predict_laws(
     kappa, q0, d, lr = _validate(kappa, Q0, hyper, data)
     n = lr.shape[0]
     t = np.concatenate([[0.0], np.cumsum(lr)])
-    zeros = np.zeros_like(d["r"])
+    discrete = _discrete(kappa, q0, hyper, lr, d, np.zeros_like(d["r"]))
+    residual = _discrete(kappa, q0, hyper, lr, d, d["r"]) if d["r"].any() else discrete.copy()
     out = {
         "t": t,
         "gradient_flow": np.broadcast_to(q0, (n + 1, q0.shape[0])).copy(),
-        "discrete": _discrete(kappa, q0, hyper, lr, d, zeros),
-        "discrete_residual": _discrete(kappa, q0, hyper, lr, d, d["r"]),
+        "discrete": discrete,
+        "discrete_residual": residual,
         "first_order": _first_order(kappa, q0, hyper.weight_decay, lr, d["gJg"]),
         "second_order": _second_order(kappa, q0, hyper, lr, d["uJu"]),
     }

@@ -25,10 +25,13 @@ from torch import Tensor, nn
 __all__ = [
     "ACTIONS",
     "BlockSlice",
+    "DetectionResult",
     "Family",
     "Square",
+    "SymmetryWarning",
     "apply_action",
     "family_params",
+    "format_table",
     "generator",
     "group_sum",
     "identity",
@@ -60,6 +63,19 @@ class Family:
     n_groups: int
     confirmed: bool | None = None
     reason: str = ""
+
+
+class SymmetryWarning(UserWarning):
+    """Something about symmetry detection or confirmation a user should know."""
+
+
+class DetectionResult(list[Family]):
+    """The detected families (a list), plus ``path`` ("fx" or "modules") and ``notes``."""
+
+    def __init__(self, families: list[Family], path: str, notes: list[str]) -> None:
+        super().__init__(families)
+        self.path = path
+        self.notes = notes
 
 
 @dataclass(frozen=True)
@@ -224,3 +240,20 @@ def group_sum(values: Mapping[str, Tensor], family: Family, blocks: tuple[str, .
     if total is None:
         raise ValueError(f"Family({family.layer!r}) has no parameter slices")
     return total
+
+
+def format_table(families: list[Family]) -> str:
+    """A plain-text table: layer | symmetry | groups | confirmed (and notes, if any)."""
+    rows = [("layer", "symmetry", "groups", "confirmed")]
+    for f in families:
+        status = {None: "-", True: "yes", False: "NO"}[f.confirmed]
+        if f.reason:
+            status += f" ({f.reason})"
+        rows.append((f.layer, f.symmetry, str(f.n_groups), status))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + " | " + r[3]
+             for r in rows]  # fmt: skip
+    lines.insert(1, "-+-".join("-" * w for w in widths) + "-+-" + "-" * 9)
+    lines.append(f"{len(families)} families, {sum(f.n_groups for f in families)} groups")
+    lines += [f"note: {note}" for note in getattr(families, "notes", [])]
+    return "\n".join(lines)
