@@ -11,7 +11,7 @@ Conserved under gradient flow: Q = <theta_1, theta_1>/2 - <theta_2, theta_2>/2; 
 Laws (time t = sum of learning rates; see symmech.dynamics and symmech.discrete):
     gradient_flow  Q(t) = Q(0)
     first_order    Q' + kappa lam Q = (eta/2) gJg                    (SGD without momentum)
-    second_order   m Q'' + (1 - beta) Q' + kappa lam Q = m uJu,  m = eta (1 + beta) / 2
+    second_order   m Q'' + (1 - beta) Q' + (1 - tau) kappa lam Q = m uJu,  m = eta (1 + beta) / 2
     discrete       exact torch.optim.SGD law: Q_{k+1} = Q_k - eta_k <xi_k, u_k> + eta_k^2 uJu_k / 2
 
 Data terms, per group and step, as fused reductions over the bound slices:
@@ -55,30 +55,53 @@ CHARGE = '<theta_1, theta_1>/2 - <theta_2, theta_2>/2'
 
 def _sq(xs):
     """Per-group squared norm: one fused reduction per slice."""
-    return sum((torch.linalg.vector_norm(x, dim=d) ** 2 if d else x * x) for x, d in xs)
+    return sum(x.sq() if hasattr(x, "pair") else _plain_sq(*x) for x in xs)
 
 
 def _dot(xs, ys):
     """Per-group inner product of matching slices."""
-    return sum((torch.sum(x * y, dim=d) if d else x * y) for (x, d), (y, _) in zip(xs, ys))
+    return sum(
+        x.dot(y) if hasattr(x, "pair") and hasattr(y, "pair") else _plain_dot(*_pair(x), _pair(y)[0])
+        for x, y in zip(xs, ys)
+    )
 
 
 def _sum(xs):
     """Per-group sum of entries (the inner product with the all-ones direction)."""
-    return sum((torch.sum(x, dim=d) if d else x) for x, d in xs)
+    return sum(x.sum() if hasattr(x, "pair") else _plain_sum(*x) for x in xs)
+
+
+def _pair(x):
+    return x.pair() if hasattr(x, "pair") else x
+
+
+def _pairs(xs):
+    return [_pair(x) for x in xs]
 
 
 def _mm(xs, m):
     """Right-multiply every (whole-matrix) slice by a constant matrix."""
-    return [(x @ m.to(x.dtype), d) for x, d in xs]
+    return [(x @ m.to(x.dtype), d) for x, d in _pairs(xs)]
 
 
 def _tr(xs):
-    return [(x.mT, d) for x, d in xs]
+    return [(x.mT, d) for x, d in _pairs(xs)]
+
+
+def _plain_sq(x, d):
+    return torch.linalg.vector_norm(x, dim=d) ** 2 if d else x * x
+
+
+def _plain_dot(x, d, y):
+    return torch.sum(x * y, dim=d) if d else x * y
+
+
+def _plain_sum(x, d):
+    return torch.sum(x, dim=d) if d else x
 
 
 def _zeros(xs):
-    x, d = xs[0]
+    x, d = _pairs(xs)[0]
     return torch.zeros_like(torch.sum(x, dim=d) if d else x)
 
 
@@ -258,9 +281,10 @@ class Laws:
         self.first_order = decay * self.first_order + 0.5 * lr * phi * gJg
         # second-order (momentum) modified flow
         mass = lr * (1.0 + momentum) / 2.0
-        key = (lr, momentum, kl)
+        stiffness = (1.0 - dampening) * kl if momentum > 0.0 else kl
+        key = (lr, momentum, stiffness)
         if key not in self._cache:
-            self._cache[key] = _m2_coefficients(lr, (1.0 - momentum) / mass, kl / mass)
+            self._cache[key] = _m2_coefficients(lr, (1.0 - momentum) / mass, stiffness / mass)
         (p00, p01, p10, p11), (g0, g1) = self._cache[key]
         q, qd = self.second_order, self.second_order_rate
         self.second_order = p00 * q + p01 * qd + g0 * uJu

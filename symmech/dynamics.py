@@ -5,7 +5,8 @@ Time is t = Σ ηₖ. For ``torch.optim.SGD(lr=η, momentum=β, weight_decay=λ)
 
 * gradient flow θ̇ = −g:                 Q̇ = −⟨ξ, g⟩ = 0 (G1);
 * M1 (β = 0) θ̇ + λθ = −g − (η/2)Hg:     Q̇ + κλQ = (η/2) gᵀJg;
-* M2 m θ̈ + (1−β)θ̇ + λθ = −g, m = η(1+β)/2:  m Q̈ + (1−β)Q̇ + κλQ = m θ̇ᵀJθ̇.
+* M2 m θ̈ + (1−β)θ̇ + (1−τ)(λθ + g) = 0, m = η(1+β)/2:  m Q̈ + (1−β)Q̇ + (1−τ)κλQ = m θ̇ᵀJθ̇
+  (dampening τ = 0 gives the equation of the paper).
 
 >>> import symmech
 >>> dyn = symmech.derive(symmech.library.scale()).dynamics
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import sympy as sp
 
 from .closure import Closure, optimizer_closure, structural_closure
-from .data_terms import HYPER_SYMBOLS, DataTerms, beta, derive_data_terms, eta, lam
+from .data_terms import HYPER_SYMBOLS, DataTerms, beta, derive_data_terms, eta, lam, tau
 from .errors import ClosureError, explain
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ def _first_order(derivation: Derivation, closure: Closure, dt: DataTerms) -> Law
 def green_kernels(kappa: sp.Expr) -> dict[str, dict[str, sp.Expr]]:
     """Roots, Green's kernel G (m G'' + (1−β)G' + κλG = δ) and homogeneous solution per regime."""
     gamma = (1 - beta) / m_sym
-    k = kappa * lam / m_sym
+    k = (1 - tau) * kappa * lam / m_sym
     disc = sp.sqrt(gamma**2 - 4 * k)
     r_plus, r_minus = (-gamma + disc) / 2, (-gamma - disc) / 2
     a = -gamma / 2
@@ -113,19 +114,19 @@ def green_kernels(kappa: sp.Expr) -> dict[str, dict[str, sp.Expr]]:
     over_h = ((Qdot0 - rm * Q0) * sp.exp(rp * t) - (Qdot0 - rp * Q0) * sp.exp(rm * t)) / (rp - rm)
     return {
         "overdamped": {
-            "condition": sp.Gt((1 - beta) ** 2, 4 * m_sym * kappa * lam),
+            "condition": sp.Gt((1 - beta) ** 2, 4 * m_sym * (1 - tau) * kappa * lam),
             "roots": {rp: r_plus, rm: r_minus},
             "G": (sp.exp(rp * t) - sp.exp(rm * t)) / (m_sym * (rp - rm)),
             "Q_h": over_h,
         },
         "critical": {
-            "condition": sp.Eq((1 - beta) ** 2, 4 * m_sym * kappa * lam),
+            "condition": sp.Eq((1 - beta) ** 2, 4 * m_sym * (1 - tau) * kappa * lam),
             "roots": {r: a},
             "G": t * sp.exp(r * t) / m_sym,
             "Q_h": (Q0 + (Qdot0 - r * Q0) * t) * sp.exp(r * t),
         },
         "underdamped": {
-            "condition": sp.Lt((1 - beta) ** 2, 4 * m_sym * kappa * lam),
+            "condition": sp.Lt((1 - beta) ** 2, 4 * m_sym * (1 - tau) * kappa * lam),
             "roots": {sp.Symbol("a"): a, omega: sp.sqrt(4 * k - gamma**2) / 2},
             "G": sp.exp(sp.Symbol("a") * t) * sp.sin(omega * t) / (m_sym * omega),
             "Q_h": sp.exp(sp.Symbol("a") * t)
@@ -138,7 +139,7 @@ def _second_order(derivation: Derivation, closure: Closure, dt: DataTerms) -> La
     kappa = closure.kappa
     m_value = eta * (1 + beta) / 2
     ode = sp.Eq(
-        m_sym * Q(t).diff(t, 2) + (1 - beta) * Q(t).diff(t) + kappa * lam * Q(t), m_sym * F(t)
+        m_sym * Q(t).diff(t, 2) + (1 - beta) * Q(t).diff(t) + (1 - tau) * kappa * lam * Q(t), m_sym * F(t)
     )
     kernel = sp.Function("G")
     solution = sp.Eq(

@@ -29,6 +29,7 @@ from ..data_terms import sgd_case
 from ..errors import BindingError, explain
 from .binding import Binding
 from .history import History
+from .reductions import GridSlice, ReductionCache
 
 Schedule = Callable[[int], bool]
 
@@ -41,9 +42,10 @@ class Family:
     """One bound family of groups with its generated laws."""
 
     def __init__(
-        self, binding: Binding, optimizer: torch.optim.Optimizer, names: dict[int, str]
+        self, binding: Binding, optimizer: torch.optim.Optimizer, names: dict[int, str], cache: ReductionCache
     ) -> None:
         self.binding = binding
+        self.cache = cache
         self.module = binding.module
         self.optimizer = optimizer
         self.symmetry = binding.name
@@ -69,7 +71,7 @@ class Family:
             )
 
     # -- helpers ---------------------------------------------------------------------
-    def _views(self, which: str) -> dict[str, list[tuple[torch.Tensor, tuple[int, ...]]]] | None:
+    def _views(self, which: str) -> dict[str, list[GridSlice]] | None:
         out = {}
         for block, slices in self.binding.blocks.items():
             items = []
@@ -83,7 +85,7 @@ class Family:
                     t = self.optimizer.state.get(p, {}).get("momentum_buffer")
                 if t is None:
                     return None
-                items.append(s.prepare(t.detach()))
+                items.append(GridSlice(t.detach(), s, self.cache))
             out[block] = items
         return out
 
@@ -203,7 +205,8 @@ class Tracker:
         self.optimizer = optimizer
         self.schedule: Schedule = schedule or (lambda step: step % log_every == 0)
         names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
-        self.families = [Family(b, optimizer, names) for b in bindings]
+        self.cache = ReductionCache()
+        self.families = [Family(b, optimizer, names, self.cache) for b in bindings]
         self.history = History()
         self.step = 0
         self.detached = False
@@ -225,12 +228,16 @@ class Tracker:
 
     def _before(self, optimizer, args, kwargs) -> None:
         log = bool(self.schedule(self.step))
+        self.cache.clear()
         for f in self.families:
             self._guard(f, "before", lambda f=f: f.before_step(self.step, log, self.history))
+        self.cache.clear()
 
     def _after(self, optimizer, args, kwargs) -> None:
+        self.cache.clear()
         for f in self.families:
             self._guard(f, "after", f.after_step)
+        self.cache.clear()
         self.step += 1
 
     # -- results ---------------------------------------------------------------------
