@@ -1,10 +1,10 @@
 """Fused per-group reductions shared across families within one hook call.
 
 A conv weight of shape (O, I, kh, kw) is a scale group per output channel (dim 0) and the
-outgoing side of a rescale group per input channel (dim 1). Both read the same products, so
-the tracker reduces each product once to the (O, I) grid,
-``grid[o, i] = Σ_{kh, kw} x[o, i] y[o, i]``, and each family sums the small grid along the
-axis it needs. Generated helpers (``_sq``, ``_dot``, ``_sum``) use these objects when given
+outgoing side of a rescale group per input channel (dim 1). Both read the same product
+x ∘ y, so the tracker forms each product once per hook call and each family reduces it along
+the axis it needs with long contiguous reductions (row sums for dim 0, a matrix-vector
+product with 𝟙 for other dims); squared norms over dim 0 need no product at all. Generated helpers (``_sq``, ``_dot``, ``_sum``) use these objects when given
 them, and plain ``(tensor, reduce_dims)`` pairs otherwise.
 """
 
@@ -39,45 +39,48 @@ class GridSlice:
         self.spec = spec
         self.cache = cache
 
-    def _grid(self, other: GridSlice | None) -> torch.Tensor:
+    def _product(self, other: GridSlice | None) -> torch.Tensor:
+        """x ∘ y (or x ∘ x), computed once per hook call and shared by every family."""
         x = self.value
         y = x if other is None else other.value
         key = ("prod", _key(x), _key(y))
-        grid = self.cache.grids.get(key)
-        if grid is None:
-            if x.ndim >= 3:
-                xf = x.reshape(x.shape[0], x.shape[1], -1)
-                grid = (
-                    torch.linalg.vector_norm(xf, dim=2).square()
-                    if other is None or y is x
-                    else torch.linalg.vecdot(xf, y.reshape(xf.shape), dim=2)
-                )
-            else:
-                grid = x * y
-            self.cache.grids[key] = grid
-        return grid
+        prod = self.cache.grids.get(key)
+        if prod is None:
+            prod = x.square() if y is x else x * y
+            self.cache.grids[key] = prod
+        return prod
 
-    def _groups(self, grid: torch.Tensor) -> torch.Tensor:
+    def _groups(self, p: torch.Tensor) -> torch.Tensor:
+        """Sum ``p`` over every dimension but the group dimension, with long contiguous
+        reductions: rows for the leading dimension, a matrix-vector product otherwise."""
         dim = self.spec.dim
         if dim is None:
-            return grid.sum().reshape(1)
-        dims = tuple(i for i in range(grid.ndim) if i != dim)
-        return grid.sum(dim=dims) if dims else grid
+            return p.sum().reshape(1)
+        dim = dim % p.ndim
+        shape = p.shape
+        lead = 1
+        for n in shape[:dim]:
+            lead *= n
+        groups = shape[dim]
+        p3 = p.reshape(lead, groups, -1)
+        if lead > 1:
+            ones = torch.ones(lead, dtype=p.dtype, device=p.device)
+            p2 = (ones @ p3.reshape(lead, -1)).reshape(groups, -1)
+        else:
+            p2 = p3.reshape(groups, -1)
+        return p2.sum(dim=1) if p2.shape[1] > 1 else p2.reshape(groups)
 
     def sq(self) -> torch.Tensor:
-        return self._groups(self._grid(None))
+        x = self.value
+        if self.spec.dim is not None and self.spec.dim % max(x.ndim, 1) == 0 and x.is_contiguous() and x.ndim > 1:
+            return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
+        return self._groups(self._product(None))
 
     def dot(self, other: GridSlice) -> torch.Tensor:
-        return self._groups(self._grid(other))
+        return self._groups(self._product(other))
 
     def sum(self) -> torch.Tensor:
-        x = self.value
-        key = ("sum", _key(x))
-        grid = self.cache.grids.get(key)
-        if grid is None:
-            grid = x.reshape(x.shape[0], x.shape[1], -1).sum(dim=2) if x.ndim >= 3 else x
-            self.cache.grids[key] = grid
-        return self._groups(grid)
+        return self._groups(self.value)
 
     def pair(self) -> tuple[torch.Tensor, tuple[int, ...]]:
         """The plain (tensor, reduce_dims) form, for whole-matrix products."""
