@@ -212,6 +212,8 @@ class Derivation:
         def one(expr):
             try:
                 out = evaluate_expr(expr, env, backend=backend)
+            except ValueError as err:
+                raise SpecError(explain(f"evaluate({quantity!r})", str(err))) from None
             except KeyError as err:
                 needed = sorted(
                     s.name

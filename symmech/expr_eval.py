@@ -88,7 +88,8 @@ class _Ops:
 
             return expm(a)
         if self.backend == "torch":
-            return self.torch.linalg.matrix_exp(a)
+            # a batch of two takes torch's accurate path (single matrices can lose ~1e-10 in float64)
+            return self.torch.linalg.matrix_exp(self.torch.stack([a, a]))[0]
         return a.exp()
 
     def inv(self, a):
@@ -129,9 +130,17 @@ def evaluate_expr(
         if isinstance(sym, MatrixSymbol):
             rows, cols = sym.shape
             shape = tuple(value.shape) if backend != "sympy" else value.shape
+            if len(shape) != 2:
+                raise ValueError(f"{sym.name} must be 2-D (a column vector may be 1-D), got shape {tuple(shape)}")
             for dim, size in ((rows, shape[0]), (cols, shape[1])):
-                if isinstance(dim, sp.Symbol) and dim not in env:
+                if isinstance(dim, sp.Symbol):
+                    if dim in env and int(env[dim]) != int(size):
+                        raise ValueError(
+                            f"size mismatch: {sym.name} has {dim} = {int(size)}, another array has {dim} = {int(env[dim])}"
+                        )
                     env[dim] = int(size)
+                elif getattr(dim, "is_Integer", False) and int(dim) != int(size):
+                    raise ValueError(f"size mismatch: {sym.name} needs {int(dim)} along an axis, got {int(size)}")
 
     def size(d) -> int:
         value = sp.sympify(d).xreplace(
@@ -198,6 +207,8 @@ def evaluate_expr(
         # scalars
         if isinstance(node, sp.Symbol):
             if node not in env:
+                if backend == "sympy":
+                    return node  # exact checks keep free scalars (such as alpha) symbolic
                 raise KeyError(node.name)
             return env[node]
         if node.is_Number:

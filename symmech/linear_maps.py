@@ -104,9 +104,28 @@ def adjoint_apply(expr: MatrixExpr, block: MatrixSymbol, v: MatrixExpr) -> Matri
 
 
 def linear_part(expr: MatrixExpr, blocks) -> MatrixExpr:
-    """expr(θ) − expr(0): the part of an affine expression that is linear in the blocks."""
+    """expr(θ) − expr(0): the part of an affine expression that is linear in the blocks.
+
+    Both sides are expanded into monomials and matching monomials cancel exactly, so an
+    offset such as e^α c in ψ = e^α(θ + c) − c drops out.
+    """
     zero = {b: ZeroMatrix(*b.shape) for b in blocks}
-    return clean(MatAdd(expr, -clean(expr.xreplace(zero))))
+    totals: dict = {}
+    order: list = []
+    for sign, side in ((1, expr), (-1, clean(expr.xreplace(zero)))):
+        for coeff, mono in expand_terms(_push_transposes(clean(side))):
+            if mono not in totals:
+                totals[mono] = sp.S.Zero
+                order.append(mono)
+            totals[mono] += sign * coeff
+    terms = []
+    for mono in order:
+        c = sp.simplify(totals[mono])
+        if c != 0:
+            terms.append(mono if c == 1 else MatMul(c, mono))
+    if not terms:
+        return ZeroMatrix(*expr.shape)
+    return clean(MatAdd(*terms) if len(terms) > 1 else terms[0])
 
 
 def grad_of_inner_form(q: sp.Expr, block: MatrixSymbol) -> MatrixExpr:
