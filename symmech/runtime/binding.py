@@ -105,6 +105,9 @@ def generated_module(d: Derivation) -> types.ModuleType:
     """Compile the generated code of a derivation (identical to ``generated/<name>.py``)."""
     from ..codegen.render import render_module
 
+    cached = _MODULES.get(f"id:{id(d)}")
+    if cached is not None:
+        return cached
     text = render_module(d)
     key = f"{d.name}:{hash(text)}"
     if key not in _MODULES:
@@ -112,6 +115,7 @@ def generated_module(d: Derivation) -> types.ModuleType:
         module.__file__ = f"<generated {d.name}>"
         exec(compile(text, module.__file__, "exec"), module.__dict__)  # noqa: S102 - our own template
         _MODULES[key] = module
+    _MODULES[f"id:{id(d)}"] = _MODULES[key]
     return _MODULES[key]
 
 

@@ -54,7 +54,9 @@ class Family:
         self.names = [names.get(id(t), f"tensor{tuple(t.shape)}") for t in binding.tensors]
         self.status = "tracked" if self.module.CLOSES else "observed only"
         self.note = "" if self.module.CLOSES else self.module.WHY_NOT_CLOSED
-        self.laws: Any = None
+        self.q0: torch.Tensor | None = None
+        self.residual: torch.Tensor | None = None
+        self.bank: Bank | None = None
         self._pending: tuple | None = None
         self._fast_path = False
         self._group_of = {
@@ -124,67 +126,111 @@ class Family:
         self.note = note
 
     # -- hooks -----------------------------------------------------------------------
-    def before_step(self, step: int, log: bool, history: History) -> None:
+    def before_step(self, step: int, log: bool, residuals: bool) -> torch.Tensor | None:
+        """Queue this step's data; returns the observed charge when the step is logged."""
         m = self.module
         const = self.binding.constants
         th = self._views("theta")
-        if self.laws is None and self.module.CLOSES:
-            self.laws = m.Laws(m.charge(th, const))
-        gr = self._views("grad")
+        observed = m.charge(th, const) if (log or self.q0 is None) else None
+        if self.q0 is None:
+            self.q0 = observed
         self._pending = None
-        r = m.residual(th, gr, const) if (gr is not None and self.module.CLOSES) else None
-        if log:
-            history.add(step, self, m.charge(th, const), r)
+        self.residual = None
         if self.status != "tracked":
-            return
+            return observed
+        gr = self._views("grad")
         if gr is None:
-            if any(s.tensor.grad is not None for sl in self.binding.blocks.values() for s in sl):
-                self._stop(
-                    f"some of {self.names} have no gradient at step {step}; the group moves only in part"
-                )
-            return  # torch.optim.SGD skips parameters without gradients: Q does not move
+            self._stop(
+                f"{self.names} have no (or only some) gradients at step {step}; torch.optim.SGD skips "
+                "parameters without gradients, so the group does not follow the law's update"
+            )
+            return observed
         hyper = self._hyper()
         if hyper is None:
-            return
+            return observed
         bf = self._views("buffer") if hyper["momentum"] != 0.0 else None
         case = sgd_case(hyper["momentum"], hyper["nesterov"], first_step=bf is None)
-        gjg = m.grad_form(gr, const) if hyper["momentum"] == 0.0 else torch.zeros_like(r)
+        r = m.residual(th, gr, const) if (residuals or log) else None
+        self.residual = r
+        gjg = m.grad_form(gr, const) if hyper["momentum"] == 0.0 else None
         self._fast_path = case in ("sgd", "first")
         if self._fast_path:
             uju = ujb = None
         else:
             uju, ujb = m.update_forms(
-                th,
-                gr,
-                bf or {},
-                hyper["lr"],
-                hyper["momentum"],
-                hyper["dampening"],
-                hyper["weight_decay"],
-                case,
-                const,
+                th, gr, bf or {}, hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"], case, const
             )
-        self._pending = (hyper, r, gjg, uju, ujb)
+        self._pending = (hyper, r if residuals else None, gjg, uju, ujb)
+        return observed
 
-    def after_step(self) -> None:
+    def finish_data(self) -> tuple | None:
+        """After the optimizer step: the data of the step just taken (or None)."""
         if self._pending is None:
-            return
+            return None
         hyper, r, gjg, uju, ujb = self._pending
         if self._fast_path:
             # u_k = b_k for torch's momentum update, read once from the new buffer
             uju = ujb = self.module.buffer_form(self._views("buffer"), self.binding.constants)
-        self.laws.step(
-            hyper["lr"],
-            hyper["momentum"],
-            hyper["dampening"],
-            hyper["weight_decay"],
-            hyper["nesterov"],
-            r,
-            gjg,
-            uju,
-            ujb,
-        )
         self._pending = None
+        return hyper, r, gjg, uju, ujb
+
+
+class Bank:
+    """The laws of every family that shares a param group and κ, advanced as one vector.
+
+    One recurrence over the concatenated groups replaces one per family, so a step costs a
+    few dozen tensor operations whatever the number of layers.
+    """
+
+    def __init__(self, families: list[Family]) -> None:
+        self.families = families
+        self.offsets: list[int] = []
+        total = 0
+        for f in families:
+            self.offsets.append(total)
+            total += f.n_groups
+        self.size = total
+        self.laws: Any = None
+
+    def start(self) -> None:
+        like = next(t.detach() for f in self.families for t in f.binding.tensors)
+        parts = [
+            f.q0.reshape(-1).to(torch.float64)
+            if f.q0 is not None
+            else torch.full((f.n_groups,), float("nan"), dtype=torch.float64, device=like.device)
+            for f in self.families
+        ]
+        q0 = torch.cat(parts)
+        self.laws = self.families[0].module.Laws(q0)
+
+    def step(self, data: list[tuple | None]) -> None:
+        if self.laws is None:
+            self.start()
+        live = [d for d in data if d is not None]
+        if not live:
+            return  # nothing moved (no gradients) or no family is tracked
+        hyper = live[0][0]
+        if any(d[0] != hyper for d in live[1:]):  # pragma: no cover - one param group per bank
+            raise RuntimeError("families of one bank disagree in hyperparameters")
+
+        def column(i: int) -> torch.Tensor:
+            parts = []
+            for f, d in zip(self.families, data):
+                value = None if d is None else d[i]
+                if value is None:
+                    fill = 0.0 if (d is not None and i in (1, 2)) else float("nan")
+                    value = torch.full((f.n_groups,), fill, dtype=torch.float64, device=self.laws.q0.device)
+                parts.append(value.reshape(-1).to(torch.float64))
+            return torch.cat(parts)
+
+        self.laws.step(
+            hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"], hyper["nesterov"],
+            column(1), column(2), column(3), column(4),
+        )
+
+    def segment(self, family: Family) -> slice:
+        i = self.families.index(family)
+        return slice(self.offsets[i], self.offsets[i] + family.n_groups)
 
 
 class Tracker:
@@ -197,6 +243,7 @@ class Tracker:
         bindings: Sequence[Binding],
         log_every: int = 1,
         schedule: Schedule | None = None,
+        residuals: bool = True,
     ) -> None:
         if log_every < 1:
             raise BindingError(
@@ -206,7 +253,11 @@ class Tracker:
         self.schedule: Schedule = schedule or (lambda step: step % log_every == 0)
         names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         self.cache = ReductionCache()
+        self.residuals = residuals
         self.families = [Family(b, optimizer, names, self.cache) for b in bindings]
+        for f in self.families:
+            f.tracker_residuals = residuals
+        self.banks: list[Bank] | None = None
         self.history = History()
         self.step = 0
         self.detached = False
@@ -219,24 +270,50 @@ class Tracker:
             optimizer.register_step_post_hook(self._after),
         ]
 
-    def _guard(self, family: Family, stage: str, fn: Callable[[], None]) -> None:
+    def _guard(self, family: Family, stage: str, fn: Callable[[], Any]) -> Any:
         try:
-            fn()
+            return fn()
         except Exception as err:  # the tracker must never break training
             family._stop(f"tracker error {stage} step {self.step}: {type(err).__name__}: {err}")
             family._pending = None
+            return None
+
+    def _make_banks(self) -> None:
+        by_key: dict[tuple, list[Family]] = {}
+        for f in self.families:
+            if not f.module.CLOSES:
+                continue
+            groups = {f._group_of[id(t)] for t in f.binding.tensors}
+            key = (min(groups), f.module.KAPPA) if len(groups) == 1 else ("solo", id(f))
+            by_key.setdefault(key, []).append(f)
+        self.banks = [Bank(fams) for fams in by_key.values()]
+        for bank in self.banks:
+            for f in bank.families:
+                f.bank = bank
 
     def _before(self, optimizer, args, kwargs) -> None:
         log = bool(self.schedule(self.step))
         self.cache.clear()
+        observed = {}
         for f in self.families:
-            self._guard(f, "before", lambda f=f: f.before_step(self.step, log, self.history))
+            observed[f] = self._guard(f, "before", lambda f=f: f.before_step(self.step, log, self.residuals))
+        if self.banks is None:
+            self._make_banks()
+            for bank in self.banks:
+                bank.start()
+        if log:
+            self.history.add(self.step, self.families, observed)
         self.cache.clear()
 
     def _after(self, optimizer, args, kwargs) -> None:
         self.cache.clear()
-        for f in self.families:
-            self._guard(f, "after", f.after_step)
+        for bank in self.banks or []:
+            data = [self._guard(f, "after", f.finish_data) for f in bank.families]
+            try:
+                bank.step(data)
+            except Exception as err:  # the tracker must never break training
+                for f in bank.families:
+                    f._stop(f"tracker error after step {self.step}: {type(err).__name__}: {err}")
         self.cache.clear()
         self.step += 1
 
@@ -247,14 +324,11 @@ class Tracker:
         ``final`` adds the state after the last step when it was not logged already.
         """
         if final and self.step > 0 and self.history.last_step() != self.step:
-            for f in self.families:
-                self._guard(
-                    f,
-                    "final",
-                    lambda f=f: self.history.add(
-                        self.step, f, f.module.charge(f._views("theta"), f.binding.constants)
-                    ),
-                )
+            observed = {
+                f: self._guard(f, "final", lambda f=f: f.module.charge(f._views("theta"), f.binding.constants))
+                for f in self.families
+            }
+            self.history.add(self.step, self.families, observed, final=True)
         rows = self.history.rows()
         bad = [
             r
