@@ -113,7 +113,7 @@ def charge(th, const):
     """Observed Q(theta_k) per group."""
     f0 = _dot(_mm(th["U"], const["E"]), th["U"])
     f1 = _dot(_mm(th["V"], const["E"]), th["V"])
-    return _groups((0.5)*f0 - 0.5*f1)
+    return _groups(0.5*f0 - 0.5*f1)
 
 
 def residual(th, gr, const):

@@ -113,7 +113,7 @@ def charge(th, const):
     """Observed Q(theta_k) per group."""
     f0 = _sq(th["theta_1"])
     f1 = _sq(th["theta_2"])
-    return _groups((0.5)*f0 - f1)
+    return _groups(0.5*f0 - f1)
 
 
 def residual(th, gr, const):

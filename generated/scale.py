@@ -111,7 +111,7 @@ def _groups(value):
 def charge(th, const):
     """Observed Q(theta_k) per group."""
     f0 = _sq(th["theta"])
-    return _groups((0.5)*f0)
+    return _groups(0.5*f0)
 
 
 def residual(th, gr, const):

@@ -115,15 +115,24 @@ def optimizer_closure(
         if len(distinct) > 1:
             parts = ", ".join(f"{k}: {v:g}" for k, v in values.items())
             blocks = [b for b in geometry.blocks if b.name in values]
-            leftover = expand_inner(
-                sp.Add(
+            if blocks:
+                leftover = expand_inner(
+                    sp.Add(
+                        *[
+                            (sp.Symbol(f"{symbol}_{b.name}") - sp.Symbol(symbol))
+                            * Inner(geometry.generator[b], b)
+                            for b in blocks
+                        ]
+                    )
+                )
+            else:  # keyed by tensor: the term runs over the slices of the group
+                leftover = sp.Add(
                     *[
-                        (sp.Symbol(f"{symbol}_{b.name}") - sp.Symbol(symbol))
-                        * Inner(geometry.generator[b], b)
-                        for b in blocks
+                        (sp.Symbol(f"{symbol}[{k}]") - sp.Symbol(symbol))
+                        * sp.Symbol(f"<xi, theta>[{k}]")
+                        for k in values
                     ]
                 )
-            )
             if label == "weight decay":
                 what = (
                     f"the group mixes parameters with different weight decay ({parts}): the decay term "

@@ -139,7 +139,8 @@ def _second_order(derivation: Derivation, closure: Closure, dt: DataTerms) -> La
     kappa = closure.kappa
     m_value = eta * (1 + beta) / 2
     ode = sp.Eq(
-        m_sym * Q(t).diff(t, 2) + (1 - beta) * Q(t).diff(t) + (1 - tau) * kappa * lam * Q(t), m_sym * F(t)
+        m_sym * Q(t).diff(t, 2) + (1 - beta) * Q(t).diff(t) + (1 - tau) * kappa * lam * Q(t),
+        m_sym * F(t),
     )
     kernel = sp.Function("G")
     solution = sp.Eq(

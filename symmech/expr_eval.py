@@ -131,7 +131,9 @@ def evaluate_expr(
             rows, cols = sym.shape
             shape = tuple(value.shape) if backend != "sympy" else value.shape
             if len(shape) != 2:
-                raise ValueError(f"{sym.name} must be 2-D (a column vector may be 1-D), got shape {tuple(shape)}")
+                raise ValueError(
+                    f"{sym.name} must be 2-D (a column vector may be 1-D), got shape {tuple(shape)}"
+                )
             for dim, size in ((rows, shape[0]), (cols, shape[1])):
                 if isinstance(dim, sp.Symbol):
                     if dim in env and int(env[dim]) != int(size):
@@ -140,7 +142,9 @@ def evaluate_expr(
                         )
                     env[dim] = int(size)
                 elif getattr(dim, "is_Integer", False) and int(dim) != int(size):
-                    raise ValueError(f"size mismatch: {sym.name} needs {int(dim)} along an axis, got {int(size)}")
+                    raise ValueError(
+                        f"size mismatch: {sym.name} needs {int(dim)} along an axis, got {int(size)}"
+                    )
 
     def size(d) -> int:
         value = sp.sympify(d).xreplace(

@@ -127,11 +127,8 @@ class _ScalarPrinter(PythonCodePrinter):
             return self._names[expr]
         raise CodegenError(f"codegen: {expr} is missing from the argument sequences")
 
-    def _print_Rational(self, expr):  # noqa: N802
+    def _print_Float(self, expr):  # noqa: N802
         return repr(float(expr))
-
-    def _print_Half(self, expr):  # noqa: N802
-        return "0.5"
 
     def _print_Integer(self, expr):  # noqa: N802
         return f"{int(expr)}"
@@ -160,7 +157,11 @@ def compile_terms(terms: Mapping[str, sp.Expr], derivation, hyper: bool = True) 
                 f"codegen: {', '.join(sorted(map(str, leftover)))} is missing from the argument "
                 f"sequences of {key}"
             )
-        code = printer.doprint(sp.collect(sp.expand(scalar), list(placeholders.values())))
+        collected = sp.collect(sp.expand(scalar), list(placeholders.values()))
+        collected = collected.xreplace(
+            {r: sp.Float(r, 17) for r in collected.atoms(sp.Rational) if not r.is_Integer}
+        )
+        code = printer.doprint(collected)
         if scalar == 0:
             code = "_zero"
         outputs.append((key, code))

@@ -49,6 +49,7 @@ def track(
     example_input: Any = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     schedule: Schedule | None = None,
+    residuals: bool = True,
 ) -> Tracker:
     """Attach the laws of every symmetry to ``optimizer``; the training loop stays as it is.
 
@@ -56,7 +57,9 @@ def track(
     the model's graph using ``example_input`` (an input tensor, or an ``(x, y)`` batch, which
     also confirms each family numerically with ``loss_fn``, default cross-entropy).
     ``log_every`` thins the history only (laws update every step); ``schedule(step) -> bool``
-    replaces it with any rule.
+    replaces it with any rule. ``residuals=False`` skips the per-step symmetry residual
+    rₖ = ⟨ξ, g⟩ (one reduction of θ·g per tensor) and with it the residual-corrected law;
+    rₖ is then still measured at logged steps.
     """
     if symmetries is None:
         if example_input is None:
@@ -86,4 +89,11 @@ def track(
                     "make one with symmech.bind(...)",
                 )
             )
-    return Tracker(model, optimizer, list(symmetries), log_every=log_every, schedule=schedule)
+    return Tracker(
+        model,
+        optimizer,
+        list(symmetries),
+        log_every=log_every,
+        schedule=schedule,
+        residuals=residuals,
+    )

@@ -50,7 +50,8 @@ class BoundSlice:
     def reduce_dims(self, ndim: int) -> tuple[int, ...]:
         if self.dim is None:
             return tuple(range(ndim))
-        return tuple(i for i in range(ndim) if i != self.dim)
+        dim = self.dim % ndim
+        return tuple(i for i in range(ndim) if i != dim)
 
     def prepare(self, t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         x = self.shaped(t)

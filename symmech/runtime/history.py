@@ -66,7 +66,10 @@ class History:
             t = None
             if bank is not None and bank.laws is not None:
                 if id(bank) not in snapshots:
-                    snapshots[id(bank)] = ({n: getattr(bank.laws, n).clone() for n in LAW_NAMES}, bank.laws.t)
+                    snapshots[id(bank)] = (
+                        {n: getattr(bank.laws, n).clone() for n in LAW_NAMES},
+                        bank.laws.t,
+                    )
                 laws, t = snapshots[id(bank)]
             elif bank is not None:
                 t = 0.0
@@ -128,7 +131,9 @@ class History:
                 if e.nesterov:
                     row["continuous"] = None
                 else:
-                    row["continuous"] = row["first_order"] if e.momentum == 0.0 else row["second_order"]
+                    row["continuous"] = (
+                        row["first_order"] if e.momentum == 0.0 else row["second_order"]
+                    )
                 rows.append(row)
         return rows
 

@@ -56,7 +56,11 @@ class GridSlice:
         dim = self.spec.dim
         if dim is None:
             return p.sum().reshape(1)
+        if p.ndim == 1:
+            return p
         dim = dim % p.ndim
+        if dim == 0:
+            return p.reshape(p.shape[0], -1).sum(dim=1)
         shape = p.shape
         lead = 1
         for n in shape[:dim]:
@@ -72,7 +76,12 @@ class GridSlice:
 
     def sq(self) -> torch.Tensor:
         x = self.value
-        if self.spec.dim is not None and self.spec.dim % max(x.ndim, 1) == 0 and x.is_contiguous() and x.ndim > 1:
+        if (
+            self.spec.dim is not None
+            and self.spec.dim % max(x.ndim, 1) == 0
+            and x.is_contiguous()
+            and x.ndim > 1
+        ):
             return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
         return self._groups(self._product(None))
 

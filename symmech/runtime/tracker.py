@@ -42,7 +42,11 @@ class Family:
     """One bound family of groups with its generated laws."""
 
     def __init__(
-        self, binding: Binding, optimizer: torch.optim.Optimizer, names: dict[int, str], cache: ReductionCache
+        self,
+        binding: Binding,
+        optimizer: torch.optim.Optimizer,
+        names: dict[int, str],
+        cache: ReductionCache,
     ) -> None:
         self.binding = binding
         self.cache = cache
@@ -158,7 +162,15 @@ class Family:
             uju = ujb = None
         else:
             uju, ujb = m.update_forms(
-                th, gr, bf or {}, hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"], case, const
+                th,
+                gr,
+                bf or {},
+                hyper["lr"],
+                hyper["momentum"],
+                hyper["dampening"],
+                hyper["weight_decay"],
+                case,
+                const,
             )
         self._pending = (hyper, r if residuals else None, gjg, uju, ujb)
         return observed
@@ -219,13 +231,22 @@ class Bank:
                 value = None if d is None else d[i]
                 if value is None:
                     fill = 0.0 if (d is not None and i in (1, 2)) else float("nan")
-                    value = torch.full((f.n_groups,), fill, dtype=torch.float64, device=self.laws.q0.device)
+                    value = torch.full(
+                        (f.n_groups,), fill, dtype=torch.float64, device=self.laws.q0.device
+                    )
                 parts.append(value.reshape(-1).to(torch.float64))
             return torch.cat(parts)
 
         self.laws.step(
-            hyper["lr"], hyper["momentum"], hyper["dampening"], hyper["weight_decay"], hyper["nesterov"],
-            column(1), column(2), column(3), column(4),
+            hyper["lr"],
+            hyper["momentum"],
+            hyper["dampening"],
+            hyper["weight_decay"],
+            hyper["nesterov"],
+            column(1),
+            column(2),
+            column(3),
+            column(4),
         )
 
     def segment(self, family: Family) -> slice:
@@ -296,7 +317,9 @@ class Tracker:
         self.cache.clear()
         observed = {}
         for f in self.families:
-            observed[f] = self._guard(f, "before", lambda f=f: f.before_step(self.step, log, self.residuals))
+            observed[f] = self._guard(
+                f, "before", lambda f=f: f.before_step(self.step, log, self.residuals)
+            )
         if self.banks is None:
             self._make_banks()
             for bank in self.banks:
@@ -323,21 +346,31 @@ class Tracker:
 
         ``final`` adds the state after the last step when it was not logged already.
         """
-        if final and self.step > 0 and self.history.last_step() != self.step:
+        rows = self.history.rows()
+        if final and not self.detached and self.step > 0 and self.history.last_step() != self.step:
+            # the state after the last step, reported but not stored: the next step logs it anew
             observed = {
-                f: self._guard(f, "final", lambda f=f: f.module.charge(f._views("theta"), f.binding.constants))
+                f: self._guard(
+                    f, "final", lambda f=f: f.module.charge(f._views("theta"), f.binding.constants)
+                )
                 for f in self.families
             }
-            self.history.add(self.step, self.families, observed, final=True)
-        rows = self.history.rows()
+            extra = History()
+            extra.add(self.step, self.families, observed, final=True)
+            rows += extra.rows()
+        numeric = (
+            "observed",
+            "residual",
+            "discrete",
+            "discrete_residual",
+            "first_order",
+            "second_order",
+        )
         bad = [
-            r
-            for r in rows
-            if not math.isfinite(r["observed"])
-            or (r["discrete"] is not None and not math.isfinite(r["discrete"]))
+            r for r in rows if any(r[k] is not None and not math.isfinite(r[k]) for k in numeric)
         ]
         if bad:
-            first = bad[0]
+            first = min(bad, key=lambda r: r["step"])
             warnings.warn(
                 f"symmech: non-finite values from step {first['step']} on ({first['symmetry']} on {first['layer']}): "
                 "the gradients or parameters became NaN/inf; predictions after that step are not meaningful",
@@ -356,6 +389,14 @@ class Tracker:
 
     def detach(self) -> None:
         """Remove the hooks; the optimizer is as it was before :func:`track`."""
+        if not self.detached and self.step > 0 and self.history.last_step() != self.step:
+            observed = {
+                f: self._guard(
+                    f, "final", lambda f=f: f.module.charge(f._views("theta"), f.binding.constants)
+                )
+                for f in self.families
+            }
+            self.history.add(self.step, self.families, observed, final=True)
         for h in self._handles:
             h.remove()
         self._handles = []
