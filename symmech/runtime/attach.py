@@ -55,21 +55,19 @@ def track(
 
     ``symmetries``: bindings from :func:`symmech.bind`; when None they are detected from
     the model's graph using ``example_input`` (an input tensor, or an ``(x, y)`` batch, which
-    also confirms each family numerically with ``loss_fn``, default cross-entropy).
+    also confirms each family numerically with ``loss_fn``, default cross-entropy). Without
+    either, the first forward input is captured and the graph is read right before the first
+    optimizer step (structure only: give a batch to confirm families numerically).
     ``log_every`` thins the history only (laws update every step); ``schedule(step) -> bool``
     replaces it with any rule. ``residuals=False`` skips the per-step symmetry residual
     rₖ = ⟨ξ, g⟩ (one reduction of θ·g per tensor) and with it the residual-corrected law;
     rₖ is then still measured at logged steps.
     """
+    if symmetries is None and example_input is None:
+        return _track_detecting_on_first_step(
+            model, optimizer, log_every, loss_fn, schedule, residuals
+        )
     if symmetries is None:
-        if example_input is None:
-            raise BindingError(
-                explain(
-                    "track(model, optimizer)",
-                    "no symmetries given and no example_input to detect them from",
-                    "pass example_input=(x, y) (a batch) or symmetries=[symmech.bind(...), ...]",
-                )
-            )
         from .detect import detect
 
         batch = (
@@ -97,3 +95,41 @@ def track(
         schedule=schedule,
         residuals=residuals,
     )
+
+
+def _track_detecting_on_first_step(
+    model, optimizer, log_every, loss_fn, schedule, residuals
+) -> Tracker:
+    tracker = Tracker(
+        model, optimizer, [], log_every=log_every, schedule=schedule, residuals=residuals
+    )
+    captured: dict[str, Any] = {}
+
+    def capture(module, args):
+        if "x" not in captured and args:
+            captured["x"] = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        return None
+
+    handle = model.register_forward_pre_hook(capture)
+
+    def detect_now() -> list[Binding]:
+        handle.remove()
+        if "x" not in captured:
+            raise BindingError(
+                "track(model, optimizer): the model was not called before the first step"
+            )
+        from .detect import detect
+
+        x = captured["x"][0] if len(captured["x"]) == 1 else captured["x"]
+        families = list(detect(model, x, loss_fn=loss_fn))
+        warnings.warn(
+            f"symmech: detected {len(families)} families from the graph on the first step without "
+            "confirming them on a batch; pass example_input=(x, y) to confirm each numerically",
+            TrackerWarning,
+            stacklevel=4,
+        )
+        return bindings_from_families(model, families)
+
+    tracker.detect_on_first_step(detect_now)
+    tracker._handles.append(handle)
+    return tracker

@@ -271,25 +271,38 @@ class Tracker:
                 explain(f"track(..., log_every={log_every})", "log_every must be ≥ 1")
             )
         self.optimizer = optimizer
+        self.model = model
         self.schedule: Schedule = schedule or (lambda step: step % log_every == 0)
-        names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
         self.cache = ReductionCache()
         self.residuals = residuals
-        self.families = [Family(b, optimizer, names, self.cache) for b in bindings]
-        for f in self.families:
-            f.tracker_residuals = residuals
+        self.families: list[Family] = []
         self.banks: list[Bank] | None = None
         self.history = History()
         self.step = 0
         self.detached = False
-        if type(optimizer) is not torch.optim.SGD:
-            why = unsupported_optimizer_reason(type(optimizer).__name__)
-            for f in self.families:
-                f._stop(why)
+        self._adopt(bindings)
         self._handles = [
             optimizer.register_step_pre_hook(self._before),
             optimizer.register_step_post_hook(self._after),
         ]
+        self._detect_on_first_step: Callable[[], Sequence[Binding]] | None = None
+
+    def _adopt(self, bindings: Sequence[Binding]) -> None:
+        names = (
+            {id(p): n for n, p in self.model.named_parameters()} if self.model is not None else {}
+        )
+        families = [Family(b, self.optimizer, names, self.cache) for b in bindings]
+        for f in families:
+            f.tracker_residuals = self.residuals
+        if type(self.optimizer) is not torch.optim.SGD:
+            why = unsupported_optimizer_reason(type(self.optimizer).__name__)
+            for f in families:
+                f._stop(why)
+        self.families.extend(families)
+
+    def detect_on_first_step(self, detect: Callable[[], Sequence[Binding]]) -> None:
+        """Find the symmetries right before the first optimizer step (used by :func:`track`)."""
+        self._detect_on_first_step = detect
 
     def _guard(self, family: Family, stage: str, fn: Callable[[], Any]) -> Any:
         try:
@@ -313,6 +326,16 @@ class Tracker:
                 f.bank = bank
 
     def _before(self, optimizer, args, kwargs) -> None:
+        if self._detect_on_first_step is not None:
+            detect, self._detect_on_first_step = self._detect_on_first_step, None
+            try:
+                self._adopt(detect())
+            except Exception as err:  # the tracker must never break training
+                warnings.warn(
+                    f"symmech: detection on the first step failed: {err}",
+                    TrackerWarning,
+                    stacklevel=3,
+                )
         log = bool(self.schedule(self.step))
         self.cache.clear()
         observed = {}
