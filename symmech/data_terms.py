@@ -137,3 +137,11 @@ def sgd_case(momentum: float, nesterov: bool, first_step: bool) -> str:
     if nesterov:
         return "nesterov_first" if first_step else "nesterov"
     return "first" if first_step else "sgd"
+
+
+def readable(expr: sp.Expr) -> sp.Expr:
+    """Group a data term by its inner products with factored coefficients (for display)."""
+    inners = sorted(expr.atoms(Inner), key=sp.default_sort_key)
+    if not inners:
+        return expr
+    return sp.collect(sp.expand(expr), inners, func=sp.factor)

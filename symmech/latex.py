@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import jinja2
 import sympy as sp
 
+from .data_terms import readable
 from .errors import ClosureError
 
 if TYPE_CHECKING:
@@ -132,6 +133,8 @@ def _law_context(law) -> dict[str, Any]:
     if law.name == "first_order":
         extra.append(("with the forcing", _tex(law.extra["forcing"])))
     if law.name == "second_order":
+        extra.append(("with the forcing", f"F = {sp.latex(readable(law.data['F']))}"))
+    if law.name == "second_order":
         extra.append(("with mass", _tex(law.extra["m"])))
         for regime, parts in law.extra["kernels"].items():
             roots = ", ".join(f"{sp.latex(k)} = {sp.latex(v)}" for k, v in parts["roots"].items())
@@ -142,7 +145,7 @@ def _law_context(law) -> dict[str, Any]:
             extra.append(("homogeneous part", f"Q_h(t) = {sp.latex(parts['Q_h'])}"))
     if law.name == "discrete":
         for text, value in law.data.items():
-            extra.append((f"Data term {tex_text(text)}", sp.latex(value)))
+            extra.append((f"Data term {tex_text(text)}", sp.latex(readable(value))))
         for text, value in law.extra["variants"].items():
             extra.append((f"Update projection ({text})", _tex(value)))
     return {

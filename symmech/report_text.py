@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import sympy as sp
 
+from .data_terms import readable
+
 if TYPE_CHECKING:
     from .derivation import Derivation
 
@@ -54,5 +56,5 @@ def derivation_summary(d: Derivation) -> str:
             lines.append(f"    {_s(law.ode)}")
             lines.append(f"    solution: {_s(law.solution)}")
         for name, value in law.data.items():
-            lines.append(f"    data {name}: {_s(value)}")
+            lines.append(f"    data {name}: {_s(readable(value))}")
     return "\n".join(lines)
