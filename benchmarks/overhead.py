@@ -82,7 +82,7 @@ def main() -> None:
     opt_times = {k: [] for k in runs}
     for i in range(args.steps + 3):
         for name, (model, opt) in runs.items():
-            total = timed(lambda: forward_backward(model, opt))
+            total = timed(lambda model=model, opt=opt: forward_backward(model, opt))
             t_opt = timed(opt.step)
             if i >= 3:  # warm-up, and the tracker's first step
                 step_times[name].append(total + t_opt)
