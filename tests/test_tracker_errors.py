@@ -116,8 +116,9 @@ def test_track_arguments():
         symmech.track(net.model, opt, net.bindings(), log_every=0)
     with pytest.raises(BindingError, match="is not a binding"):
         symmech.track(net.model, opt, ["rescale"])
-    with pytest.raises(BindingError, match="no symmetries given and no example_input"):
-        symmech.track(net.model, opt)
+    tracker = symmech.track(net.model, opt)  # no bindings, no input: detection waits for step 0
+    assert tracker.families == [] and tracker._detect_on_first_step is not None
+    tracker.detach()
 
 
 # ---------------------------------------------------------------------------------------------
