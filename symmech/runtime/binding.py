@@ -15,6 +15,7 @@ may reshape the tensor first (a shape tuple, e.g. a Linear weight after Flatten 
 from __future__ import annotations
 
 import functools
+import sys
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -115,6 +116,7 @@ def generated_module(d: Derivation) -> types.ModuleType:
         module = types.ModuleType(f"symmech_generated_{d.name}")
         module.__file__ = f"<generated {d.name}>"
         exec(compile(text, module.__file__, "exec"), module.__dict__)  # noqa: S102 - our own template
+        sys.modules[module.__name__] = module  # importable by name (torch.compile, pickling)
         _MODULES[key] = module
     _MODULES[f"id:{id(d)}"] = _MODULES[key]
     return _MODULES[key]
