@@ -96,6 +96,19 @@ class Family:
         return out
 
     def _hyper(self) -> dict[str, Any] | None:
+        indices = {self._group_of[id(t)] for t in self.binding.tensors}
+        if len(indices) == 1:  # the common case: read the one param group directly
+            g = self.optimizer.param_groups[next(iter(indices))]
+            if g.get("maximize", False):
+                self._stop("maximize=True flips the update's sign; the laws assume minimisation")
+                return None
+            return {
+                "lr": float(g["lr"]),
+                "momentum": float(g.get("momentum", 0.0)),
+                "dampening": float(g.get("dampening", 0.0)),
+                "weight_decay": float(g.get("weight_decay", 0.0)),
+                "nesterov": bool(g.get("nesterov", False)),
+            }
         groups = [self.optimizer.param_groups[self._group_of[id(t)]] for t in self.binding.tensors]
         keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
         values = {k: [g.get(k, 0.0) for g in groups] for k in keys}
@@ -134,7 +147,11 @@ class Family:
         """Queue this step's data; returns the observed charge when the step is logged."""
         m = self.module
         const = self.binding.constants
-        th = self._views("theta")
+        th = (
+            self._views("theta")
+            if (log or self.q0 is None or residuals or self.status != "tracked")
+            else None
+        )
         observed = m.charge(th, const) if (log or self.q0 is None) else None
         if self.q0 is None:
             self.q0 = observed
@@ -142,8 +159,7 @@ class Family:
         self.residual = None
         if self.status != "tracked":
             return observed
-        gr = self._views("grad")
-        if gr is None:
+        if any(t.grad is None for t in self.binding.tensors):
             self._stop(
                 f"{self.names} have no (or only some) gradients at step {step}; torch.optim.SGD skips "
                 "parameters without gradients, so the group does not follow the law's update"
@@ -152,15 +168,20 @@ class Family:
         hyper = self._hyper()
         if hyper is None:
             return observed
-        bf = self._views("buffer") if hyper["momentum"] != 0.0 else None
-        case = sgd_case(hyper["momentum"], hyper["nesterov"], first_step=bf is None)
+        state = self.optimizer.state.get(self.binding.tensors[0], {})
+        first_step = hyper["momentum"] == 0.0 or state.get("momentum_buffer") is None
+        case = sgd_case(hyper["momentum"], hyper["nesterov"], first_step=first_step)
+        self._fast_path = case in ("sgd", "first")
+        need_grad = residuals or log or hyper["momentum"] == 0.0 or not self._fast_path
+        gr = self._views("grad") if need_grad else None
         r = m.residual(th, gr, const) if (residuals or log) else None
         self.residual = r
         gjg = m.grad_form(gr, const) if hyper["momentum"] == 0.0 else None
-        self._fast_path = case in ("sgd", "first")
         if self._fast_path:
             uju = ujb = None
         else:
+            th = th if th is not None else self._views("theta")
+            bf = self._views("buffer") if not first_step else None
             uju, ujb = m.update_forms(
                 th,
                 gr,
@@ -214,6 +235,7 @@ class Bank:
         ]
         q0 = torch.cat(parts)
         self.laws = self.families[0].module.Laws(q0)
+        self._zeros = torch.zeros_like(q0)
 
     def step(self, data: list[tuple | None]) -> None:
         if self.laws is None:
@@ -226,9 +248,13 @@ class Bank:
             raise RuntimeError("families of one bank disagree in hyperparameters")
 
         def column(i: int) -> torch.Tensor:
+            values = [None if d is None else d[i] for d in data]
+            if all(v is None for v in values) and all(d is not None for d in data) and i in (1, 2):
+                return (
+                    self._zeros
+                )  # no residual / no first-order forcing this step: one shared zero
             parts = []
-            for f, d in zip(self.families, data):
-                value = None if d is None else d[i]
+            for f, d, value in zip(self.families, data, values):
                 if value is None:
                     fill = 0.0 if (d is not None and i in (1, 2)) else float("nan")
                     value = torch.full(
@@ -325,6 +351,7 @@ class Tracker:
             for f in bank.families:
                 f.bank = bank
 
+    @torch.no_grad()
     def _before(self, optimizer, args, kwargs) -> None:
         if self._detect_on_first_step is not None:
             detect, self._detect_on_first_step = self._detect_on_first_step, None
@@ -351,6 +378,7 @@ class Tracker:
             self.history.add(self.step, self.families, observed)
         self.cache.clear()
 
+    @torch.no_grad()
     def _after(self, optimizer, args, kwargs) -> None:
         self.cache.clear()
         for bank in self.banks or []:
