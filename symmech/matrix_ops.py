@@ -261,6 +261,33 @@ def expand_terms(expr) -> list[tuple[sp.Expr, MatrixExpr]]:
     return [(sp.S.One, expr)]
 
 
+def _structured_tail(m: MatrixExpr):
+    """(A, E) when m = A·E with E a symmetric or antisymmetric constant, else None."""
+    if isinstance(m, MatMul):
+        mats = [x for x in m.args if getattr(x, "is_Matrix", False)]
+        scalars = [x for x in m.args if not getattr(x, "is_Matrix", False)]
+        last = mats[-1]
+        if not scalars and len(mats) == 2 and getattr(last, "structure", "general") != "general":
+            return mats[0], last
+    return None
+
+
+def _canonical_pair(ma: MatrixExpr, mb: MatrixExpr) -> tuple[int, MatrixExpr, MatrixExpr]:
+    """Order the arguments of ⟨ma, mb⟩; ⟨YE, X⟩ = ±⟨XE, Y⟩ for a (anti)symmetric E."""
+    for first, other in ((ma, mb), (mb, ma)):
+        tail = _structured_tail(first)
+        if tail is not None and isinstance(other, MatrixSymbol):
+            left, const = tail
+            if isinstance(left, MatrixSymbol) and sp.default_sort_key(other) < sp.default_sort_key(
+                left
+            ):
+                sign = 1 if const.structure == "symmetric" else -1
+                return sign, MatMul(other, const), left
+            return 1, first, other
+    x, y = sorted([ma, mb], key=sp.default_sort_key)
+    return 1, x, y
+
+
 def expand_inner(expr: sp.Expr) -> sp.Expr:
     """Distribute every :class:`Inner` over sums and pull scalar factors out,
     putting the arguments of each inner product in a canonical order."""
@@ -269,8 +296,8 @@ def expand_inner(expr: sp.Expr) -> sp.Expr:
         total = sp.S.Zero
         for ca, ma in expand_terms(a):
             for cb, mb in expand_terms(b):
-                x, y = sorted([ma, mb], key=sp.default_sort_key)
-                total += ca * cb * Inner(x, y)
+                sign, x, y = _canonical_pair(ma, mb)
+                total += sign * ca * cb * Inner(x, y)
         return sp.expand(total)
 
     return expr.replace(lambda e: isinstance(e, Inner), lambda e: expand_one(*e.args))

@@ -407,11 +407,6 @@ def test_linear_pair_prints_constant_products():
     assert name == "Q" and code.replace("(0.5)", "0.5") == "0.5*f0 - 0.5*f1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="printer: <X*E, Y> and <Y*E, X> are the same number for a symmetric constant E but "
-    "are reduced twice (linear_pair 'sgd' update_forms computes 18 reductions for 12 values)",
-)
 def test_linear_pair_symmetric_constant_products_are_shared():
     text = render_module(as_derivation("linear_pair"))
     case = text.split("if case == 'sgd':")[1].split("elif")[0]
