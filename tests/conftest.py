@@ -48,3 +48,12 @@ def _strict_numpy_errors() -> Iterator[None]:
     """Turn numpy division by zero, overflow and invalid operations into errors in every test."""
     with np.errstate(**NUMPY_ERRORS):  # type: ignore[arg-type]
         yield
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One intra-op thread for modules that step tiny tensors (threads only add contention)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

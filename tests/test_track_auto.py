@@ -12,13 +12,7 @@ import symmech
 from symmech.demo.models import build_model
 from symmech.runtime.detect import detect
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _batch(n=32, seed=0):

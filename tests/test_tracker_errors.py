@@ -22,12 +22,7 @@ from symmech import BindingError, TrackerWarning
 DTYPE = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
