@@ -137,64 +137,41 @@ class Geometry:
             out[b] = clean(impose_structure(clean(xi)))
         return out
 
-    # -- G2 ----------------------------------------------------------------------------
-    def _dxi_transpose_g(self) -> dict[Block, MatrixExpr]:
-        out: dict[Block, MatrixExpr] = {}
+    def _adjoints(
+        self, maps: dict[Block, MatrixExpr], vectors: dict[Block, MatrixExpr]
+    ) -> dict[Block, MatrixExpr | None]:
+        """Σ_B' (∂maps_B'/∂θ_B)ᵀ vectors_B' per block B; None where a map is not affine in θ_B."""
+        out: dict[Block, MatrixExpr | None] = {}
         for b in self.blocks:
-            terms = []
-            for b2, xi in self.generator.items():
-                try:
-                    terms.append(adjoint_apply(xi, b, self.grad[b2]))
-                except NotAffineError:
-                    terms = None
-                    break
-            if terms is None:
-                out[b] = None  # type: ignore[assignment]
+            try:
+                terms = [adjoint_apply(maps[b2], b, vectors[b2]) for b2 in maps]
+            except NotAffineError:
+                out[b] = None
                 continue
             terms = [t for t in terms if not isinstance(t, ZeroMatrix)]
-            out[b] = impose_structure(
-                clean(
-                    MatAdd(*terms)
-                    if len(terms) > 1
-                    else (terms[0] if terms else ZeroMatrix(*b.shape))
-                )
+            total = (
+                MatAdd(*terms) if len(terms) > 1 else (terms[0] if terms else ZeroMatrix(*b.shape))
             )
-        if any(v is None for v in out.values()):
-            return self._dxi_transpose_g_nonaffine()
+            out[b] = impose_structure(clean(total))
         return out
 
-    def _dxi_transpose_g_nonaffine(self) -> dict[Block, MatrixExpr]:
-        raise SpecError(
-            explain(
-                f"derive({self.symmetry.name!r})",
-                "the generator is not affine in the blocks, so Dξᵀg has no closed matrix form here",
-                "write the action so that ψ is linear or affine in each block",
+    # -- G2 ----------------------------------------------------------------------------
+    def _dxi_transpose_g(self) -> dict[Block, MatrixExpr]:
+        out = self._adjoints(self.generator, self.grad)
+        if any(v is None for v in out.values()):
+            raise SpecError(
+                explain(
+                    f"derive({self.symmetry.name!r})",
+                    "the generator is not affine in the blocks, so Dξᵀg has no closed matrix form here",
+                    "write the action so that ψ is linear or affine in each block",
+                )
             )
-        )
+        return out  # type: ignore[return-value]
 
     # -- E1/E2 -------------------------------------------------------------------------
     def _equivariance(self) -> dict[Block, MatrixExpr]:
-        out: dict[Block, MatrixExpr] = {}
-        for b in self.blocks:
-            terms = []
-            for b2 in self.blocks:
-                image = self.symmetry.image(b2)
-                try:
-                    terms.append(adjoint_apply(image, b, self.grad_image[b2]))
-                except NotAffineError:
-                    terms.append(None)
-            if any(t is None for t in terms):
-                out[b] = None  # type: ignore[assignment]
-                continue
-            terms = [t for t in terms if not isinstance(t, ZeroMatrix)]
-            out[b] = impose_structure(
-                clean(
-                    MatAdd(*terms)
-                    if len(terms) > 1
-                    else (terms[0] if terms else ZeroMatrix(*b.shape))
-                )
-            )
-        return out
+        images = {b: self.symmetry.image(b) for b in self.blocks}
+        return self._adjoints(images, self.grad_image)  # type: ignore[return-value]
 
     @property
     def action_linear_part(self) -> dict[Block, MatrixExpr]:
