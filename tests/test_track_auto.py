@@ -125,3 +125,21 @@ def test_track_without_inputs_and_without_forward_warns_instead_of_raising():
     with pytest.warns(symmech.TrackerWarning, match="not called before the first step"):
         opt.step()
     assert tracker.families == []
+
+
+def test_linear_layer_pair_without_activation_is_a_rescale_family():
+    # Linear(64→16) → Dropout(p=0) → Linear(16→10): W2 W1 x is unchanged by (α w1_j, α b1_j, w2[:, j]/α)
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.Dropout(0.0), torch.nn.Linear(16, 10)
+    ).double()
+    x, y = _batch()
+    families = detect(model, x, confirm_batch=(x, y))
+    pairs = [f for f in families if f.symmetry == "rescale"]
+    assert len(pairs) == 1 and pairs[0].n_groups == 16 and pairs[0].confirmed is True
+    assert "linear pair" in pairs[0].layer
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+    tracker = symmech.track(model, opt, example_input=(x, y))
+    _train(model, opt, x, y, 100)
+    rows = [r for r in tracker.records() if r["symmetry"] == "rescale"]
+    assert _max_rel(rows, "discrete") < 1e-10

@@ -376,7 +376,15 @@ def _rescale(op: _Op, fams: list[Family], notes: list[str]) -> None:
         if node.kind in ("act", "square"):
             path.append(node.name)
         cur, node = node, _next(node)
-    if node is None or len(path) < 2 or node.shared or op.shared:
+    if node is None or node.shared or op.shared:
+        return
+    # Linear → (Dropout/Identity) → Linear with no activation: the identity is positively
+    # homogeneous too, so each hidden unit is a rescale group (the diagonal of the pair's
+    # GL(r) symmetry; see derivations/linear_pair.py for the whole balancedness matrix).
+    linear_pair = (
+        len(path) == 1 and op.kind == "linear" and node.kind == "linear" and outer == inner == 1
+    )
+    if len(path) < 2 and not linear_pair:
         return
     m, rank = node.module, len(cur.shape) if cur.shape else None
     if node.kind == "conv" and m.groups == 1 and axis == 1:
@@ -388,7 +396,7 @@ def _rescale(op: _Op, fams: list[Family], notes: list[str]) -> None:
     if fan_in != outer * n * inner:
         return
     symmetry = {1: "rescale", 2: "quadratic_rescale"}.get(degree)
-    label = " → ".join([*path, node.name])
+    label = " → ".join([*path, node.name]) + (" (linear pair)" if linear_pair else "")
     if op.kind in ("bn", "gn", "ln") and getattr(op.module, "weight", None) is None:
         _note(notes, f"no rescale family across {label}: {type(op.module).__name__} has no "
                      "affine parameters (affine=False), and the layer before it is normalised")  # fmt: skip
