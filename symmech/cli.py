@@ -7,6 +7,7 @@
     symmech generate SPEC... -o DIR       generated PyTorch trackers (--check: fail when stale)
     symmech demo [...]                    train on digits and compare theory with training
     symmech detect --model NAME           detected symmetries of a model
+    symmech plot records.csv -o out.png   plot a tracker's CSV (theory dashed, observed solid)
 
 SPEC is a built-in name (``symmech list``) or the path of a spec file.
 """
@@ -128,6 +129,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from .runtime.plots import plot_errors, plot_records, read_records_csv
+
+    records = read_records_csv(args.csv)
+    out = Path(args.output)
+    plot_records(records, out, title=args.title)
+    print(f"wrote {out}")
+    if args.errors:
+        plot_errors(records, Path(args.errors))
+        print(f"wrote {args.errors}")
+    return 0
+
+
 def _cmd_detect(args: argparse.Namespace) -> int:
     from .demo.run import detect_command
 
@@ -172,6 +186,15 @@ def build_parser() -> argparse.ArgumentParser:
     if add_demo_arguments is not None:
         add_demo_arguments(p)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("plot", help="plot a tracker's CSV: observed solid, theory dashed")
+    p.add_argument("csv")
+    p.add_argument("-o", "--output", default="theory_vs_observed.png")
+    p.add_argument(
+        "--errors", default=None, help="also write the relative errors per law to this PNG"
+    )
+    p.add_argument("--title", default=None)
+    p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("detect", help="print the symmetries detected in a model")
     p.add_argument("--model", default="vgg-tiny-bn")

@@ -372,3 +372,25 @@ def test_detect_command_prints_the_table(capsys) -> None:
 def test_detect_command_unknown_model(capsys) -> None:
     assert main(["detect", "--model", "vgg99"]) == 2
     assert "unknown model 'vgg99'" in capsys.readouterr().err
+
+
+def test_plot_command_reads_a_tracker_csv(tmp_path):
+    import torch
+
+    import symmech
+    from symmech.cli import main
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    tracker = symmech.track(model, opt, [symmech.bind("translation", theta=[(model[0].weight, 1)])])
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    tracker.to_csv(tmp_path / "records.csv")
+    out, errors = tmp_path / "plot.png", tmp_path / "errors.png"
+    assert (
+        main(["plot", str(tmp_path / "records.csv"), "-o", str(out), "--errors", str(errors)]) == 0
+    )
+    assert out.stat().st_size > 1000 and errors.stat().st_size > 1000
