@@ -16,7 +16,7 @@ from .errors import SpecError, explain
 from .expr_eval import evaluate_expr, explicit_matrix
 from .linear_maps import NotAffineError, adjoint_apply, linear_part
 from .matrix_ops import Inner, MatrixExp, clean, d_alpha, expand_inner
-from .spec import Block, Constant, Symmetry, alpha, impose_structure
+from .spec import Block, Symmetry, alpha, impose_structure
 
 _COMPANION_LATEX: dict[str, str] = {}
 
@@ -220,12 +220,3 @@ class Geometry:
             + detail
             + ": ξ is not a gradient field, so no Noether charge Q with ∇Q = ξ exists"
         )
-
-
-def inner_sum(x: dict[Block, MatrixExpr], y: dict[Block, MatrixExpr]) -> sp.Expr:
-    """Σ_B ⟨x_B, y_B⟩, expanded."""
-    return expand_inner(sp.Add(*[Inner(x[b], y[b]) for b in x if b in y]))
-
-
-def constants_of(symmetry: Symmetry) -> tuple[Constant, ...]:
-    return symmetry.constants

@@ -13,7 +13,6 @@ from __future__ import annotations
 import sympy as sp
 from sympy.matrices.expressions import (
     HadamardProduct,
-    Identity,
     MatAdd,
     MatMul,
     MatrixExpr,
@@ -154,7 +153,3 @@ def symmetric_part(m: MatrixExpr) -> MatrixExpr:
     """(M + Mᵀ)/2, simplified."""
     s = clean(_push_transposes(sp.Rational(1, 2) * (m + Transpose(m))))
     return clean(sp.expand(s)) if isinstance(s, (MatAdd, MatMul)) else s
-
-
-def identity_like(block: MatrixSymbol) -> Identity:
-    return Identity(block.shape[0])

@@ -18,7 +18,6 @@ from sympy.matrices.expressions import (
     MatMul,
     MatrixExpr,
     MatrixSymbol,
-    OneMatrix,
     Trace,
     Transpose,
     ZeroMatrix,
@@ -105,10 +104,6 @@ def _split_scalar(term: MatrixExpr) -> tuple[sp.Expr, MatrixExpr]:
         mat = mats[0] if len(mats) == 1 else MatMul(*mats)
         return coeff, mat
     return sp.S.One, term
-
-
-def _terms(expr: MatrixExpr) -> list[MatrixExpr]:
-    return list(expr.args) if isinstance(expr, MatAdd) else [expr]
 
 
 def clean(expr):
@@ -301,15 +296,6 @@ def expand_inner(expr: sp.Expr) -> sp.Expr:
         return sp.expand(total)
 
     return expr.replace(lambda e: isinstance(e, Inner), lambda e: expand_one(*e.args))
-
-
-def is_zero_matrix(expr) -> bool:
-    return isinstance(clean(expr), ZeroMatrix)
-
-
-def ones_like(block: MatrixExpr) -> OneMatrix:
-    """The all-ones matrix of a block's shape (``symmech.ones(theta)`` in specs)."""
-    return OneMatrix(*block.shape)
 
 
 def replace_exp_of_matrices(expr):
