@@ -250,9 +250,8 @@ class Bank:
         def column(i: int) -> torch.Tensor:
             values = [None if d is None else d[i] for d in data]
             if all(v is None for v in values) and all(d is not None for d in data) and i in (1, 2):
-                return (
-                    self._zeros
-                )  # no residual / no first-order forcing this step: one shared zero
+                # no residual / no first-order forcing this step: one shared zero
+                return self._zeros
             parts = []
             for f, d, value in zip(self.families, data, values):
                 if value is None:
@@ -392,22 +391,29 @@ class Tracker:
         self.step += 1
 
     # -- results ---------------------------------------------------------------------
+    def _final_state_missing(self) -> bool:
+        return self.step > 0 and self.history.last_step() != self.step
+
+    def _add_final_state(self, history: History) -> None:
+        """Log Q(θₙ) after the last step (no gradient, so no residual) into ``history``."""
+        observed = {
+            f: self._guard(
+                f, "final", lambda f=f: f.module.charge(f._views("theta"), f.binding.constants)
+            )
+            for f in self.families
+        }
+        history.add(self.step, self.families, observed, final=True)
+
     def records(self, final: bool = True) -> list[dict[str, Any]]:
         """Per logged step and group: observed Q and every law's prediction (host floats).
 
         ``final`` adds the state after the last step when it was not logged already.
         """
         rows = self.history.rows()
-        if final and not self.detached and self.step > 0 and self.history.last_step() != self.step:
+        if final and not self.detached and self._final_state_missing():
             # the state after the last step, reported but not stored: the next step logs it anew
-            observed = {
-                f: self._guard(
-                    f, "final", lambda f=f: f.module.charge(f._views("theta"), f.binding.constants)
-                )
-                for f in self.families
-            }
             extra = History()
-            extra.add(self.step, self.families, observed, final=True)
+            self._add_final_state(extra)
             rows += extra.rows()
         numeric = (
             "observed",
@@ -440,14 +446,8 @@ class Tracker:
 
     def detach(self) -> None:
         """Remove the hooks; the optimizer is as it was before :func:`track`."""
-        if not self.detached and self.step > 0 and self.history.last_step() != self.step:
-            observed = {
-                f: self._guard(
-                    f, "final", lambda f=f: f.module.charge(f._views("theta"), f.binding.constants)
-                )
-                for f in self.families
-            }
-            self.history.add(self.step, self.families, observed, final=True)
+        if not self.detached and self._final_state_missing():
+            self._add_final_state(self.history)
         for h in self._handles:
             h.remove()
         self._handles = []
