@@ -104,10 +104,13 @@ _MODULES: dict[str, types.ModuleType] = {}
 
 
 def generated_module(d: Derivation) -> types.ModuleType:
-    """Compile the generated code of a derivation (identical to ``generated/<name>.py``)."""
+    """Compile the generated code of a derivation (identical to ``generated/<name>.py``).
+
+    Rendered once per derivation (kept on it) and compiled once per distinct text.
+    """
     from ..codegen.render import render_module
 
-    cached = _MODULES.get(f"id:{id(d)}")
+    cached = getattr(d, "_generated_module", None)
     if cached is not None:
         return cached
     text = render_module(d)
@@ -118,7 +121,7 @@ def generated_module(d: Derivation) -> types.ModuleType:
         exec(compile(text, module.__file__, "exec"), module.__dict__)  # noqa: S102 - our own template
         sys.modules[module.__name__] = module  # importable by name (torch.compile, pickling)
         _MODULES[key] = module
-    _MODULES[f"id:{id(d)}"] = _MODULES[key]
+    d._generated_module = _MODULES[key]
     return _MODULES[key]
 
 
