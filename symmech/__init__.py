@@ -6,9 +6,19 @@ Declare a symmetry, derive, read the results:
 >>> d = symmech.derive(symmech.library.scale())
 >>> d.generator
 {theta: theta}
+
+The symbolic side (declare, derive, LaTeX, code generation) needs no torch; the names that touch
+tensors (``track``, ``bind``, ``detect``, ``check``, ``Tracker``) import torch when first used.
+The pipeline and which folder owns what: ``docs/architecture.md``.
 """
 
-from . import library
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+from .core.matrix_ops import Inner, expm
 from .derivation import Derivation, derive
 from .errors import (
     BindingError,
@@ -18,37 +28,44 @@ from .errors import (
     SpecError,
     SymmechError,
 )
-from .matrix_ops import Inner, expm
-from .runtime.attach import track
-from .runtime.binding import Binding, bind
-from .runtime.tracker import Tracker, TrackerWarning
-from .spec import Block, Constant, Symmetry, alpha, load_spec, ones
+from .spec import Block, Constant, Symmetry, alpha, library, load_spec, ones
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from .model.check import check
+    from .model.detect import detect
+    from .runtime.attach import track
+    from .runtime.binding import Binding, bind
+    from .runtime.tracker import Tracker, TrackerWarning
+
+# Names whose modules import torch: loaded on first access, so `import symmech` works without it.
+_TORCH_NAMES = {
+    "track": "symmech.runtime.attach",
+    "bind": "symmech.runtime.binding",
+    "Binding": "symmech.runtime.binding",
+    "Tracker": "symmech.runtime.tracker",
+    "TrackerWarning": "symmech.runtime.tracker",
+    "detect": "symmech.model.detect",
+    "check": "symmech.model.check",
+}
 
 
-def detect(model, example_input, loss_fn=None, confirm_batch=None, **kwargs):
-    """Find the symmetry families of a PyTorch model (see :func:`symmech.runtime.detect.detect`)."""
-    from .runtime.detect import detect as _detect
+def __getattr__(name: str) -> Any:
+    module = _TORCH_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'symmech' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-    return _detect(model, example_input, loss_fn=loss_fn, confirm_batch=confirm_batch, **kwargs)
 
-
-def check(model, batch, loss_fn=None, **kwargs):
-    """G1/G2 residuals of every detected group (see :func:`symmech.runtime.check.check`)."""
-    from .runtime.check import check as _check
-
-    return _check(model, batch, loss_fn, **kwargs)
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_TORCH_NAMES))
 
 
 __all__ = [
     "Binding",
-    "Block",
-    "Tracker",
-    "TrackerWarning",
-    "bind",
-    "check",
-    "detect",
-    "track",
     "BindingError",
+    "Block",
     "ClosureError",
     "Constant",
     "Derivation",
@@ -58,11 +75,17 @@ __all__ = [
     "SpecError",
     "SymmechError",
     "Symmetry",
+    "Tracker",
+    "TrackerWarning",
+    "__version__",
     "alpha",
+    "bind",
+    "check",
     "derive",
+    "detect",
     "expm",
     "library",
     "load_spec",
     "ones",
+    "track",
 ]
-__version__ = "0.1.0"

@@ -20,12 +20,50 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import library
+from symmech.spec.declare import Symmetry, load_spec
+
 from .derivation import derive
 from .errors import SymmechError
-from .spec import Symmetry, load_spec
+from .spec import library
 
 DEFAULT_DERIVATIONS = Path("derivations")
+DEFAULT_GENERATED = Path("generated")
+
+
+def project_folder(given: str, default: Path, verb: str) -> Path:
+    """The folder ``given`` names; when it is the default and not here, the repository's own.
+
+    The repository is the nearest parent of the working directory that holds both
+    ``derivations/`` and ``generated/`` beside a ``pyproject.toml``, else the checkout this
+    package was installed from (an editable install). Refuses, naming both, when neither has it.
+    """
+    path = Path(given)
+    if path.is_dir() or path != default:
+        return path
+    here = Path.cwd().resolve()
+    candidates = [here, *here.parents, Path(__file__).resolve().parents[1]]
+    for root in candidates:
+        if (
+            all((root / d).is_dir() for d in ("derivations", "generated"))
+            and (root / "pyproject.toml").is_file()
+        ):
+            return root / default
+    raise SymmechError(
+        f"symmech {verb}: no {default}/ folder in {here} or its parents, and this symmech was not "
+        f"installed from a checkout that has one; run it in the repository or pass the folder "
+        f"explicitly (--dir for spec files, -o for generated code)"
+    )
+
+
+def specs_in(directory: Path, verb: str) -> list[Path]:
+    """The spec files of ``directory``; an empty folder is refused (a check of nothing passes)."""
+    paths = spec_files(directory)
+    if not paths:
+        raise SymmechError(
+            f"symmech {verb}: no spec files (*.py) in {directory}/; pass --dir with the folder "
+            f"that holds them"
+        )
+    return paths
 
 
 def resolve(spec: str) -> list[Symmetry]:
@@ -68,17 +106,19 @@ def _cmd_derive(args: argparse.Namespace) -> int:
 
 
 def latex_for_file(path: Path) -> str:
-    from .latex import document_to_latex
+    from symmech.export.latex import document_to_latex
 
     return document_to_latex([derive(s) for s in load_spec(path)])
 
 
 def _cmd_latex(args: argparse.Namespace) -> int:
-    from .latex import document_to_latex
+    from symmech.export.latex import document_to_latex
 
     if args.all:
         stale = []
-        for path in spec_files(Path(args.dir)):
+        for path in specs_in(
+            project_folder(args.dir, DEFAULT_DERIVATIONS, "latex --all"), "latex --all"
+        ):
             target = path.with_suffix(".tex")
             text = latex_for_file(path)
             if args.check:
@@ -104,33 +144,44 @@ def _cmd_latex(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .codegen.render import check_generated, write_generated
+    from symmech.codegen.render import check_generated, write_generated
 
-    specs = args.specs or [str(p) for p in spec_files(Path(args.dir))]
+    verb = "generate --check" if args.check else "generate"
+    if args.specs:
+        specs = args.specs
+    else:
+        specs = [
+            str(p) for p in specs_in(project_folder(args.dir, DEFAULT_DERIVATIONS, verb), verb)
+        ]
     symmetries = [s for spec in specs for s in resolve(spec)]
+    output = (
+        project_folder(args.output, DEFAULT_GENERATED, verb)
+        if not args.specs
+        else Path(args.output)
+    )
     if args.check:
-        stale = check_generated(symmetries, Path(args.output))
+        stale = check_generated(symmetries, output)
         if stale:
             print(
                 "stale generated code (run `symmech generate`): " + ", ".join(stale),
                 file=sys.stderr,
             )
             return 1
-        print(f"{len(symmetries)} generated modules in {args.output}/ are up to date")
+        print(f"{len(symmetries)} generated modules in {output}/ are up to date")
         return 0
-    for path in write_generated(symmetries, Path(args.output)):
+    for path in write_generated(symmetries, output):
         print(f"wrote {path}")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo.run import run_demo
+    from symmech.demo.run import run_demo
 
     return run_demo(args)
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from .runtime.plots import plot_errors, plot_records, read_records_csv
+    from symmech.viz.plots import plot_errors, plot_records, read_records_csv
 
     records = read_records_csv(args.csv)
     out = Path(args.output)
@@ -143,7 +194,7 @@ def _cmd_plot(args: argparse.Namespace) -> int:
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
-    from .demo.run import detect_command
+    from symmech.demo.run import detect_command
 
     return detect_command(args)
 
@@ -173,14 +224,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate PyTorch trackers")
     p.add_argument("specs", nargs="*", help="default: every spec file in derivations/")
-    p.add_argument("-o", "--output", default="generated")
+    p.add_argument("-o", "--output", default=str(DEFAULT_GENERATED))
     p.add_argument("--check", action="store_true", help="fail when a generated file is stale")
     p.add_argument("--dir", default=str(DEFAULT_DERIVATIONS))
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("demo", help="train on digits and compare theory with training")
     try:
-        from .demo.options import add_demo_arguments
+        from symmech.demo.options import add_demo_arguments
     except ImportError:  # pragma: no cover - the demo is optional while it is being built
         add_demo_arguments = None
     if add_demo_arguments is not None:

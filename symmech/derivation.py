@@ -18,18 +18,19 @@ import numpy as np
 import sympy as sp
 from sympy.matrices.expressions import MatrixExpr, MatrixSymbol
 
-from .action_checks import (
+from symmech.core.expr_eval import evaluate_expr
+from symmech.derive.action_checks import (
     LossLike,
     check_differentiable,
     check_group_law,
     check_identity,
     check_loss_invariance,
 )
+from symmech.derive.geometry import AffineStructure, Geometry
+from symmech.derive.noether import NoetherResult, noether_charge
+from symmech.spec.declare import Block, Constant, Symmetry, alpha
+
 from .errors import NotDerivableError, SpecError, explain
-from .expr_eval import evaluate_expr
-from .geometry import AffineStructure, Geometry
-from .noether import NoetherResult, noether_charge
-from .spec import Block, Constant, Symmetry, alpha
 
 
 class Derivation:
@@ -132,7 +133,7 @@ class Derivation:
     def dynamics(self):
         """The learning-dynamics laws (see :mod:`symmech.dynamics`), derived on first access."""
         if self._dynamics is None:
-            from .dynamics import derive_dynamics
+            from symmech.laws.continuous import derive_dynamics
 
             self._dynamics = derive_dynamics(self)
         return self._dynamics
@@ -244,13 +245,13 @@ class Derivation:
     # -- export ------------------------------------------------------------------------
     def to_latex(self, standalone: bool = True) -> str:
         """A LaTeX document (or body) showing the derivation step by step."""
-        from .latex import derivation_to_latex
+        from symmech.export.latex import derivation_to_latex
 
         return derivation_to_latex(self, standalone=standalone)
 
     def summary(self) -> str:
         """Readable plain-text summary (used by ``symmech derive``)."""
-        from .report_text import derivation_summary
+        from symmech.export.text import derivation_summary
 
         return derivation_summary(self)
 

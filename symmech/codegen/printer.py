@@ -30,10 +30,10 @@ from sympy.matrices.expressions import (
 )
 from sympy.printing.pycode import PythonCodePrinter
 
-from ..data_terms import HYPER_SYMBOLS
-from ..errors import SymmechError
-from ..matrix_ops import Inner
-from ..spec import Constant
+from symmech.core.matrix_ops import Inner
+from symmech.derive.data_terms import HYPER_SYMBOLS
+from symmech.errors import SymmechError
+from symmech.spec.declare import Constant
 
 # Python names of the hyperparameter arguments of generated functions.
 HYPER_NAMES = {sym: name for name, sym in HYPER_SYMBOLS.items()}

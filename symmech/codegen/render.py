@@ -13,8 +13,9 @@ from typing import Any
 import jinja2
 import sympy as sp
 
-from ..derivation import Derivation, derive
-from ..spec import Symmetry
+from symmech.derivation import Derivation, derive
+from symmech.spec.declare import Symmetry
+
 from .printer import compile_terms
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -41,7 +42,7 @@ def _environment() -> jinja2.Environment:
 
 def module_context(d: Derivation) -> dict[str, Any]:
     """Everything the template needs, printed; laws only when the projection closes."""
-    from .. import __version__
+    from symmech._version import __version__
 
     sym = d.symmetry
     dyn = d.dynamics

@@ -36,7 +36,7 @@ from symmech.demo.models import build_model
 from symmech.demo.options import DEFAULT_MODELS, add_demo_arguments, parse_models
 from symmech.demo.progress import ProgressBar, format_progress  # noqa: F401 - re-exported
 from symmech.errors import SymmechError
-from symmech.runtime.plots import (
+from symmech.viz.plots import (
     LAWS,
     GroupHistory,
     group_histories,
@@ -430,7 +430,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def detect_command(args: argparse.Namespace) -> int:
     """``symmech detect --model NAME``: detect the model's symmetries, confirm them on a batch."""
-    from symmech.runtime.detect import SymmetryWarning, detect, format_table
+    from symmech.model.detect import SymmetryWarning, detect, format_table
 
     name = getattr(args, "model", None) or "vgg-tiny-bn"
     if isinstance(name, (list, tuple)):

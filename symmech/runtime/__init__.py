@@ -1,0 +1,1 @@
+"""The live tracker: binding blocks to parameter slices, optimizer hooks, reductions, laws, history."""

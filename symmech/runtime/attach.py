@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from ..errors import BindingError, explain
+from symmech.errors import BindingError, explain
+
 from .binding import Binding, BoundSlice, bind
 from .tracker import Schedule, Tracker, TrackerWarning
 
@@ -68,7 +69,7 @@ def track(
             model, optimizer, log_every, loss_fn, schedule, residuals
         )
     if symmetries is None:
-        from .detect import detect
+        from symmech.model.detect import detect
 
         batch = (
             example_input
@@ -118,7 +119,7 @@ def _track_detecting_on_first_step(
             raise BindingError(
                 "track(model, optimizer): the model was not called before the first step"
             )
-        from .detect import detect
+        from symmech.model.detect import detect
 
         x = captured["x"][0] if len(captured["x"]) == 1 else captured["x"]
         families = list(detect(model, x, loss_fn=loss_fn))

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from ..derivation import Derivation, derive
-from ..errors import BindingError, explain
-from ..library import BUILTIN
-from ..spec import Symmetry
+from symmech.derivation import Derivation, derive
+from symmech.errors import BindingError, explain
+from symmech.spec.declare import Symmetry
+from symmech.spec.library import BUILTIN
 
 View = tuple[int, ...] | str | None
 
@@ -108,7 +108,7 @@ def generated_module(d: Derivation) -> types.ModuleType:
 
     Rendered once per derivation (kept on it) and compiled once per distinct text.
     """
-    from ..codegen.render import render_module
+    from symmech.codegen.render import render_module
 
     cached = getattr(d, "_generated_module", None)
     if cached is not None:

@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 
-from ..closure import optimizer_closure, unsupported_optimizer_reason
-from ..data_terms import sgd_case
-from ..errors import BindingError, explain
+from symmech.derive.closure import optimizer_closure, unsupported_optimizer_reason
+from symmech.derive.data_terms import sgd_case
+from symmech.errors import BindingError, explain
+
 from .binding import Binding
 from .history import History
 from .reductions import GridSlice, ReductionCache
@@ -440,7 +441,7 @@ class Tracker:
         self.history.to_csv(self.records(), path)
 
     def plot(self, path, title: str | None = None):
-        from .plots import plot_records
+        from symmech.viz.plots import plot_records
 
         return plot_records(self.records(), path, title=title)
 

@@ -1,0 +1,328 @@
+"""Learning dynamics projected onto the generator: gradient flow, the first-order modified
+flow (M1) and the momentum flow (M2) as closed ODEs in Q with their integral solutions.
+
+Time is t = Σ ηₖ. For ``torch.optim.SGD(lr=η, momentum=β, weight_decay=λ)``:
+
+* gradient flow θ̇ = −g:                 Q̇ = −⟨ξ, g⟩ = 0 (G1);
+* M1 (β = 0) θ̇ + λθ = −g − (η/2)Hg:     Q̇ + κλQ = (η/2) gᵀJg;
+* M2 m θ̈ + (1−β)θ̇ + (1−τ)(λθ + g) = 0, m = η(1+β)/2:  m Q̈ + (1−β)Q̇ + (1−τ)κλQ = m θ̇ᵀJθ̇
+  (dampening τ = 0 gives the equation of the paper).
+
+>>> import symmech
+>>> dyn = symmech.derive(symmech.library.scale()).dynamics
+>>> dyn.kappa
+2
+>>> dyn.first_order.ode
+Eq(2*lambda*Q(t) + Derivative(Q(t), t), eta*<grad_theta, grad_theta>/2)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import sympy as sp
+
+from symmech.derive.closure import Closure, optimizer_closure, structural_closure
+from symmech.derive.data_terms import (
+    HYPER_SYMBOLS,
+    DataTerms,
+    beta,
+    derive_data_terms,
+    eta,
+    lam,
+    tau,
+)
+from symmech.errors import ClosureError, explain
+
+if TYPE_CHECKING:
+    from symmech.derivation import Derivation
+
+t, s = sp.symbols("t s", nonnegative=True)
+Q = sp.Function("Q")
+F = sp.Function("F")
+Q0, Qdot0 = sp.symbols("Q_0 Qdot_0", real=True)
+m_sym = sp.Symbol("m", positive=True)
+
+
+class TeX(str):
+    """A formula already written in LaTeX (a derivation step that SymPy cannot express)."""
+
+
+@dataclass
+class Law:
+    """One law: its ODE or recurrence, its solution, the data it needs and how it was derived."""
+
+    name: str
+    title: str
+    ode: Any
+    solution: Any
+    data: dict[str, sp.Expr]
+    initial_conditions: list[sp.Eq] = field(default_factory=list)
+    steps: list[tuple[str, Any]] = field(default_factory=list)  # (explanation, expression)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _closure_tex(closure: Closure, derivation: Derivation) -> TeX:
+    q = derivation.conserved
+    return TeX(
+        rf"\langle\xi, \theta\rangle = {sp.latex(closure.xi_dot_theta)} = {sp.latex(closure.kappa)}"
+        rf"\cdot\left({sp.latex(q)}\right) = \kappa Q"
+    )
+
+
+def _projection_steps_first_order(derivation: Derivation, closure: Closure, dt: DataTerms) -> list:
+    g = derivation.geometry
+    return [
+        (
+            "Project θ̇ + λθ = −g − (η/2)Hg onto ξ (J symmetric, so Q̇ = ⟨ξ, θ̇⟩)",
+            TeX(
+                r"\dot{Q} = -\langle\xi, g\rangle - \lambda\langle\xi,\theta\rangle - \tfrac{\eta}{2}\langle\xi, Hg\rangle"
+            ),
+        ),
+        ("G1: ⟨ξ, g⟩ vanishes", sp.Eq(g.gradient_constraint, 0)),
+        ("Closure: ⟨ξ, θ⟩ = κQ", _closure_tex(closure, derivation)),
+        (
+            "G2 turns ⟨ξ, Hg⟩ = ⟨Hξ, g⟩ = −⟨Dξᵀg, g⟩ into −gᵀJg",
+            TeX(r"\langle \xi, H g\rangle = " + sp.latex(-dt.gJg)),
+        ),
+    ]
+
+
+def _first_order(derivation: Derivation, closure: Closure, dt: DataTerms) -> Law:
+    kappa = closure.kappa
+    ode = sp.Eq(Q(t).diff(t) + kappa * lam * Q(t), eta / 2 * dt.gJg)
+    solution = sp.Eq(
+        Q(t),
+        sp.exp(-kappa * lam * t) * Q0
+        + eta / 2 * sp.Integral(sp.exp(-kappa * lam * (t - s)) * F(s), (s, 0, t)),
+    )
+    return Law(
+        "first_order",
+        "First-order modified flow (SGD without momentum)",
+        ode,
+        solution,
+        {"F": dt.gJg},
+        [sp.Eq(Q(0), Q0)],
+        _projection_steps_first_order(derivation, closure, dt),
+        {"forcing": sp.Eq(F(s), dt.gJg)},
+    )
+
+
+def green_kernels(kappa: sp.Expr) -> dict[str, dict[str, sp.Expr]]:
+    """Roots, Green's kernel G (m G'' + (1−β)G' + κλG = δ) and homogeneous solution per regime."""
+    gamma = (1 - beta) / m_sym
+    k = (1 - tau) * kappa * lam / m_sym
+    disc = sp.sqrt(gamma**2 - 4 * k)
+    r_plus, r_minus = (-gamma + disc) / 2, (-gamma - disc) / 2
+    a = -gamma / 2
+    omega = sp.Symbol("omega", positive=True)
+    r = sp.Symbol("r", negative=True)
+    rp, rm = sp.symbols("r_+ r_-", real=True)
+    over_h = ((Qdot0 - rm * Q0) * sp.exp(rp * t) - (Qdot0 - rp * Q0) * sp.exp(rm * t)) / (rp - rm)
+    return {
+        "overdamped": {
+            "condition": sp.Gt((1 - beta) ** 2, 4 * m_sym * (1 - tau) * kappa * lam),
+            "roots": {rp: r_plus, rm: r_minus},
+            "G": (sp.exp(rp * t) - sp.exp(rm * t)) / (m_sym * (rp - rm)),
+            "Q_h": over_h,
+        },
+        "critical": {
+            "condition": sp.Eq((1 - beta) ** 2, 4 * m_sym * (1 - tau) * kappa * lam),
+            "roots": {r: a},
+            "G": t * sp.exp(r * t) / m_sym,
+            "Q_h": (Q0 + (Qdot0 - r * Q0) * t) * sp.exp(r * t),
+        },
+        "underdamped": {
+            "condition": sp.Lt((1 - beta) ** 2, 4 * m_sym * (1 - tau) * kappa * lam),
+            "roots": {sp.Symbol("a"): a, omega: sp.sqrt(4 * k - gamma**2) / 2},
+            "G": sp.exp(sp.Symbol("a") * t) * sp.sin(omega * t) / (m_sym * omega),
+            "Q_h": sp.exp(sp.Symbol("a") * t)
+            * (Q0 * sp.cos(omega * t) + (Qdot0 - sp.Symbol("a") * Q0) / omega * sp.sin(omega * t)),
+        },
+    }
+
+
+def _second_order(derivation: Derivation, closure: Closure, dt: DataTerms) -> Law:
+    kappa = closure.kappa
+    m_value = eta * (1 + beta) / 2
+    ode = sp.Eq(
+        m_sym * Q(t).diff(t, 2) + (1 - beta) * Q(t).diff(t) + (1 - tau) * kappa * lam * Q(t),
+        m_sym * F(t),
+    )
+    kernel = sp.Function("G")
+    solution = sp.Eq(
+        Q(t), sp.Function("Q_h")(t) + sp.Integral(kernel(t - s) * m_sym * F(s), (s, 0, t))
+    )
+    g = derivation.geometry
+    steps = [
+        (
+            "Project m θ̈ + (1−β)θ̇ + λθ = −g onto ξ; with J symmetric, Q̇ = ⟨ξ, θ̇⟩ and Q̈ = ⟨ξ, θ̈⟩ + θ̇ᵀJθ̇",
+            TeX(
+                r"m\ddot{Q} = -(1-\beta)\dot{Q} - \lambda\langle\xi,\theta\rangle - \langle\xi, g\rangle + m\,\dot\theta^{\top}J\dot\theta"
+            ),
+        ),
+        ("G1: ⟨ξ, g⟩ vanishes", sp.Eq(g.gradient_constraint, 0)),
+        ("Closure: ⟨ξ, θ⟩ = κQ", _closure_tex(closure, derivation)),
+        ("Forcing: θ̇ at step k is measured as −uₖ, so F = uₖᵀJuₖ", sp.Eq(F(s), dt.uJu["sgd"])),
+    ]
+    ics = [sp.Eq(Q(0), Q0), TeX(r"\dot{Q}(0) = \dot{Q}_0 = -\langle\xi_0, u_0\rangle")]
+    return Law(
+        "second_order",
+        "Second-order modified flow (SGD with momentum)",
+        ode,
+        solution,
+        {"F": dt.uJu["sgd"]},
+        ics,
+        steps,
+        {"m": sp.Eq(m_sym, m_value), "kernels": green_kernels(kappa)},
+    )
+
+
+def _gradient_flow(derivation: Derivation, dt: DataTerms) -> Law:
+    return Law(
+        "gradient_flow",
+        "Gradient flow",
+        sp.Eq(Q(t).diff(t), -derivation.gradient_constraint),
+        sp.Eq(Q(t), Q0),
+        {},
+        [sp.Eq(Q(0), Q0)],
+        [("G1: Q̇ = ⟨∇Q, θ̇⟩ = −⟨ξ, g⟩ = 0", sp.Eq(derivation.gradient_constraint, 0))],
+    )
+
+
+class Dynamics:
+    """All laws of one derivation (needs an affine generator with a closing projection)."""
+
+    def __init__(self, derivation: Derivation) -> None:
+        self.derivation = derivation
+        g = derivation.geometry
+        self.structural = structural_closure(g, derivation.conserved, derivation.why_no_conserved)
+        self._data: DataTerms | None = None
+        if derivation.conserved is not None and g.affine.is_affine:
+            self._data = derive_data_terms(g, derivation.conserved)
+        self._laws: dict[str, Law] = {}
+
+    # -- closure ---------------------------------------------------------------------
+    @property
+    def closes(self) -> bool:
+        return self.structural.closes
+
+    @property
+    def why_not_closed(self) -> str:
+        return self.structural.why
+
+    @property
+    def kappa(self) -> sp.Expr:
+        self.structural.require(f"{self.derivation.name}.dynamics.kappa")
+        return self.structural.kappa  # type: ignore[return-value]
+
+    def closure_for(self, optimizer: str = "SGD", weight_decay=None, lr=None) -> Closure:
+        """The verdict for an optimizer name and per-block hyperparameters ({block: value})."""
+        return optimizer_closure(
+            self.structural, self.derivation.geometry, optimizer, weight_decay, lr
+        )
+
+    # -- data ------------------------------------------------------------------------
+    @property
+    def data_terms(self) -> DataTerms:
+        if self._data is None:
+            raise ClosureError(
+                explain(f"{self.derivation.name}.dynamics.data_terms", self.structural.why)
+            )
+        return self._data
+
+    def _law(self, name: str) -> Law:
+        self.structural.require(f"{self.derivation.name}.dynamics.{name}")
+        if name not in self._laws:
+            dt = self.data_terms
+            if name == "gradient_flow":
+                self._laws[name] = _gradient_flow(self.derivation, dt)
+            elif name == "first_order":
+                self._laws[name] = _first_order(self.derivation, self.structural, dt)
+            elif name == "second_order":
+                self._laws[name] = _second_order(self.derivation, self.structural, dt)
+            else:
+                from .discrete import discrete_law
+
+                self._laws[name] = discrete_law(self.derivation, self.structural, dt)
+        return self._laws[name]
+
+    @property
+    def gradient_flow(self) -> Law:
+        return self._law("gradient_flow")
+
+    @property
+    def first_order(self) -> Law:
+        return self._law("first_order")
+
+    @property
+    def second_order(self) -> Law:
+        return self._law("second_order")
+
+    @property
+    def discrete(self) -> Law:
+        """The exact step-by-step law of torch.optim.SGD (see :mod:`symmech.discrete`)."""
+        return self._law("discrete")
+
+    @property
+    def laws(self) -> dict[str, Law]:
+        return {
+            n: self._law(n) for n in ("gradient_flow", "first_order", "second_order", "discrete")
+        }
+
+    # -- evaluation helpers for Derivation.evaluate ------------------------------------
+    def evaluable(self) -> dict[str, sp.Expr]:
+        if self._data is None:
+            return {}
+        return {f"data:{k}": v for k, v in self._data.as_dict().items()}
+
+    def symbols_by_name(self) -> dict[str, sp.Basic]:
+        out: dict[str, sp.Basic] = dict(HYPER_SYMBOLS)
+        if self._data is not None:
+            out.update({s.name: s for s in self._data.buf.values()})
+        return out
+
+    # -- export ----------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        """Everything for other tools: κ, J, c, laws, data terms, closure verdict."""
+        d = self.derivation
+        aff = d.affine
+        out: dict[str, Any] = {
+            "symmetry": d.name,
+            "blocks": [b.name for b in d.blocks],
+            "generator": {b.name: sp.sstr(x) for b, x in d.generator.items()},
+            "conserved": sp.sstr(d.conserved) if d.conserved is not None else None,
+            "why_no_conserved": d.why_no_conserved or None,
+            "affine": aff.is_affine,
+            "J_symmetric": aff.is_symmetric,
+            "J": {b.name: sp.sstr(v) for b, v in aff.J_apply.items()},
+            "c": {b.name: sp.sstr(v) for b, v in aff.offset.items()},
+            "closure": {"closes": self.closes, "kappa": None, "why": self.why_not_closed or None},
+        }
+        if not self.closes:
+            return out
+        out["closure"]["kappa"] = str(self.kappa)
+        out["data_terms"] = {k: sp.sstr(v) for k, v in self.data_terms.as_dict().items()}
+        laws = {}
+        for name, law in self.laws.items():
+            laws[name] = {
+                "title": law.title,
+                "ode": sp.sstr(law.ode)
+                if not isinstance(law.ode, list)
+                else [sp.sstr(e) for e in law.ode],
+                "solution": sp.sstr(law.solution)
+                if not isinstance(law.solution, list)
+                else [sp.sstr(e) for e in law.solution],
+                "latex": sp.latex(law.ode)
+                if not isinstance(law.ode, list)
+                else [sp.latex(e) for e in law.ode],
+                "data": {k: sp.sstr(v) for k, v in law.data.items()},
+                "initial_conditions": [sp.sstr(e) for e in law.initial_conditions],
+            }
+        out["laws"] = laws
+        return out
+
+
+def derive_dynamics(derivation: Derivation) -> Dynamics:
+    return Dynamics(derivation)

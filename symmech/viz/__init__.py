@@ -1,0 +1,1 @@
+"""Figures of a tracker's records: theory (dashed) vs. observed (solid), and errors."""
