@@ -1,32 +1,44 @@
-"""Torch implementations of the built-in group actions on slices of a model's parameters.
+"""Group actions on slices of a model's parameters, evaluated from the symmetry's spec.
 
-A detected symmetry is a :class:`Family` of one-parameter groups. Group ``j`` of a family is
-slice ``j`` of every :class:`BlockSlice` of every block; the groups of one family act on disjoint
-entries, so the whole family can be moved at once with one α per group:
+A detected (or hand-bound) symmetry is a :class:`Family` of one-parameter groups. Group ``j`` of a
+family is slice ``j`` of every :class:`BlockSlice` of every block; the groups of one family act on
+disjoint entries, so the whole family can be moved at once with one α per group.
 
-* ``translation``: θ_A ↦ θ_A + α (identity 0);
-* ``scale``: θ_A ↦ α θ_A (identity 1);
-* ``rescale``: (θ_1, θ_2) ↦ (α θ_1, α⁻¹ θ_2) (identity 1);
-* ``quadratic_rescale``: (θ_1, θ_2) ↦ (α θ_1, α⁻² θ_2) (identity 1), around x ↦ x².
+No action is written here: a family carries its :class:`~symmech.spec.declare.Symmetry` (``spec``,
+or a name in the registry :data:`symmech.spec.library.BUILTIN`) and the values of its constants
+(``constants``, e.g. the matrix E of ``linear_pair``). :func:`apply_action` gathers each group's
+slices into the spec's block matrices (a vector block is the group's entries as one column; the
+slices of a matrix block are stacked as rows) and evaluates ψ(θ, α) with the torch backend of
+:func:`symmech.core.expr_eval.evaluate_expr`, vectorised over the groups by ``torch.func.vmap``.
+The generator ξ = ∂ψ/∂α at the identity is ``torch.func.jvp`` of that (:func:`generator`).
 
-:func:`apply_action` is ψ(θ, α) written with differentiable torch operations, so the generator
-ξ = ∂ψ/∂α at the identity comes from ``torch.func.jvp`` (see :func:`generator`) and is never
-hand-coded.
+>>> import torch
+>>> fam = Family("rescale", "a → relu → b",
+...              {"theta_1": [BlockSlice("a", 0)], "theta_2": [BlockSlice("b", 1)]}, 2)
+>>> p = {"a": torch.tensor([[1.0], [2.0]]), "b": torch.tensor([[3.0, 4.0]])}
+>>> apply_action(p, fam, torch.tensor([2.0, 0.5]))["b"]
+tensor([[1.5000, 8.0000]])
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor, nn
 
+from symmech.core.expr_eval import evaluate_expr
+from symmech.spec.declare import Block, Constant, Symmetry
+from symmech.spec.declare import alpha as ALPHA
+from symmech.spec.library import BUILTIN
+
 __all__ = [
-    "ACTIONS",
     "BlockSlice",
     "DetectionResult",
     "Family",
+    "SpecAction",
     "Square",
     "SymmetryWarning",
     "apply_action",
@@ -36,6 +48,8 @@ __all__ = [
     "group_sum",
     "identity",
     "slice_view",
+    "spec_action",
+    "spec_of",
     "validate_family",
 ]
 
@@ -45,17 +59,23 @@ class BlockSlice:
     """One parameter tensor cut into groups: group ``j`` is slice ``j`` along ``dim``.
 
     ``view`` reshapes the tensor first (e.g. a Linear weight after a Flatten is seen as
-    ``(out, C, H*W)`` with ``dim=1``); ``dim=None`` makes the whole tensor one group.
+    ``(out, C, H*W)`` with ``dim=1``), or ``"T"`` transposes a matrix (a Linear weight W = Uᵀ
+    bound to a matrix block U); ``dim=None`` makes the whole tensor one group.
     """
 
     param: str
     dim: int | None
-    view: tuple[int, ...] | None = None
+    view: tuple[int, ...] | str | None = None
 
 
 @dataclass
 class Family:
-    """One detected family of symmetry groups of the same kind on the same layer(s)."""
+    """One family of symmetry groups of the same kind on the same layer(s).
+
+    ``symmetry`` is a name in :data:`symmech.spec.library.BUILTIN`, or a :class:`Symmetry` (then
+    ``spec`` becomes it and ``symmetry`` its name). ``blocks`` maps each block name of the spec
+    to its parameter slices, ``constants`` each constant name of the spec to its value.
+    """
 
     symmetry: str
     layer: str
@@ -63,6 +83,17 @@ class Family:
     n_groups: int
     confirmed: bool | None = None
     reason: str = ""
+    spec: Symmetry | None = field(default=None, compare=False)
+    constants: dict[str, Tensor] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.symmetry, Symmetry):
+            self.spec, self.symmetry = self.symmetry, self.symmetry.name
+        elif self.spec is not None and self.spec.name != self.symmetry:
+            raise ValueError(
+                f"Family({self.symmetry!r}, spec={self.spec.name!r}): the name differs from "
+                "the spec's name; pass the Symmetry as the first argument"
+            )
 
 
 class SymmetryWarning(UserWarning):
@@ -78,23 +109,6 @@ class DetectionResult(list[Family]):
         self.notes = notes
 
 
-@dataclass(frozen=True)
-class _Action:
-    """How a symmetry moves each of its blocks: additive, or multiplicative by α**power."""
-
-    identity: float
-    powers: Mapping[str, int | None]  # block -> power of α (None: additive)
-
-
-#: The built-in actions, by the ``Family.symmetry`` name.
-ACTIONS: dict[str, _Action] = {
-    "translation": _Action(0.0, {"theta": None}),
-    "scale": _Action(1.0, {"theta": 1}),
-    "rescale": _Action(1.0, {"theta_1": 1, "theta_2": -1}),
-    "quadratic_rescale": _Action(1.0, {"theta_1": 1, "theta_2": -2}),
-}
-
-
 class Square(nn.Module):
     """x ↦ x², the activation of a quadratic network (positively homogeneous of degree 2)."""
 
@@ -102,19 +116,75 @@ class Square(nn.Module):
         return torch.square(x)
 
 
-def _action(family: Family) -> _Action:
-    try:
-        return ACTIONS[family.symmetry]
-    except KeyError:
-        valid = ", ".join(repr(k) for k in ACTIONS)
+# ----------------------------------------------------------------------------- the spec
+
+
+class SpecAction:
+    """What the torch side needs from a spec: blocks, images, identity, and facts read from it."""
+
+    def __init__(self, spec: Symmetry) -> None:
+        self.spec = spec
+        self.identity = float(spec.identity)
+        used = {s for im in spec.action.values() for s in im.atoms(Block)}
+        #: the blocks a family must bind: moved ones and those an image reads
+        self.blocks = {b.name: b for b in spec.blocks if b in spec.action or b in used}
+        self.optional = {b.name for b in spec.blocks} - set(self.blocks)  # fixed, never read
+        self.images = {b.name: im for b, im in spec.action.items()}
+        self.constants: dict[str, Constant] = {c.name: c for c in spec.constants}
+
+    @cached_property
+    def multiplies_by_alpha(self) -> bool:
+        """ψ(θ, α) = αθ on every block, so a layer output fed by the blocks scales by α."""
+        return all(im == ALPHA * self.blocks[name] for name, im in self.images.items())
+
+    @cached_property
+    def constant_generator(self) -> bool:
+        """ξ does not depend on θ (Dξ = 0, as for translation): the affine structure has J = 0."""
+        from symmech.derivation import derive
+
+        try:
+            affine = derive(self.spec).affine
+        except Exception:  # noqa: BLE001 - a spec the engine cannot read: assume Dξ ≠ 0
+            return False
+        return affine.is_affine and not affine.has_linear_part
+
+    def is_vector(self, name: str) -> bool:
+        return bool(self.blocks[name].shape[1] == 1)
+
+
+_COMPILED: dict[tuple, SpecAction] = {}
+
+
+def spec_of(family: Family) -> Symmetry:
+    """The family's :class:`Symmetry`: its ``spec``, else the registry entry of its name."""
+    if family.spec is not None:
+        return family.spec
+    if family.symmetry not in BUILTIN:
+        valid = ", ".join(repr(k) for k in BUILTIN)
         raise ValueError(
-            f"Family(symmetry={family.symmetry!r}): unknown symmetry; valid names are {valid}"
-        ) from None
+            f"Family(symmetry={family.symmetry!r}): unknown symmetry; valid names are {valid}, "
+            "or give the family a symmech.Symmetry"
+        )
+    return BUILTIN[family.symmetry]()
+
+
+def spec_action(family: Family) -> SpecAction:
+    """The :class:`SpecAction` of the family's spec (built once per distinct spec)."""
+    spec = spec_of(family)
+    key = (repr(spec), tuple((c.name, c.structure) for c in spec.constants))
+    if key not in _COMPILED:
+        _COMPILED[key] = SpecAction(spec)
+    return _COMPILED[key]
+
+
+# ----------------------------------------------------------------------------- slices
 
 
 def slice_view(tensor: Tensor, piece: BlockSlice) -> Tensor:
-    """``tensor`` reshaped by ``piece.view`` (a view, not a copy, for contiguous tensors)."""
-    return tensor.reshape(piece.view) if piece.view is not None else tensor
+    """``tensor`` reshaped (or transposed, ``view="T"``) by ``piece.view``."""
+    if piece.view is None:
+        return tensor
+    return tensor.mT if piece.view == "T" else tensor.reshape(piece.view)
 
 
 def _count(tensor: Tensor, piece: BlockSlice) -> int:
@@ -130,14 +200,39 @@ def family_params(family: Family) -> list[str]:
     return list(names)
 
 
+def _check_constants(family: Family, action: SpecAction) -> None:
+    where = f"Family({family.layer!r})"
+    missing = sorted(set(action.constants) - set(family.constants))
+    if missing:
+        raise ValueError(
+            f"{where}: the {action.spec.name} spec needs the constants {missing}; "
+            f"give constants={{{missing[0]!r}: tensor, ...}}"
+        )
+    for name, c in action.constants.items():
+        value = family.constants[name]
+        if not isinstance(value, Tensor) or value.ndim != 2:
+            raise ValueError(f"{where}: constant {name!r} must be a 2-D tensor, got {value!r}")
+        sign = {"symmetric": 1.0, "antisymmetric": -1.0}.get(c.structure)
+        if sign is not None:
+            gap = float((value - sign * value.mT).abs().max()) if value.numel() else 0.0
+            if value.shape[0] != value.shape[1] or gap > 1e-12 * max(float(value.abs().max()), 1):
+                raise ValueError(
+                    f"{where}: constant {name!r} must be {c.structure} (the spec says so), "
+                    f"got shape {tuple(value.shape)} with |E - {sign:+g}·Eᵀ| = {gap:.1e}"
+                )
+
+
 def validate_family(family: Family, params: Mapping[str, Tensor]) -> None:
-    """Raise ``ValueError`` naming the problem when a family does not fit the parameters."""
-    action = _action(family)
-    if set(family.blocks) != set(action.powers):
+    """Raise ``ValueError`` naming the problem when a family does not fit its spec or the model."""
+    action = spec_action(family)
+    given, needed = set(family.blocks), set(action.blocks)
+    if not needed <= given or not given <= needed | action.optional:
         raise ValueError(
             f"Family({family.layer!r}): a {family.symmetry} family has blocks "
-            f"{sorted(action.powers)}, got {sorted(family.blocks)}"
+            f"{sorted(needed)}, got {sorted(family.blocks)}"
         )
+    _check_constants(family, action)
+    seen: set[str] = set()
     for block, pieces in family.blocks.items():
         for piece in pieces:
             if piece.param not in params:
@@ -145,8 +240,19 @@ def validate_family(family: Family, params: Mapping[str, Tensor]) -> None:
                     f"Family({family.layer!r}): block {block!r} names parameter {piece.param!r}, "
                     "which the model does not have"
                 )
+            if piece.param in seen:
+                raise ValueError(
+                    f"Family({family.layer!r}): parameter {piece.param!r} appears in two slices; "
+                    "each parameter may be named once per family"
+                )
+            seen.add(piece.param)
             tensor = params[piece.param]
-            if piece.view is not None and tensor.numel() != torch.Size(piece.view).numel():
+            if piece.view == "T" and tensor.ndim != 2:
+                raise ValueError(
+                    f"Family({family.layer!r}): view 'T' needs a matrix, {piece.param} has "
+                    f"shape {tuple(tensor.shape)}"
+                )
+            if isinstance(piece.view, tuple) and tensor.numel() != torch.Size(piece.view).numel():
                 raise ValueError(
                     f"Family({family.layer!r}): view {piece.view} does not fit "
                     f"{piece.param} of shape {tuple(tensor.shape)}"
@@ -157,38 +263,69 @@ def validate_family(family: Family, params: Mapping[str, Tensor]) -> None:
                     f"Family({family.layer!r}): {piece.param} (dim={piece.dim}) gives {n} "
                     f"groups, but the family has n_groups={family.n_groups}"
                 )
+            if not action.is_vector(block) and slice_view(tensor, piece).ndim != (
+                2 if piece.dim is None else 3
+            ):
+                raise ValueError(
+                    f"Family({family.layer!r}): block {block!r} is a matrix, but one group of "
+                    f"{piece.param} (shape {tuple(tensor.shape)}, view={piece.view}, "
+                    f"dim={piece.dim}) is not 2-D"
+                )
 
 
 def identity(family: Family, like: Tensor) -> Tensor:
-    """The identity element e, one per group, with the dtype and device of ``like``."""
-    value = _action(family).identity
+    """The identity element e of the spec, one per group, with the dtype and device of ``like``."""
+    value = spec_action(family).identity
     return torch.full((family.n_groups,), value, dtype=like.dtype, device=like.device)
 
 
-def _broadcast(alpha: Tensor, ndim: int, dim: int | None) -> Tensor:
-    if dim is None:
-        return alpha.reshape(())
-    shape = [1] * ndim
-    shape[dim] = -1
-    return alpha.reshape(shape)
+# ----------------------------------------------------------------------------- ψ and ξ
+
+
+def _groups(tensor: Tensor, piece: BlockSlice, vector: bool) -> Tensor:
+    """The piece as (groups, rows, cols): each group's slice, flattened to a column if ``vector``."""
+    viewed = slice_view(tensor, piece)
+    per = viewed.unsqueeze(0) if piece.dim is None else viewed.movedim(piece.dim, 0)
+    return per.reshape(per.shape[0], -1, 1) if vector else per
+
+
+def _ungroup(moved: Tensor, tensor: Tensor, piece: BlockSlice) -> Tensor:
+    """Inverse of :func:`_groups`: the moved groups back in the parameter's own shape."""
+    viewed = slice_view(tensor, piece)
+    per = viewed.unsqueeze(0) if piece.dim is None else viewed.movedim(piece.dim, 0)
+    back = moved.reshape(per.shape)
+    back = back.squeeze(0) if piece.dim is None else back.movedim(0, piece.dim)
+    if piece.view == "T":
+        return back.mT
+    return back.reshape(tensor.shape)
 
 
 def apply_action(params: Mapping[str, Tensor], family: Family, alpha: Tensor) -> dict[str, Tensor]:
     """ψ(θ, α): a new dict where each group ``j`` of ``family`` is moved by ``alpha[j]``.
 
-    Out of place and differentiable in both ``params`` and ``alpha``; entries the family does not
-    touch are passed through unchanged (the same tensor objects).
+    Out of place and differentiable in both ``params`` and ``alpha``; entries the family does
+    not move are passed through unchanged (the same tensor objects).
     """
-    action = _action(family)
-    out = dict(params)
+    action = spec_action(family)
+    like = params[family_params(family)[0]]
+    consts = {action.constants[n]: family.constants[n].to(like) for n in action.constants}
+    mats, rows = {}, {}
     for block, pieces in family.blocks.items():
-        power = action.powers[block]
-        for piece in pieces:
-            tensor = out[piece.param]
-            viewed = slice_view(tensor, piece)
-            a = _broadcast(alpha, viewed.ndim, piece.dim)
-            moved = viewed + a if power is None else viewed * a**power
-            out[piece.param] = moved.reshape(tensor.shape)
+        if block not in action.blocks:
+            continue
+        parts = [_groups(params[p.param], p, action.is_vector(block)) for p in pieces]
+        rows[block] = [t.shape[1] for t in parts]
+        mats[block] = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def one_group(blocks: dict[str, Tensor], a: Tensor) -> dict[str, Tensor]:
+        env = {action.blocks[n]: t for n, t in blocks.items()} | consts | {ALPHA: a}
+        return {n: evaluate_expr(im, env, "torch", like=a) for n, im in action.images.items()}
+
+    images = torch.func.vmap(one_group)(mats, alpha.to(like))
+    out = dict(params)
+    for block, image in images.items():
+        for piece, part in zip(family.blocks[block], image.split(rows[block], dim=1), strict=True):
+            out[piece.param] = _ungroup(part, params[piece.param], piece)
     return out
 
 

@@ -1,7 +1,7 @@
 """The geometric identities G1 and G2 of each detected family, measured on a real model.
 
 For a family with action ψ(θ, α) the generator ξ = ∂ψ/∂α at α = e comes from ``torch.func.jvp``
-of the torch action (:func:`symmech.runtime.actions.generator`), never from a formula. Then, in
+of the torch action evaluated from the spec (:func:`.actions.generator`), never from a formula. Then, in
 float64 on one batch:
 
 * G1, per group j: ⟨g, ξ_j⟩ = 0. Reported as max_j |⟨g, ξ_j⟩| / (|g_j| |ξ_j|), with g_j the
@@ -9,8 +9,13 @@ float64 on one batch:
 * G2: H ξ + Dξᵀ g = 0, for ξ = Σ_j c_j ξ_j with random c (a combination of all groups, one
   Hessian-vector product per family). H ξ is a forward-over-reverse product (jvp of grad, falling
   back to reverse-over-reverse), Dξᵀ g a vjp of θ ↦ ξ(θ) against g. Reported as
-  |H ξ + Dξᵀ g| / (|H ξ| + |Dξᵀ g|); when Dξ = 0 (translation) the denominator is |H ξ̃| for a
-  random ξ̃ of the same size on the same entries, since then both terms of the sum vanish.
+  |H ξ + Dξᵀ g| / (|H ξ| + |Dξᵀ g|); when Dξ = 0 (the spec's affine part J is 0, as for
+  translation) the denominator is |H ξ̃| for a random ξ̃ of the same size on the same entries,
+  since then both terms of the sum vanish.
+
+H ξ differentiates the loss twice. ``F.scaled_dot_product_attention`` picks fused kernels whose
+backward has no derivative (flash attention on CPU), so :func:`check` runs under the math
+kernel, made of ordinary differentiable operations (:func:`math_attention`).
 
 A normalisation layer's eps breaks scale symmetry by a known amount: for BatchNorm
 ⟨g, θ_c⟩ = Σ_u ε/(σ_u² + ε)·S_u exactly (see :mod:`.confirm`). ``eps_bound`` reports that
@@ -21,16 +26,17 @@ round-off when the eps mechanism is the only break. Likewise ``g2_minus_eps`` su
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .actions import Family, family_params, generator, group_sum, validate_family
+from .actions import Family, family_params, generator, group_sum, spec_action, validate_family
 from .confirm import Evaluator, evaluation_mode, norm_stats
 
-__all__ = ["check", "format_check", "hvp"]
+__all__ = ["check", "format_check", "hvp", "math_attention"]
 
 _TINY = 1e-300
 
@@ -43,6 +49,19 @@ def hvp(f: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor],
     except (RuntimeError, NotImplementedError):  # an op without a forward-mode rule
         _, pullback = torch.func.vjp(torch.func.grad(f), params)
         return pullback(v)[0]
+
+
+@contextmanager
+def math_attention() -> Iterator[None]:
+    """Run ``F.scaled_dot_product_attention`` with its math kernel (twice differentiable)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: no kernel selection, nothing to change
+        context = nullcontext()
+    else:
+        context = sdpa_kernel(SDPBackend.MATH)
+    with context:
+        yield
 
 
 def _norm(values: Mapping[str, Tensor]) -> Tensor:
@@ -77,7 +96,7 @@ def _g2(
     dxi_g = pullback({n: g[n] for n in names})[0]
     total = {n: h_xi[n] + dxi_g[n] if n in dxi_g else h_xi[n] for n in h_xi}
     left = total if eps_part is None else {n: t - eps_part[n] for n, t in total.items()}
-    if fam.symmetry != "translation":
+    if not spec_action(fam).constant_generator:
         den = max(float(_norm(h_xi) + _norm(dxi_g)), _TINY)
         return float(_norm(total)) / den, float(_norm(left)) / den, "|Hξ|+|Dξᵀg|"
     probe = {n: torch.randn(xi[n].shape, generator=gen, dtype=torch.float64) for n in names}
@@ -122,7 +141,7 @@ def check(
         raise ValueError(f"check(mode={mode!r}): mode must be 'train' or 'as_is'")
     gen = torch.Generator().manual_seed(seed)
     rows: list[dict[str, Any]] = []
-    with evaluation_mode(model, train=mode == "train"):
+    with evaluation_mode(model, train=mode == "train"), math_attention():
         ev = Evaluator(model, batch, loss_fn, seed)
         live = {n: p.clone().requires_grad_(True) for n, p in ev.params.items()}
         _, stats = norm_stats(ev, families, params=live, create_graph=True)

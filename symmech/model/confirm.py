@@ -39,6 +39,7 @@ from .actions import (
     family_params,
     group_sum,
     identity,
+    spec_action,
     validate_family,
 )
 
@@ -142,6 +143,15 @@ def _unit_stats(
     return var, prod.transpose(0, 1).reshape(c, -1).sum(dim=1).reshape(c, 1)
 
 
+def _scales_output(family: Family) -> bool:
+    """The spec multiplies every block by α (ψ = αθ), so a layer it covers has its output
+    scaled by α: what a following normalisation's eps turns into a small, predictable break."""
+    try:
+        return spec_action(family).multiplies_by_alpha
+    except ValueError:  # an unknown symmetry: validate_family reports it per family
+        return False
+
+
 def norm_stats(
     ev: Evaluator,
     families: list[Family],
@@ -150,15 +160,16 @@ def norm_stats(
 ) -> tuple[Tensor, dict[int, NormStats]]:
     """The base loss and, for every scale family that feeds a normalisation layer, its stats.
 
-    One forward/backward pass with hooks: a family's producer module is matched to the norm layer
+    A family qualifies when its spec multiplies every block by α. One forward/backward pass with
+    hooks: a family's producer module (that of its first parameter) is matched to the norm layer
     whose input is the producer's output tensor. Keys of the dict are indices into ``families``.
     With ``create_graph=True`` and ``params`` requiring grad, the stats stay differentiable in
     ``params`` (for the eps part of G2).
     """
     producers = {}
     for i, fam in enumerate(families):
-        if fam.symmetry == "scale":
-            weight = fam.blocks["theta"][0].param
+        if _scales_output(fam):
+            weight = next(iter(fam.blocks.values()))[0].param
             producers.setdefault(weight.rsplit(".", 1)[0], []).append(i)
     modules = dict(ev.model.named_modules())
     outputs: dict[str, Tensor] = {}
@@ -208,7 +219,8 @@ def norm_stats(
 def _random_alpha(family: Family, gen: torch.Generator) -> float:
     magnitude = 0.25 + 0.75 * float(torch.rand((), generator=gen, dtype=torch.float64))
     sign = 1.0 if float(torch.rand((), generator=gen)) < 0.5 else -1.0
-    return sign * magnitude if family.symmetry == "translation" else 2.0 ** (sign * magnitude)
+    additive = spec_action(family).identity == 0  # α = 0 is the identity: α ∈ ±[0.25, 1]
+    return sign * magnitude if additive else 2.0 ** (sign * magnitude)
 
 
 def _pick_groups(
@@ -291,7 +303,7 @@ def confirm(
             fam.confirmed = not failure
             if failure:
                 fam.reason = failure
-                if eval_bn and fam.symmetry == "scale":
+                if eval_bn and i in stats:
                     fam.reason += (
                         "; the model is in eval mode, where BatchNorm uses running statistics "
                         "and scale symmetry does not hold (confirm in train mode)"
