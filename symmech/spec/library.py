@@ -70,8 +70,17 @@ def linear_pair(structure: str = "symmetric") -> Symmetry:
         name,
         action={U: U * expm(alpha * E), V: V * expm(-alpha * E.T)},
         identity=0,
-        description=f"GL(r) action on a pair of linear layers, f(x) = V U^T x, along a {structure} direction.",
+        description=_LINEAR_PAIR_DESCRIPTIONS.get(
+            structure,
+            f"GL(r) action on a pair of linear layers, f(x) = V U^T x, along a {structure} direction.",
+        ),
     )
+
+
+_LINEAR_PAIR_DESCRIPTIONS = {
+    "symmetric": "GL(r) action on a pair of linear layers, f(x) = V U^T x, along a symmetric direction E.",
+    "antisymmetric": "Rotation of the hidden space of a pair of linear layers, f(x) = V U^T x.",
+}
 
 
 BUILTIN = {

@@ -31,6 +31,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from symmech.spec.library import BUILTIN
+
 __all__ = [
     "LAWS",
     "LAW_LABELS",
@@ -56,7 +58,6 @@ LAW_LABELS: dict[str, str] = {
     "discrete": "exact discrete law",
     "discrete_residual": "exact discrete law + measured r",
 }
-_KNOWN_SYMMETRIES = ("translation", "scale", "rescale", "quadratic_rescale")
 _LAW_STYLE = {"discrete": "--", "continuous": ":", "gradient_flow": "-.", "discrete_residual": "-"}
 _LAW_COLOURS = {
     "gradient_flow": "tab:gray",
@@ -112,9 +113,10 @@ class GroupHistory:
 
 
 def symmetry_order(names: Iterable[str]) -> list[str]:
-    """translation, scale, rescale, quadratic_rescale first (when present), then the rest sorted."""
+    """The registry's symmetries first, in its order (translation, scale, rescale, ...), when
+    present; then the rest sorted."""
     present = set(names)
-    known = [s for s in _KNOWN_SYMMETRIES if s in present]
+    known = [s for s in BUILTIN if s in present]
     return known + sorted(present - set(known))
 
 

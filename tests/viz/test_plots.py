@@ -58,6 +58,14 @@ def test_symmetry_order_puts_the_paper_three_first() -> None:
     ]  # fmt: skip
 
 
+def test_symmetry_order_follows_the_registry_then_sorts_user_specs() -> None:
+    # registry order: translation, scale, rescale, quadratic_rescale, linear_pair, ...
+    names = ["my_spec", "linear_pair", "quadratic_rescale", "scale", "another"]
+    assert symmetry_order(names) == [
+        "scale", "quadratic_rescale", "linear_pair", "another", "my_spec"
+    ]  # fmt: skip
+
+
 def test_group_histories_arrange_and_sum_per_layer() -> None:
     histories = group_histories(_records(STANDARD, n_steps=4, n_groups=2))
     assert [(h.symmetry, h.layer) for h in histories] == [
