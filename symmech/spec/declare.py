@@ -11,7 +11,8 @@ A spec is ψ(θ, α) given as the image of each moved parameter block.
 
 from __future__ import annotations
 
-import importlib.util
+import keyword
+import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import sympy as sp
 from sympy.matrices.expressions import MatrixExpr, MatrixSymbol
 
 from symmech.core.matrix_ops import MatrixExp, replace_exp_of_matrices
-from symmech.errors import SpecError, explain
+from symmech.errors import SpecError, SymmechError, explain
 
 #: The group parameter α of every spec.
 alpha = sp.Symbol("alpha", real=True)
@@ -63,6 +64,38 @@ class Block(MatrixSymbol):
     @property
     def is_vector(self) -> bool:
         return self.shape[1] == 1
+
+    # θ + α (a scalar added to a matrix) fails deep in SymPy with "Mix of Matrix and Scalar
+    # symbols"; these name the block and say what to write instead.
+    def __add__(self, other):
+        return self._add(other, lambda: super(Block, self).__add__(other), "+")
+
+    def __radd__(self, other):
+        return self._add(other, lambda: super(Block, self).__radd__(other), "+")
+
+    def __sub__(self, other):
+        return self._add(other, lambda: super(Block, self).__sub__(other), "-")
+
+    def __rsub__(self, other):
+        return self._add(other, lambda: super(Block, self).__rsub__(other), "-")
+
+    def _add(self, other, combine, op: str):
+        try:
+            return combine()
+        except TypeError as err:
+            if getattr(other, "is_Matrix", False):
+                raise
+            raise _ScalarPlusBlockError(
+                explain(
+                    f"{self.name} {op} {other}",
+                    f"a scalar added to the matrix block '{self.name}'",
+                    f"to move every entry write {self.name} {op} ({other})*ones({self.name})",
+                )
+            ) from err
+
+
+class _ScalarPlusBlockError(SpecError, TypeError):
+    """A scalar added to a block: a :class:`SpecError` that is still the TypeError SymPy raised."""
 
 
 _STRUCTURES = ("general", "symmetric", "antisymmetric")
@@ -135,6 +168,23 @@ def _matrix_symbols(expr) -> set[MatrixSymbol]:
     return set(expr.atoms(MatrixSymbol)) if isinstance(expr, sp.Basic) else set()
 
 
+def is_safe_name(name: object) -> bool:
+    """A symmetry name usable as a file and module name: a Python identifier, not a keyword.
+
+    >>> is_safe_name("quadratic_rescale"), is_safe_name("../x"), is_safe_name("class")
+    (True, False, False)
+    """
+    return isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
+
+
+def _stray_symbols(image: sp.Basic) -> list[sp.Symbol]:
+    """The scalar symbols of ``image`` other than α and the sizes of its matrices."""
+    matrices = image.atoms(MatrixExpr)
+    sizes = {s for m in matrices for d in m.shape for s in sp.sympify(d).free_symbols}
+    scalars = {s for s in image.free_symbols if not isinstance(s, MatrixSymbol)}
+    return sorted(scalars - sizes - {alpha}, key=str)
+
+
 class Symmetry:
     """A one-parameter group action ψ(θ, α) on parameter blocks.
 
@@ -157,6 +207,15 @@ class Symmetry:
         description: str = "",
     ) -> None:
         call = f"Symmetry({name!r}, ...)"
+        if not is_safe_name(name):
+            raise SpecError(
+                explain(
+                    call,
+                    f"the name {name!r} is not a Python identifier",
+                    "it names the generated file <name>.py; use letters, digits and _, "
+                    "e.g. 'my_rescale'",
+                )
+            )
         if identity not in (0, 1):
             raise SpecError(explain(call, f"identity must be 0 or 1, got {identity!r}"))
         if not action:
@@ -196,6 +255,14 @@ class Symmetry:
         self.action: dict[Block, MatrixExpr] = cleaned
         blocks = list(cleaned)
         for b in fixed:
+            if not isinstance(b, Block):
+                raise SpecError(
+                    explain(
+                        call,
+                        f"fixed block {b!r} is not a symmech.Block",
+                        "declare it with Block(name)",
+                    )
+                )
             if b not in blocks:
                 blocks.append(b)
         for image in cleaned.values():
@@ -215,7 +282,36 @@ class Symmetry:
         self.constants: tuple[Constant, ...] = tuple(
             sorted({c for im in cleaned.values() for c in im.atoms(Constant)}, key=str)
         )
+        self._check_names_distinct(call)
+        self._check_no_stray_symbols(call)
         self._check_alpha_appears(call)
+
+    def _check_names_distinct(self, call: str) -> None:
+        seen: dict[str, MatrixSymbol] = {}
+        for m in (*self.blocks, *self.constants):
+            other = seen.setdefault(m.name, m)
+            if other is not m and other != m:
+                raise SpecError(
+                    explain(
+                        call,
+                        f"two different matrices are both called '{m.name}': "
+                        f"{_describe(other)} and {_describe(m)}",
+                        "give each block and constant its own name, or reuse the same object",
+                    )
+                )
+
+    def _check_no_stray_symbols(self, call: str) -> None:
+        for block, image in self.action.items():
+            stray = _stray_symbols(image)
+            if not stray:
+                continue
+            names = ", ".join(f"'{s}'" for s in stray)
+            problem = f"the image of block '{block.name}' has the free symbol {names} besides α"
+            fix = "the action may use only symmech.alpha, blocks and declared constants"
+            if any(s.name == "alpha" for s in stray):
+                problem = f"the image of block '{block.name}' uses a Symbol 'alpha' of its own"
+                fix = "use symmech.alpha (from symmech import alpha), not a new Symbol('alpha')"
+            raise SpecError(explain(call, f"{problem}: {sp.sstr(image)}", fix))
 
     def _check_alpha_appears(self, call: str) -> None:
         if not any(im.has(alpha) for im in self.action.values()):
@@ -251,24 +347,48 @@ class Symmetry:
         return f"Symmetry({self.name!r}: {parts}; identity={self.identity})"
 
 
+def _describe(m: MatrixSymbol) -> str:
+    kind = "Block" if isinstance(m, Block) else f"{getattr(m, 'structure', 'general')} Constant"
+    return f"a {kind} of shape {m.shape}"
+
+
 def load_spec(path: str | Path) -> list[Symmetry]:
-    """Load a spec file: a Python file that defines ``SYMMETRY`` or ``SYMMETRIES``."""
+    """Load a spec file: a Python file that defines ``SYMMETRY`` or ``SYMMETRIES``.
+
+    Every failure, including an exception while running the file, is a :class:`SpecError` that
+    names the file (and the line, when the file raised).
+    """
     path = Path(path)
+    call = f"load_spec({str(path)!r})"
     if not path.is_file():
-        raise SpecError(explain(f"load_spec({str(path)!r})", "no such file"))
-    module_name = f"symmech_spec_{path.stem}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if hasattr(module, "SYMMETRIES"):
-        found = list(module.SYMMETRIES)
-    elif hasattr(module, "SYMMETRY"):
+        raise SpecError(explain(call, "no such file"))
+    module = _run_spec_file(path, call)
+    has_many, has_one = hasattr(module, "SYMMETRIES"), hasattr(module, "SYMMETRY")
+    if has_many and has_one:
+        raise SpecError(
+            explain(call, "the file defines both SYMMETRY and SYMMETRIES", "keep one of them")
+        )
+    if has_many:
+        found = module.SYMMETRIES
+        if not isinstance(found, (list, tuple)):
+            raise SpecError(
+                explain(
+                    call,
+                    f"SYMMETRIES is a {type(found).__name__}, not a list",
+                    "write SYMMETRIES = [Symmetry(...), ...]",
+                )
+            )
+        if not found:
+            raise SpecError(
+                explain(call, "SYMMETRIES is empty", "put at least one Symmetry(...) in it")
+            )
+        found = list(found)
+    elif has_one:
         found = [module.SYMMETRY]
     else:
         raise SpecError(
             explain(
-                f"load_spec({str(path)!r})",
+                call,
                 "the file defines neither SYMMETRY nor SYMMETRIES",
                 "add e.g. SYMMETRY = Symmetry('name', action={...}) at module level",
             )
@@ -276,6 +396,90 @@ def load_spec(path: str | Path) -> list[Symmetry]:
     for s in found:
         if not isinstance(s, Symmetry):
             raise SpecError(
-                explain(f"load_spec({str(path)!r})", f"{s!r} is not a symmech.Symmetry")
+                explain(
+                    call,
+                    f"{_short(s)} is not a symmech.Symmetry",
+                    "SYMMETRY (or each entry of SYMMETRIES) must be Symmetry(...)",
+                )
             )
+    check_unique_names(found, call)
     return found
+
+
+def check_unique_names(symmetries: Sequence[Symmetry], call: str) -> None:
+    """Refuse two symmetries of one name: their generated files would overwrite each other."""
+    seen: set[str] = set()
+    for s in symmetries:
+        if s.name in seen:
+            raise SpecError(
+                explain(
+                    call,
+                    f"two symmetries are named {s.name!r}",
+                    "their generated files would overwrite each other; give each its own name",
+                )
+            )
+        seen.add(s.name)
+
+
+def _short(value: object, width: int = 60) -> str:
+    return _clip(repr(value), width)
+
+
+def _clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _run_spec_file(path: Path, call: str) -> types.ModuleType:
+    """Execute a spec file as a fresh module; any failure becomes one line naming file:line."""
+    try:
+        source = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(
+            explain(call, "the file is not UTF-8 text", "a spec file is Python source")
+        ) from None
+    except OSError as err:
+        raise SpecError(explain(call, f"cannot read the file: {err.strerror}")) from None
+    try:
+        code = compile(source, str(path), "exec")
+    except SyntaxError as err:
+        line = f"{path}:{err.lineno}" if err.lineno else str(path)
+        raise SpecError(
+            explain(call, f"{line}: SyntaxError: {err.msg}", "fix the Python syntax of the spec")
+        ) from None
+    except ValueError as err:  # null bytes in older Pythons
+        raise SpecError(explain(call, f"{path}: not Python source ({err})")) from None
+    module = types.ModuleType(f"symmech_spec_{path.stem}")
+    module.__file__ = str(path)
+    try:
+        exec(code, module.__dict__)
+    except (Exception, SystemExit) as err:
+        where = _line_in(err, str(path), source)
+        if isinstance(err, SymmechError):  # already says what is wrong and what to do
+            raise SpecError(f"{call}: {where}: {_one_line(err)}.") from err
+        fix = "fix the spec file"
+        if isinstance(err, TypeError) and "Mix of Matrix and Scalar" in str(err):
+            fix = "a scalar cannot be added to a matrix; write theta + alpha * ones(theta)"
+        problem = f"{where}: {type(err).__name__}: {_one_line(err)}"
+        raise SpecError(explain(call, problem, fix)) from err
+    return module
+
+
+def _line_in(err: BaseException, filename: str, source: str) -> str:
+    """``file:line (the source line)`` of the deepest frame of ``err`` inside the spec file."""
+    lineno = None
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename:
+            lineno = tb.tb_lineno
+        tb = tb.tb_next
+    if lineno is None:
+        return filename
+    lines = source.splitlines()
+    text = _clip(lines[lineno - 1], 80) if 0 < lineno <= len(lines) else ""
+    return f"{filename}:{lineno}" + (f" ({text})" if text else "")
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text.rstrip(".") or "(no message)"
