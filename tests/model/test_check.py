@@ -12,9 +12,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from support.zoo import mlp, resnet18, transformer_block, vgg
 from torch import nn
 
-from symmech.demo.models import mlp, resnet18, transformer_block, vgg
 from symmech.model.actions import (
     BlockSlice,
     Family,
@@ -174,7 +174,7 @@ def test_broken_family_gives_large_residuals() -> None:
 
 def test_hvp_against_finite_differences() -> None:
     torch.manual_seed(0)
-    model = mlp(64, (8,), 10, activation="tanh")
+    model = mlp(64, (8,), 10, act="tanh")
     ev = Evaluator(model, batch(), None)
     g = torch.Generator().manual_seed(1)
     v = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in ev.params.items()}

@@ -14,9 +14,9 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from support.zoo import build, mlp, resnet18, transformer_block, vgg
 from torch import nn
 
-from symmech.demo.models import build_model, mlp, resnet18, transformer_block, vgg
 from symmech.model.actions import BlockSlice, Family, Square
 from symmech.model.confirm import confirm
 from symmech.model.detect import SymmetryWarning, detect, format_table
@@ -92,7 +92,7 @@ VGG_EXPECTED = {
 @pytest.mark.parametrize("name", list(VGG_EXPECTED))
 def test_vgg_counts(name: str) -> None:
     torch.manual_seed(0)
-    model = build_model(name)
+    model = build(name)
     x, _ = digits(n=2)
     assert counts(detect(model, x)) == VGG_EXPECTED[name]
 

@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 import torch
+from support.zoo import build as build_model
 
 import symmech
-from symmech.demo.models import build_model
 from symmech.model.detect import detect
 
 pytestmark = pytest.mark.usefixtures("single_thread")
