@@ -9,15 +9,11 @@ Generator: xi_U = U*A; xi_V = V*A
 No law is generated: there is no conserved quantity to project onto: Dξ is antisymmetric (Dξᵀ = −Dξ) with the constants A (antisymmetric): ξ is a rotation field, not the gradient of any function, so gradient flow conserves no Noether charge for this symmetry
 """
 
-# fmt: off
 from __future__ import annotations
 
-import math
-
-import torch
-
-SPEC = 'linear_pair_antisymmetric'
-BLOCKS = ('U', 'V')
-CONSTANTS = ('A',)
+SPEC = "linear_pair_antisymmetric"
+FINGERPRINT = "46938d5e085f72ac8b1a97955f8b89f3"
+BLOCKS = ("U", "V")
+CONSTANTS = ("A",)
 CLOSES = False
-WHY_NOT_CLOSED = 'there is no conserved quantity to project onto: Dξ is antisymmetric (Dξᵀ = −Dξ) with the constants A (antisymmetric): ξ is a rotation field, not the gradient of any function, so gradient flow conserves no Noether charge for this symmetry'
+WHY_NOT_CLOSED = "there is no conserved quantity to project onto: Dξ is antisymmetric (Dξᵀ = −Dξ) with the constants A (antisymmetric): ξ is a rotation field, not the gradient of any function, so gradient flow conserves no Noether charge for this symmetry"

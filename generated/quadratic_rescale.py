@@ -8,290 +8,51 @@ Spec: quadratic_rescale (multiplicative action, identity alpha = 1)
 Generator: xi_theta_1 = theta_1; xi_theta_2 = -2*theta_2
 Conserved under gradient flow: Q = <theta_1, theta_1>/2 - <theta_2, theta_2>;  <xi, theta> = kappa Q with kappa = 2.
 
-Laws (time t = sum of learning rates; see symmech.dynamics and symmech.discrete):
-    gradient_flow  Q(t) = Q(0)
-    first_order    Q' + kappa lam Q = (eta/2) gJg                    (SGD without momentum)
-    second_order   m Q'' + (1 - beta) Q' + (1 - tau) kappa lam Q = m uJu,  m = eta (1 + beta) / 2
-    discrete       exact torch.optim.SGD law: Q_{k+1} = Q_k - eta_k <xi_k, u_k> + eta_k^2 uJu_k / 2
-
-Data terms, per group and step, as fused reductions over the bound slices:
-    Q = <theta_1, theta_1>/2 - <theta_2, theta_2>
-    r = <theta_1, grad_theta_1> - 2*<theta_2, grad_theta_2>
-    gJg = <grad_theta_1, grad_theta_1> - 2*<grad_theta_2, grad_theta_2>
-    uJu[sgd] = beta**2*<buf_theta_1, buf_theta_1> - 2*beta**2*<buf_theta_2, buf_theta_2> - 2*beta*lambda*tau*<theta_1, buf_theta_1> + 4*beta*lambda*tau*<theta_2, buf_theta_2> + 2*beta*lambda*<theta_1, buf_theta_1> - 4*beta*lambda*<theta_2, buf_theta_2> - 2*beta*tau*<buf_theta_1, grad_theta_1> + 4*beta*tau*<buf_theta_2, grad_theta_2> + 2*beta*<buf_theta_1, grad_theta_1> - 4*beta*<buf_theta_2, grad_theta_2> + lambda**2*tau**2*<theta_1, theta_1> - 2*lambda**2*tau**2*<theta_2, theta_2> - 2*lambda**2*tau*<theta_1, theta_1> + 4*lambda**2*tau*<theta_2, theta_2> + lambda**2*<theta_1, theta_1> - 2*lambda**2*<theta_2, theta_2> + 2*lambda*tau**2*<theta_1, grad_theta_1> - 4*lambda*tau**2*<theta_2, grad_theta_2> - 4*lambda*tau*<theta_1, grad_theta_1> + 8*lambda*tau*<theta_2, grad_theta_2> + 2*lambda*<theta_1, grad_theta_1> - 4*lambda*<theta_2, grad_theta_2> + tau**2*<grad_theta_1, grad_theta_1> - 2*tau**2*<grad_theta_2, grad_theta_2> - 2*tau*<grad_theta_1, grad_theta_1> + 4*tau*<grad_theta_2, grad_theta_2> + <grad_theta_1, grad_theta_1> - 2*<grad_theta_2, grad_theta_2>
-    uJu[first] = lambda**2*<theta_1, theta_1> - 2*lambda**2*<theta_2, theta_2> + 2*lambda*<theta_1, grad_theta_1> - 4*lambda*<theta_2, grad_theta_2> + <grad_theta_1, grad_theta_1> - 2*<grad_theta_2, grad_theta_2>
-    uJu[nesterov] = beta**4*<buf_theta_1, buf_theta_1> - 2*beta**4*<buf_theta_2, buf_theta_2> - 2*beta**3*lambda*tau*<theta_1, buf_theta_1> + 4*beta**3*lambda*tau*<theta_2, buf_theta_2> + 2*beta**3*lambda*<theta_1, buf_theta_1> - 4*beta**3*lambda*<theta_2, buf_theta_2> - 2*beta**3*tau*<buf_theta_1, grad_theta_1> + 4*beta**3*tau*<buf_theta_2, grad_theta_2> + 2*beta**3*<buf_theta_1, grad_theta_1> - 4*beta**3*<buf_theta_2, grad_theta_2> + beta**2*lambda**2*tau**2*<theta_1, theta_1> - 2*beta**2*lambda**2*tau**2*<theta_2, theta_2> - 2*beta**2*lambda**2*tau*<theta_1, theta_1> + 4*beta**2*lambda**2*tau*<theta_2, theta_2> + beta**2*lambda**2*<theta_1, theta_1> - 2*beta**2*lambda**2*<theta_2, theta_2> + 2*beta**2*lambda*tau**2*<theta_1, grad_theta_1> - 4*beta**2*lambda*tau**2*<theta_2, grad_theta_2> - 4*beta**2*lambda*tau*<theta_1, grad_theta_1> + 8*beta**2*lambda*tau*<theta_2, grad_theta_2> + 2*beta**2*lambda*<theta_1, buf_theta_1> + 2*beta**2*lambda*<theta_1, grad_theta_1> - 4*beta**2*lambda*<theta_2, buf_theta_2> - 4*beta**2*lambda*<theta_2, grad_theta_2> + beta**2*tau**2*<grad_theta_1, grad_theta_1> - 2*beta**2*tau**2*<grad_theta_2, grad_theta_2> - 2*beta**2*tau*<grad_theta_1, grad_theta_1> + 4*beta**2*tau*<grad_theta_2, grad_theta_2> + 2*beta**2*<buf_theta_1, grad_theta_1> - 4*beta**2*<buf_theta_2, grad_theta_2> + beta**2*<grad_theta_1, grad_theta_1> - 2*beta**2*<grad_theta_2, grad_theta_2> - 2*beta*lambda**2*tau*<theta_1, theta_1> + 4*beta*lambda**2*tau*<theta_2, theta_2> + 2*beta*lambda**2*<theta_1, theta_1> - 4*beta*lambda**2*<theta_2, theta_2> - 4*beta*lambda*tau*<theta_1, grad_theta_1> + 8*beta*lambda*tau*<theta_2, grad_theta_2> + 4*beta*lambda*<theta_1, grad_theta_1> - 8*beta*lambda*<theta_2, grad_theta_2> - 2*beta*tau*<grad_theta_1, grad_theta_1> + 4*beta*tau*<grad_theta_2, grad_theta_2> + 2*beta*<grad_theta_1, grad_theta_1> - 4*beta*<grad_theta_2, grad_theta_2> + lambda**2*<theta_1, theta_1> - 2*lambda**2*<theta_2, theta_2> + 2*lambda*<theta_1, grad_theta_1> - 4*lambda*<theta_2, grad_theta_2> + <grad_theta_1, grad_theta_1> - 2*<grad_theta_2, grad_theta_2>
-    uJu[nesterov_first] = beta**2*lambda**2*<theta_1, theta_1> - 2*beta**2*lambda**2*<theta_2, theta_2> + 2*beta**2*lambda*<theta_1, grad_theta_1> - 4*beta**2*lambda*<theta_2, grad_theta_2> + beta**2*<grad_theta_1, grad_theta_1> - 2*beta**2*<grad_theta_2, grad_theta_2> + 2*beta*lambda**2*<theta_1, theta_1> - 4*beta*lambda**2*<theta_2, theta_2> + 4*beta*lambda*<theta_1, grad_theta_1> - 8*beta*lambda*<theta_2, grad_theta_2> + 2*beta*<grad_theta_1, grad_theta_1> - 4*beta*<grad_theta_2, grad_theta_2> + lambda**2*<theta_1, theta_1> - 2*lambda**2*<theta_2, theta_2> + 2*lambda*<theta_1, grad_theta_1> - 4*lambda*<theta_2, grad_theta_2> + <grad_theta_1, grad_theta_1> - 2*<grad_theta_2, grad_theta_2>
-    uJu[plain] = lambda**2*<theta_1, theta_1> - 2*lambda**2*<theta_2, theta_2> + 2*lambda*<theta_1, grad_theta_1> - 4*lambda*<theta_2, grad_theta_2> + <grad_theta_1, grad_theta_1> - 2*<grad_theta_2, grad_theta_2>
-    uJb[sgd] = beta**2*<buf_theta_1, buf_theta_1> - 2*beta**2*<buf_theta_2, buf_theta_2> - 2*beta*lambda*tau*<theta_1, buf_theta_1> + 4*beta*lambda*tau*<theta_2, buf_theta_2> + 2*beta*lambda*<theta_1, buf_theta_1> - 4*beta*lambda*<theta_2, buf_theta_2> - 2*beta*tau*<buf_theta_1, grad_theta_1> + 4*beta*tau*<buf_theta_2, grad_theta_2> + 2*beta*<buf_theta_1, grad_theta_1> - 4*beta*<buf_theta_2, grad_theta_2> + lambda**2*tau**2*<theta_1, theta_1> - 2*lambda**2*tau**2*<theta_2, theta_2> - 2*lambda**2*tau*<theta_1, theta_1> + 4*lambda**2*tau*<theta_2, theta_2> + lambda**2*<theta_1, theta_1> - 2*lambda**2*<theta_2, theta_2> + 2*lambda*tau**2*<theta_1, grad_theta_1> - 4*lambda*tau**2*<theta_2, grad_theta_2> - 4*lambda*tau*<theta_1, grad_theta_1> + 8*lambda*tau*<theta_2, grad_theta_2> + 2*lambda*<theta_1, grad_theta_1> - 4*lambda*<theta_2, grad_theta_2> + tau**2*<grad_theta_1, grad_theta_1> - 2*tau**2*<grad_theta_2, grad_theta_2> - 2*tau*<grad_theta_1, grad_theta_1> + 4*tau*<grad_theta_2, grad_theta_2> + <grad_theta_1, grad_theta_1> - 2*<grad_theta_2, grad_theta_2>
-    uJb[first] = lambda**2*<theta_1, theta_1> - 2*lambda**2*<theta_2, theta_2> + 2*lambda*<theta_1, grad_theta_1> - 4*lambda*<theta_2, grad_theta_2> + <grad_theta_1, grad_theta_1> - 2*<grad_theta_2, grad_theta_2>
-    uJb[nesterov] = beta**3*<buf_theta_1, buf_theta_1> - 2*beta**3*<buf_theta_2, buf_theta_2> - 2*beta**2*lambda*tau*<theta_1, buf_theta_1> + 4*beta**2*lambda*tau*<theta_2, buf_theta_2> + 2*beta**2*lambda*<theta_1, buf_theta_1> - 4*beta**2*lambda*<theta_2, buf_theta_2> - 2*beta**2*tau*<buf_theta_1, grad_theta_1> + 4*beta**2*tau*<buf_theta_2, grad_theta_2> + 2*beta**2*<buf_theta_1, grad_theta_1> - 4*beta**2*<buf_theta_2, grad_theta_2> + beta*lambda**2*tau**2*<theta_1, theta_1> - 2*beta*lambda**2*tau**2*<theta_2, theta_2> - 2*beta*lambda**2*tau*<theta_1, theta_1> + 4*beta*lambda**2*tau*<theta_2, theta_2> + beta*lambda**2*<theta_1, theta_1> - 2*beta*lambda**2*<theta_2, theta_2> + 2*beta*lambda*tau**2*<theta_1, grad_theta_1> - 4*beta*lambda*tau**2*<theta_2, grad_theta_2> - 4*beta*lambda*tau*<theta_1, grad_theta_1> + 8*beta*lambda*tau*<theta_2, grad_theta_2> + beta*lambda*<theta_1, buf_theta_1> + 2*beta*lambda*<theta_1, grad_theta_1> - 2*beta*lambda*<theta_2, buf_theta_2> - 4*beta*lambda*<theta_2, grad_theta_2> + beta*tau**2*<grad_theta_1, grad_theta_1> - 2*beta*tau**2*<grad_theta_2, grad_theta_2> - 2*beta*tau*<grad_theta_1, grad_theta_1> + 4*beta*tau*<grad_theta_2, grad_theta_2> + beta*<buf_theta_1, grad_theta_1> - 2*beta*<buf_theta_2, grad_theta_2> + beta*<grad_theta_1, grad_theta_1> - 2*beta*<grad_theta_2, grad_theta_2> - lambda**2*tau*<theta_1, theta_1> + 2*lambda**2*tau*<theta_2, theta_2> + lambda**2*<theta_1, theta_1> - 2*lambda**2*<theta_2, theta_2> - 2*lambda*tau*<theta_1, grad_theta_1> + 4*lambda*tau*<theta_2, grad_theta_2> + 2*lambda*<theta_1, grad_theta_1> - 4*lambda*<theta_2, grad_theta_2> - tau*<grad_theta_1, grad_theta_1> + 2*tau*<grad_theta_2, grad_theta_2> + <grad_theta_1, grad_theta_1> - 2*<grad_theta_2, grad_theta_2>
-    uJb[nesterov_first] = beta*lambda**2*<theta_1, theta_1> - 2*beta*lambda**2*<theta_2, theta_2> + 2*beta*lambda*<theta_1, grad_theta_1> - 4*beta*lambda*<theta_2, grad_theta_2> + beta*<grad_theta_1, grad_theta_1> - 2*beta*<grad_theta_2, grad_theta_2> + lambda**2*<theta_1, theta_1> - 2*lambda**2*<theta_2, theta_2> + 2*lambda*<theta_1, grad_theta_1> - 4*lambda*<theta_2, grad_theta_2> + <grad_theta_1, grad_theta_1> - 2*<grad_theta_2, grad_theta_2>
-    uJb[plain] = lambda**2*<theta_1, theta_1> - 2*lambda**2*<theta_2, theta_2> + 2*lambda*<theta_1, grad_theta_1> - 4*lambda*<theta_2, grad_theta_2> + <grad_theta_1, grad_theta_1> - 2*<grad_theta_2, grad_theta_2>
-
-Arguments of every function, in order: `th`, `gr`, `bf` map a block name to a list of
-(tensor, reduce_dims) pairs, one per bound slice: theta_k (the parameter), g_k (its .grad) and
-b_{k-1} (torch's momentum_buffer before the step); `const` maps constant names to tensors;
-lr, momentum, dampening, weight_decay are Python floats; `case` is "sgd", "first", "nesterov",
-"nesterov_first" or "plain" (see symmech.data_terms.sgd_case). Each function returns one value
-per group (a tensor of shape (G,)).
+Per group, for xi = J theta + c and x, y any two of theta_k, g_k, b_{k-1} (as theta, grad_theta):
+    r = <xi, g> = <theta_1, grad_theta_1> - 2*<theta_2, grad_theta_2>
+    <x, J y> = <theta_1, grad_theta_1> - 2*<theta_2, grad_theta_2>
+Laws from these: symmech.runtime.stepper (one code for every spec); arguments: symmech.runtime.kernels.
 """
 
-# fmt: off
 from __future__ import annotations
 
-import math
+from symmech.runtime.kernels import Forms, dot, sq
 
-import torch
-
-SPEC = 'quadratic_rescale'
-BLOCKS = ('theta_1', 'theta_2')
+SPEC = "quadratic_rescale"
+FINGERPRINT = "4056f170288a96adee869d60712a4a4a"
+BLOCKS = ("theta_1", "theta_2")
 CONSTANTS = ()
 CLOSES = True
-WHY_NOT_CLOSED = ''
+WHY_NOT_CLOSED = ""
 KAPPA = 2.0
-CHARGE = '<theta_1, theta_1>/2 - <theta_2, theta_2>'
-
-
-def _sq(xs):
-    """Per-group squared norm: one fused reduction per slice."""
-    return sum(x.sq() if hasattr(x, "pair") else _plain_sq(*x) for x in xs)
-
-
-def _dot(xs, ys):
-    """Per-group inner product of matching slices."""
-    return sum(
-        x.dot(y) if hasattr(x, "pair") and hasattr(y, "pair") else _plain_dot(*_pair(x), _pair(y)[0])
-        for x, y in zip(xs, ys)
-    )
-
-
-def _sum(xs):
-    """Per-group sum of entries (the inner product with the all-ones direction)."""
-    return sum(x.sum() if hasattr(x, "pair") else _plain_sum(*x) for x in xs)
-
-
-def _pair(x):
-    return x.pair() if hasattr(x, "pair") else x
-
-
-def _pairs(xs):
-    return [_pair(x) for x in xs]
-
-
-def _mm(xs, m):
-    """Right-multiply every (whole-matrix) slice by a constant matrix."""
-    return [(x @ m.to(x.dtype), d) for x, d in _pairs(xs)]
-
-
-def _tr(xs):
-    return [(x.mT, d) for x, d in _pairs(xs)]
-
-
-def _plain_sq(x, d):
-    return torch.linalg.vector_norm(x, dim=d) ** 2 if d else x * x
-
-
-def _plain_dot(x, d, y):
-    return torch.sum(x * y, dim=d) if d else x * y
-
-
-def _plain_sum(x, d):
-    return torch.sum(x, dim=d) if d else x
-
-
-def _zeros(xs):
-    x, d = _pairs(xs)[0]
-    return torch.zeros_like(torch.sum(x, dim=d) if d else x)
-
-
-def _groups(value):
-    return value.reshape(-1)
+CHARGE = "<theta_1, theta_1>/2 - <theta_2, theta_2>"
 
 
 def charge(th, const):
     """Observed Q(theta_k) per group."""
-    f0 = _sq(th["theta_1"])
-    f1 = _sq(th["theta_2"])
-    return _groups(0.5*f0 - f1)
+    return 0.5 * sq(th["theta_1"]) - sq(th["theta_2"])
 
 
 def residual(th, gr, const):
     """Symmetry residual r_k = <xi(theta_k), g_k> per group (0 for an exact symmetry)."""
-    f0 = _dot(th["theta_1"], gr["theta_1"])
-    f1 = _dot(th["theta_2"], gr["theta_2"])
-    return _groups(f0 - 2*f1)
+    return dot(th["theta_1"], gr["theta_1"]) - 2 * dot(th["theta_2"], gr["theta_2"])
 
 
-def grad_form(gr, const):
-    """gJg = <g_k, J g_k>, the forcing of the first-order modified flow."""
-    f0 = _sq(gr["theta_1"])
-    f1 = _sq(gr["theta_2"])
-    return _groups(f0 - 2*f1)
+def quadratic(x, const):
+    """<x, J x> per group: g_k J g_k, or u_k J u_k = b_k J b_k after a heavy-ball step."""
+    return sq(x["theta_1"]) - 2 * sq(x["theta_2"])
 
 
-def buffer_form(bf, const):
-    """<b, J b> of a momentum buffer: uJu and uJb right after a plain momentum step (u_k = b_k)."""
-    f0 = _sq(bf["theta_1"])
-    f1 = _sq(bf["theta_2"])
-    return _groups(f0 - 2*f1)
-
-
-def update_forms(th, gr, bf, lr, momentum, dampening, weight_decay, case, const):
-    """(uJu, uJb) of the coming update, from (theta_k, g_k, b_{k-1}) before the step."""
-    if case == 'sgd':
-        f0 = _sq(th["theta_1"])
-        f1 = _dot(th["theta_1"], bf["theta_1"])
-        f2 = _dot(th["theta_1"], gr["theta_1"])
-        f3 = _sq(th["theta_2"])
-        f4 = _dot(th["theta_2"], bf["theta_2"])
-        f5 = _dot(th["theta_2"], gr["theta_2"])
-        f6 = _sq(bf["theta_1"])
-        f7 = _dot(bf["theta_1"], gr["theta_1"])
-        f8 = _sq(bf["theta_2"])
-        f9 = _dot(bf["theta_2"], gr["theta_2"])
-        f10 = _sq(gr["theta_1"])
-        f11 = _sq(gr["theta_2"])
-        return (
-            _groups(momentum**2*f6 - 2*momentum**2*f8 + f0*(weight_decay**2*dampening**2 - 2*weight_decay**2*dampening + weight_decay**2) + f1*(-2*momentum*weight_decay*dampening + 2*momentum*weight_decay) + f10*(dampening**2 - 2*dampening + 1) + f11*(-2*dampening**2 + 4*dampening - 2) + f2*(2*weight_decay*dampening**2 - 4*weight_decay*dampening + 2*weight_decay) + f3*(-2*weight_decay**2*dampening**2 + 4*weight_decay**2*dampening - 2*weight_decay**2) + f4*(4*momentum*weight_decay*dampening - 4*momentum*weight_decay) + f5*(-4*weight_decay*dampening**2 + 8*weight_decay*dampening - 4*weight_decay) + f7*(-2*momentum*dampening + 2*momentum) + f9*(4*momentum*dampening - 4*momentum)),
-            _groups(momentum**2*f6 - 2*momentum**2*f8 + f0*(weight_decay**2*dampening**2 - 2*weight_decay**2*dampening + weight_decay**2) + f1*(-2*momentum*weight_decay*dampening + 2*momentum*weight_decay) + f10*(dampening**2 - 2*dampening + 1) + f11*(-2*dampening**2 + 4*dampening - 2) + f2*(2*weight_decay*dampening**2 - 4*weight_decay*dampening + 2*weight_decay) + f3*(-2*weight_decay**2*dampening**2 + 4*weight_decay**2*dampening - 2*weight_decay**2) + f4*(4*momentum*weight_decay*dampening - 4*momentum*weight_decay) + f5*(-4*weight_decay*dampening**2 + 8*weight_decay*dampening - 4*weight_decay) + f7*(-2*momentum*dampening + 2*momentum) + f9*(4*momentum*dampening - 4*momentum)),
-        )
-    elif case == 'first':
-        f0 = _sq(th["theta_1"])
-        f1 = _dot(th["theta_1"], gr["theta_1"])
-        f2 = _sq(th["theta_2"])
-        f3 = _dot(th["theta_2"], gr["theta_2"])
-        f4 = _sq(gr["theta_1"])
-        f5 = _sq(gr["theta_2"])
-        return (
-            _groups(f0*weight_decay**2 + 2*f1*weight_decay - 2*f2*weight_decay**2 - 4*f3*weight_decay + f4 - 2*f5),
-            _groups(f0*weight_decay**2 + 2*f1*weight_decay - 2*f2*weight_decay**2 - 4*f3*weight_decay + f4 - 2*f5),
-        )
-    elif case == 'nesterov':
-        f0 = _sq(th["theta_1"])
-        f1 = _dot(th["theta_1"], bf["theta_1"])
-        f2 = _dot(th["theta_1"], gr["theta_1"])
-        f3 = _sq(th["theta_2"])
-        f4 = _dot(th["theta_2"], bf["theta_2"])
-        f5 = _dot(th["theta_2"], gr["theta_2"])
-        f6 = _sq(bf["theta_1"])
-        f7 = _dot(bf["theta_1"], gr["theta_1"])
-        f8 = _sq(bf["theta_2"])
-        f9 = _dot(bf["theta_2"], gr["theta_2"])
-        f10 = _sq(gr["theta_1"])
-        f11 = _sq(gr["theta_2"])
-        return (
-            _groups(momentum**4*f6 - 2*momentum**4*f8 + f0*(momentum**2*weight_decay**2*dampening**2 - 2*momentum**2*weight_decay**2*dampening + momentum**2*weight_decay**2 - 2*momentum*weight_decay**2*dampening + 2*momentum*weight_decay**2 + weight_decay**2) + f1*(-2*momentum**3*weight_decay*dampening + 2*momentum**3*weight_decay + 2*momentum**2*weight_decay) + f10*(momentum**2*dampening**2 - 2*momentum**2*dampening + momentum**2 - 2*momentum*dampening + 2*momentum + 1) + f11*(-2*momentum**2*dampening**2 + 4*momentum**2*dampening - 2*momentum**2 + 4*momentum*dampening - 4*momentum - 2) + f2*(2*momentum**2*weight_decay*dampening**2 - 4*momentum**2*weight_decay*dampening + 2*momentum**2*weight_decay - 4*momentum*weight_decay*dampening + 4*momentum*weight_decay + 2*weight_decay) + f3*(-2*momentum**2*weight_decay**2*dampening**2 + 4*momentum**2*weight_decay**2*dampening - 2*momentum**2*weight_decay**2 + 4*momentum*weight_decay**2*dampening - 4*momentum*weight_decay**2 - 2*weight_decay**2) + f4*(4*momentum**3*weight_decay*dampening - 4*momentum**3*weight_decay - 4*momentum**2*weight_decay) + f5*(-4*momentum**2*weight_decay*dampening**2 + 8*momentum**2*weight_decay*dampening - 4*momentum**2*weight_decay + 8*momentum*weight_decay*dampening - 8*momentum*weight_decay - 4*weight_decay) + f7*(-2*momentum**3*dampening + 2*momentum**3 + 2*momentum**2) + f9*(4*momentum**3*dampening - 4*momentum**3 - 4*momentum**2)),
-            _groups(momentum**3*f6 - 2*momentum**3*f8 + f0*(momentum*weight_decay**2*dampening**2 - 2*momentum*weight_decay**2*dampening + momentum*weight_decay**2 - weight_decay**2*dampening + weight_decay**2) + f1*(-2*momentum**2*weight_decay*dampening + 2*momentum**2*weight_decay + momentum*weight_decay) + f10*(momentum*dampening**2 - 2*momentum*dampening + momentum - dampening + 1) + f11*(-2*momentum*dampening**2 + 4*momentum*dampening - 2*momentum + 2*dampening - 2) + f2*(2*momentum*weight_decay*dampening**2 - 4*momentum*weight_decay*dampening + 2*momentum*weight_decay - 2*weight_decay*dampening + 2*weight_decay) + f3*(-2*momentum*weight_decay**2*dampening**2 + 4*momentum*weight_decay**2*dampening - 2*momentum*weight_decay**2 + 2*weight_decay**2*dampening - 2*weight_decay**2) + f4*(4*momentum**2*weight_decay*dampening - 4*momentum**2*weight_decay - 2*momentum*weight_decay) + f5*(-4*momentum*weight_decay*dampening**2 + 8*momentum*weight_decay*dampening - 4*momentum*weight_decay + 4*weight_decay*dampening - 4*weight_decay) + f7*(-2*momentum**2*dampening + 2*momentum**2 + momentum) + f9*(4*momentum**2*dampening - 4*momentum**2 - 2*momentum)),
-        )
-    elif case == 'nesterov_first':
-        f0 = _sq(th["theta_1"])
-        f1 = _dot(th["theta_1"], gr["theta_1"])
-        f2 = _sq(th["theta_2"])
-        f3 = _dot(th["theta_2"], gr["theta_2"])
-        f4 = _sq(gr["theta_1"])
-        f5 = _sq(gr["theta_2"])
-        return (
-            _groups(f0*(momentum**2*weight_decay**2 + 2*momentum*weight_decay**2 + weight_decay**2) + f1*(2*momentum**2*weight_decay + 4*momentum*weight_decay + 2*weight_decay) + f2*(-2*momentum**2*weight_decay**2 - 4*momentum*weight_decay**2 - 2*weight_decay**2) + f3*(-4*momentum**2*weight_decay - 8*momentum*weight_decay - 4*weight_decay) + f4*(momentum**2 + 2*momentum + 1) + f5*(-2*momentum**2 - 4*momentum - 2)),
-            _groups(f0*(momentum*weight_decay**2 + weight_decay**2) + f1*(2*momentum*weight_decay + 2*weight_decay) + f2*(-2*momentum*weight_decay**2 - 2*weight_decay**2) + f3*(-4*momentum*weight_decay - 4*weight_decay) + f4*(momentum + 1) + f5*(-2*momentum - 2)),
-        )
-    elif case == 'plain':
-        f0 = _sq(th["theta_1"])
-        f1 = _dot(th["theta_1"], gr["theta_1"])
-        f2 = _sq(th["theta_2"])
-        f3 = _dot(th["theta_2"], gr["theta_2"])
-        f4 = _sq(gr["theta_1"])
-        f5 = _sq(gr["theta_2"])
-        return (
-            _groups(f0*weight_decay**2 + 2*f1*weight_decay - 2*f2*weight_decay**2 - 4*f3*weight_decay + f4 - 2*f5),
-            _groups(f0*weight_decay**2 + 2*f1*weight_decay - 2*f2*weight_decay**2 - 4*f3*weight_decay + f4 - 2*f5),
-        )
-    raise ValueError(f"update_forms: unknown case {case!r}")
-
-
-def _m2_coefficients(h, a, b):
-    """Exact one-step propagator of Q'' + a Q' + b Q = F with F held over the step.
-
-    Returns (Phi, Gamma): [Q, Q'](t + h) = Phi [Q, Q'](t) + Gamma F. Computed once per
-    distinct (h, a, b) on the host in float64 from the 3x3 augmented matrix exponential, which
-    covers the over-, critically and under-damped cases and b = 0 alike; Phi's eigenvalues are
-    exp(r h) with Re r <= 0, so repeated application decays and never overflows.
-    """
-    m = torch.tensor([[0.0, 1.0, 0.0], [-b, -a, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64) * h
-    e = torch.linalg.matrix_exp(torch.stack([m, m]))[0].tolist()  # batched: torch's accurate path
-    return (e[0][0], e[0][1], e[1][0], e[1][1]), (e[0][2], e[1][2])
-
-
-class Laws:
-    """Every law's prediction of Q per group, advanced once per optimizer step.
-
-    State is float64 on the parameters' device; hyperparameters are Python floats, so
-    `step` queues device work only and never waits for the device.
-    """
-
-    def __init__(self, q0):
-        q0 = q0.detach().to(torch.float64)
-        self.q0 = q0.clone()
-        self.discrete = q0.clone()
-        self.discrete_residual = q0.clone()
-        self.first_order = q0.clone()
-        self.second_order = q0.clone()
-        self.second_order_rate = torch.zeros_like(q0)
-        self.t = 0.0
-        self.steps = 0
-        self._m = None
-        self._m_res = None
-        self._prev_eta_uJb = None
-        self._cache = {}
-
-    @property
-    def gradient_flow(self):
-        return self.q0
-
-    def _project(self, qhat, r, m_prev, kl, momentum, dampening, nesterov):
-        p = r + kl * qhat
-        if momentum == 0.0:
-            return p, None
-        if self.steps == 0:
-            m = p
-        else:
-            m = momentum * (m_prev - self._prev_eta_uJb) + (1.0 - dampening) * p
-        return (p + momentum * m if nesterov else m), m
-
-    def step(self, lr, momentum, dampening, weight_decay, nesterov, r, gJg, uJu, uJb):
-        """Advance every law by one torch.optim.SGD step with these settings and data."""
-        kl = KAPPA * weight_decay
-        r = r.to(torch.float64)
-        gJg = gJg.to(torch.float64)
-        uJu = uJu.to(torch.float64)
-        uJb = uJb.to(torch.float64)
-        zero = torch.zeros_like(self.discrete)
-        v, m = self._project(self.discrete, zero, self._m, kl, momentum, dampening, nesterov)
-        v_res, m_res = self._project(self.discrete_residual, r, self._m_res, kl, momentum, dampening, nesterov)
-        half_lr2 = 0.5 * lr * lr
-        if self.steps == 0:
-            self.second_order_rate = -v
-        self.discrete = self.discrete - lr * v + half_lr2 * uJu
-        self.discrete_residual = self.discrete_residual - lr * v_res + half_lr2 * uJu
-        self._m, self._m_res = m, m_res
-        self._prev_eta_uJb = lr * uJb
-        # first-order modified flow, forcing held over the step (exact exponential update)
-        decay = math.exp(-kl * lr)
-        phi = -math.expm1(-kl * lr) / kl if kl > 0.0 else lr
-        self.first_order = decay * self.first_order + 0.5 * lr * phi * gJg
-        # second-order (momentum) modified flow
-        mass = lr * (1.0 + momentum) / 2.0
-        stiffness = (1.0 - dampening) * kl if momentum > 0.0 else kl
-        key = (lr, momentum, stiffness)
-        if key not in self._cache:
-            self._cache[key] = _m2_coefficients(lr, (1.0 - momentum) / mass, stiffness / mass)
-        (p00, p01, p10, p11), (g0, g1) = self._cache[key]
-        q, qd = self.second_order, self.second_order_rate
-        self.second_order = p00 * q + p01 * qd + g0 * uJu
-        self.second_order_rate = p10 * q + p11 * qd + g1 * uJu
-        self.t += lr
-        self.steps += 1
-
-    def continuous(self, momentum):
-        """The continuous model the paper uses: first order without momentum, else second order."""
-        return self.first_order if momentum == 0.0 else self.second_order
+def forms(th, gr, bf, const):
+    """B_xy = <x, J y> per group for x, y among theta_k, g_k, b_{k-1} (no b-terms if bf is None)."""
+    out = Forms(
+        tt=sq(th["theta_1"]) - 2 * sq(th["theta_2"]),
+        tg=dot(th["theta_1"], gr["theta_1"]) - 2 * dot(th["theta_2"], gr["theta_2"]),
+        gg=sq(gr["theta_1"]) - 2 * sq(gr["theta_2"]),
+    )
+    if bf is None:
+        return out
+    out.tb = dot(th["theta_1"], bf["theta_1"]) - 2 * dot(th["theta_2"], bf["theta_2"])
+    out.gb = dot(bf["theta_1"], gr["theta_1"]) - 2 * dot(bf["theta_2"], gr["theta_2"])
+    out.bb = sq(bf["theta_1"]) - 2 * sq(bf["theta_2"])
+    return out

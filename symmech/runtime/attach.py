@@ -131,6 +131,5 @@ def _track_detecting_on_first_step(
         )
         return bindings_from_families(model, families)
 
-    tracker.detect_on_first_step(detect_now)
-    tracker._handles.append(handle)
+    tracker.detect_on_first_step(detect_now, hook=handle)
     return tracker

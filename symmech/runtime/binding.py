@@ -15,7 +15,6 @@ may reshape the tensor first (a shape tuple, e.g. a Linear weight after Flatten 
 from __future__ import annotations
 
 import functools
-import sys
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ from symmech.derivation import Derivation, derive
 from symmech.errors import BindingError, explain
 from symmech.spec.declare import Symmetry
 from symmech.spec.library import BUILTIN
+
+from .modules import generated_module
 
 View = tuple[int, ...] | str | None
 
@@ -91,38 +92,13 @@ class Binding:
 
     @property
     def module(self) -> types.ModuleType:
-        """The generated tracker module of this spec (rendered from the derivation)."""
+        """The generated module of this spec (the committed one when it matches)."""
         return generated_module(self.derivation)
 
 
 @functools.cache
 def _derive_builtin(name: str) -> Derivation:
     return derive(BUILTIN[name]())
-
-
-_MODULES: dict[str, types.ModuleType] = {}
-
-
-def generated_module(d: Derivation) -> types.ModuleType:
-    """Compile the generated code of a derivation (identical to ``generated/<name>.py``).
-
-    Rendered once per derivation (kept on it) and compiled once per distinct text.
-    """
-    from symmech.codegen.render import render_module
-
-    cached = getattr(d, "_generated_module", None)
-    if cached is not None:
-        return cached
-    text = render_module(d)
-    key = f"{d.name}:{hash(text)}"
-    if key not in _MODULES:
-        module = types.ModuleType(f"symmech_generated_{d.name}")
-        module.__file__ = f"<generated {d.name}>"
-        exec(compile(text, module.__file__, "exec"), module.__dict__)  # noqa: S102 - our own template
-        sys.modules[module.__name__] = module  # importable by name (torch.compile, pickling)
-        _MODULES[key] = module
-    d._generated_module = _MODULES[key]
-    return _MODULES[key]
 
 
 def as_derivation(symmetry: Symmetry | Derivation | str) -> Derivation:

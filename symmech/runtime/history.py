@@ -1,17 +1,26 @@
-"""Per-step history of a tracker: device tensors while training, host rows on demand."""
+"""Per-step history of a tracker: snapshots of device tensors while training, host rows on demand."""
 
 from __future__ import annotations
 
 import csv
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from .tracker import Family
+from symmech.laws.names import (
+    CONTINUOUS,
+    CONTINUOUS_MODELS,
+    DISCRETE_RESIDUAL,
+    FIRST_ORDER,
+    LAWS,
+    PREDICTIONS,
+    SECOND_ORDER,
+)
 
+#: The columns of ``Tracker.records()`` rows and of the CSV, in order.
 COLUMNS = (
     "step",
     "t",
@@ -19,121 +28,85 @@ COLUMNS = (
     "layer",
     "group",
     "observed",
-    "gradient_flow",
-    "continuous",
-    "discrete",
-    "discrete_residual",
-    "first_order",
-    "second_order",
+    *LAWS,
+    *CONTINUOUS_MODELS,
     "residual",
     "status",
     "note",
 )
 
 
-@dataclass
-class Entry:
+@dataclass(frozen=True)
+class Snapshot:
+    """One family at one logged step, as it was then (cloned tensors, copied settings)."""
+
     step: int
     t: float | None
-    family: Family
+    symmetry: str
+    layer: str
     observed: torch.Tensor | None
     residual: torch.Tensor | None
-    laws: dict[str, torch.Tensor] | None  # the bank's state, shared by its families
-    segment: slice | None
+    laws: Mapping[str, torch.Tensor] | None  # the bank's predictions, shared by its families
+    segment: slice | None  # the family's groups in them
     momentum: float
     nesterov: bool
     status: str
     note: str
+    residuals: bool  # rₖ fed to discrete_residual every step
 
 
-LAW_NAMES = ("gradient_flow", "discrete", "discrete_residual", "first_order", "second_order")
+def _host(t: torch.Tensor | None) -> list[float] | None:
+    return None if t is None else t.detach().to("cpu", torch.float64).reshape(-1).tolist()
 
 
 class History:
-    """Snapshots are cloned device tensors; nothing is copied to the host until :meth:`rows`."""
+    """Snapshots hold device tensors; nothing is copied to the host until :meth:`rows`."""
 
     def __init__(self) -> None:
-        self.entries: list[Entry] = []
+        self.snapshots: list[Snapshot] = []
 
     def last_step(self) -> int | None:
-        return self.entries[-1].step if self.entries else None
+        return self.snapshots[-1].step if self.snapshots else None
 
-    def add(self, step: int, families: list[Family], observed: dict, final: bool = False) -> None:
-        snapshots: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
-        for f in families:
-            bank = f.bank
-            laws = None
-            t = None
-            if bank is not None and bank.laws is not None:
-                if id(bank) not in snapshots:
-                    snapshots[id(bank)] = (
-                        {n: getattr(bank.laws, n).clone() for n in LAW_NAMES},
-                        bank.laws.t,
-                    )
-                laws, t = snapshots[id(bank)]
-            elif bank is not None:
-                t = 0.0
-            obs = observed.get(f)
-            group = f.optimizer.param_groups[f._group_of[id(f.binding.tensors[0])]]
-            res = None if (final or f.residual is None) else f.residual.detach().clone()
-            self.entries.append(
-                Entry(
-                    step,
-                    t,
-                    f,
-                    None if obs is None else obs.detach().clone(),
-                    res,
-                    laws,
-                    bank.segment(f) if (bank is not None and laws is not None) else None,
-                    float(group.get("momentum", 0.0)),
-                    bool(group.get("nesterov", False)),
-                    f.status,
-                    f.note,
-                )
-            )
+    def add(self, snapshots: list[Snapshot]) -> None:
+        self.snapshots.extend(snapshots)
 
     def rows(self) -> list[dict[str, Any]]:
+        """One row per logged step and group (host floats; None where a law does not apply)."""
         rows: list[dict[str, Any]] = []
-        host_cache: dict[int, dict[str, list[float]]] = {}
-
-        def host(t: torch.Tensor | None) -> list[float] | None:
-            return None if t is None else t.detach().to("cpu", torch.float64).reshape(-1).tolist()
-
-        for e in self.entries:
-            if e.observed is None:
+        host_laws: dict[int, dict[str, list[float]]] = {}
+        for s in self.snapshots:
+            if s.observed is None:
                 continue
-            observed = host(e.observed)
-            residual = host(e.residual)
+            observed = _host(s.observed)
+            residual = _host(s.residual)
             laws = None
-            if e.laws is not None:
-                key = id(e.laws)
-                if key not in host_cache:
-                    host_cache[key] = {n: host(v) for n, v in e.laws.items()}
-                laws = {n: v[e.segment] for n, v in host_cache[key].items()}
-            predicted = laws is not None and e.status == "tracked"
+            if s.laws is not None:
+                if id(s.laws) not in host_laws:
+                    host_laws[id(s.laws)] = {n: _host(v) for n, v in s.laws.items()}
+                laws = {n: v[s.segment] for n, v in host_laws[id(s.laws)].items()}
+            predicted = laws is not None and s.status == "tracked"
             for j, value in enumerate(observed):
                 row: dict[str, Any] = {
-                    "step": e.step,
-                    "t": e.t,
-                    "symmetry": e.family.symmetry,
-                    "layer": e.family.layer,
+                    "step": s.step,
+                    "t": s.t,
+                    "symmetry": s.symmetry,
+                    "layer": s.layer,
                     "group": j,
                     "observed": value,
                     "residual": residual[j] if residual is not None else None,
-                    "status": e.status,
-                    "note": e.note,
+                    "status": s.status,
+                    "note": s.note,
                 }
-                for name in LAW_NAMES:
+                for name in PREDICTIONS:
                     row[name] = laws[name][j] if predicted else None
-                if predicted and residual is None and e.family.tracker_residuals is False:
-                    row["discrete_residual"] = None
-                # the momentum flow models heavy-ball momentum; Nesterov has no continuous model here
-                if e.nesterov:
-                    row["continuous"] = None
+                if predicted and residual is None and not s.residuals:
+                    row[DISCRETE_RESIDUAL] = None
+                # the momentum flow models heavy-ball momentum; Nesterov has no continuous model
+                if s.nesterov:
+                    row[CONTINUOUS] = None
                 else:
-                    row["continuous"] = (
-                        row["first_order"] if e.momentum == 0.0 else row["second_order"]
-                    )
+                    row[CONTINUOUS] = row[FIRST_ORDER if s.momentum == 0.0 else SECOND_ORDER]
                 rows.append(row)
         return rows
 

@@ -24,260 +24,19 @@ from typing import Any
 
 import torch
 
-from symmech.derive.closure import optimizer_closure, unsupported_optimizer_reason
-from symmech.derive.data_terms import sgd_case
+from symmech.derive.closure import unsupported_optimizer_reason
 from symmech.errors import BindingError, explain
+from symmech.laws.names import PREDICTIONS
 
+from .bank import Bank
 from .binding import Binding
-from .history import History
-from .reductions import GridSlice, ReductionCache
+from .family import Family, TrackerWarning
+from .history import History, Snapshot
+from .reductions import ReductionCache
 
 Schedule = Callable[[int], bool]
 
-
-class TrackerWarning(UserWarning):
-    """Something the tracker could not follow; training itself is never affected."""
-
-
-class Family:
-    """One bound family of groups with its generated laws."""
-
-    def __init__(
-        self,
-        binding: Binding,
-        optimizer: torch.optim.Optimizer,
-        names: dict[int, str],
-        cache: ReductionCache,
-    ) -> None:
-        self.binding = binding
-        self.cache = cache
-        self.module = binding.module
-        self.optimizer = optimizer
-        self.symmetry = binding.name
-        self.layer = binding.layer
-        self.n_groups = binding.n_groups
-        self.names = [names.get(id(t), f"tensor{tuple(t.shape)}") for t in binding.tensors]
-        self.status = "tracked" if self.module.CLOSES else "observed only"
-        self.note = "" if self.module.CLOSES else self.module.WHY_NOT_CLOSED
-        self.q0: torch.Tensor | None = None
-        self.residual: torch.Tensor | None = None
-        self.bank: Bank | None = None
-        self._pending: tuple | None = None
-        self._fast_path = False
-        self._group_of = {
-            id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]
-        }
-        missing = [n for t, n in zip(binding.tensors, self.names) if id(t) not in self._group_of]
-        if missing:
-            raise BindingError(
-                explain(
-                    f"track(..., bindings with {binding.name} on {binding.layer})",
-                    f"the tensors {missing} are not in the optimizer",
-                    "bind parameters that the optimizer updates",
-                )
-            )
-
-    # -- helpers ---------------------------------------------------------------------
-    def _views(self, which: str) -> dict[str, list[GridSlice]] | None:
-        out = {}
-        for block, slices in self.binding.blocks.items():
-            items = []
-            for s in slices:
-                p = s.tensor
-                if which == "theta":
-                    t = p.detach()
-                elif which == "grad":
-                    t = p.grad
-                else:
-                    t = self.optimizer.state.get(p, {}).get("momentum_buffer")
-                if t is None:
-                    return None
-                items.append(GridSlice(t.detach(), s, self.cache))
-            out[block] = items
-        return out
-
-    def _hyper(self) -> dict[str, Any] | None:
-        indices = {self._group_of[id(t)] for t in self.binding.tensors}
-        if len(indices) == 1:  # the common case: read the one param group directly
-            g = self.optimizer.param_groups[next(iter(indices))]
-            if g.get("maximize", False):
-                self._stop("maximize=True flips the update's sign; the laws assume minimisation")
-                return None
-            return {
-                "lr": float(g["lr"]),
-                "momentum": float(g.get("momentum", 0.0)),
-                "dampening": float(g.get("dampening", 0.0)),
-                "weight_decay": float(g.get("weight_decay", 0.0)),
-                "nesterov": bool(g.get("nesterov", False)),
-            }
-        groups = [self.optimizer.param_groups[self._group_of[id(t)]] for t in self.binding.tensors]
-        keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
-        values = {k: [g.get(k, 0.0) for g in groups] for k in keys}
-        per_tensor = {
-            k: {n: float(v) for n, v in zip(self.names, vals)} for k, vals in values.items()
-        }
-        if any(len(set(map(float, v))) > 1 for v in values.values()):
-            verdict = optimizer_closure(
-                self.binding.derivation.dynamics.structural,
-                self.binding.derivation.geometry,
-                "SGD",
-                per_tensor["weight_decay"],
-                per_tensor["lr"],
-            )
-            self._stop(verdict.why or "the group's parameters have different optimizer settings")
-            return None
-        out = {k: float(v[0]) for k, v in values.items()}
-        out["nesterov"] = bool(values["nesterov"][0])
-        if bool(groups[0].get("maximize", False)):
-            self._stop("maximize=True flips the update's sign; the laws assume minimisation")
-            return None
-        return out
-
-    def _stop(self, note: str) -> None:
-        if self.status == "tracked":
-            warnings.warn(
-                f"symmech: {self.symmetry} on {self.layer}: not predicted: {note}",
-                TrackerWarning,
-                stacklevel=4,
-            )
-        self.status = "observed only"
-        self.note = note
-
-    # -- hooks -----------------------------------------------------------------------
-    def before_step(self, step: int, log: bool, residuals: bool) -> torch.Tensor | None:
-        """Queue this step's data; returns the observed charge when the step is logged."""
-        m = self.module
-        const = self.binding.constants
-        th = (
-            self._views("theta")
-            if (log or self.q0 is None or residuals or self.status != "tracked")
-            else None
-        )
-        observed = m.charge(th, const) if (log or self.q0 is None) else None
-        if self.q0 is None:
-            self.q0 = observed
-        self._pending = None
-        self.residual = None
-        if self.status != "tracked":
-            return observed
-        if any(t.grad is None for t in self.binding.tensors):
-            self._stop(
-                f"{self.names} have no (or only some) gradients at step {step}; torch.optim.SGD skips "
-                "parameters without gradients, so the group does not follow the law's update"
-            )
-            return observed
-        hyper = self._hyper()
-        if hyper is None:
-            return observed
-        state = self.optimizer.state.get(self.binding.tensors[0], {})
-        first_step = hyper["momentum"] == 0.0 or state.get("momentum_buffer") is None
-        case = sgd_case(hyper["momentum"], hyper["nesterov"], first_step=first_step)
-        self._fast_path = case in ("sgd", "first")
-        need_grad = residuals or log or hyper["momentum"] == 0.0 or not self._fast_path
-        gr = self._views("grad") if need_grad else None
-        r = m.residual(th, gr, const) if (residuals or log) else None
-        self.residual = r
-        gjg = m.grad_form(gr, const) if hyper["momentum"] == 0.0 else None
-        if self._fast_path:
-            uju = ujb = None
-        else:
-            th = th if th is not None else self._views("theta")
-            bf = self._views("buffer") if not first_step else None
-            uju, ujb = m.update_forms(
-                th,
-                gr,
-                bf or {},
-                hyper["lr"],
-                hyper["momentum"],
-                hyper["dampening"],
-                hyper["weight_decay"],
-                case,
-                const,
-            )
-        self._pending = (hyper, r if residuals else None, gjg, uju, ujb)
-        return observed
-
-    def finish_data(self) -> tuple | None:
-        """After the optimizer step: the data of the step just taken (or None)."""
-        if self._pending is None:
-            return None
-        hyper, r, gjg, uju, ujb = self._pending
-        if self._fast_path:
-            # u_k = b_k for torch's momentum update, read once from the new buffer
-            uju = ujb = self.module.buffer_form(self._views("buffer"), self.binding.constants)
-        self._pending = None
-        return hyper, r, gjg, uju, ujb
-
-
-class Bank:
-    """The laws of every family that shares a param group and κ, advanced as one vector.
-
-    One recurrence over the concatenated groups replaces one per family, so a step costs a
-    few dozen tensor operations whatever the number of layers.
-    """
-
-    def __init__(self, families: list[Family]) -> None:
-        self.families = families
-        self.offsets: list[int] = []
-        total = 0
-        for f in families:
-            self.offsets.append(total)
-            total += f.n_groups
-        self.size = total
-        self.laws: Any = None
-
-    def start(self) -> None:
-        like = next(t.detach() for f in self.families for t in f.binding.tensors)
-        parts = [
-            f.q0.reshape(-1).to(torch.float64)
-            if f.q0 is not None
-            else torch.full((f.n_groups,), float("nan"), dtype=torch.float64, device=like.device)
-            for f in self.families
-        ]
-        q0 = torch.cat(parts)
-        self.laws = self.families[0].module.Laws(q0)
-        self._zeros = torch.zeros_like(q0)
-
-    def step(self, data: list[tuple | None]) -> None:
-        if self.laws is None:
-            self.start()
-        live = [d for d in data if d is not None]
-        if not live:
-            return  # nothing moved (no gradients) or no family is tracked
-        hyper = live[0][0]
-        if any(d[0] != hyper for d in live[1:]):  # pragma: no cover - one param group per bank
-            raise RuntimeError("families of one bank disagree in hyperparameters")
-
-        def column(i: int) -> torch.Tensor:
-            values = [None if d is None else d[i] for d in data]
-            if all(v is None for v in values) and all(d is not None for d in data) and i in (1, 2):
-                # no residual / no first-order forcing this step: one shared zero
-                return self._zeros
-            parts = []
-            for f, d, value in zip(self.families, data, values):
-                if value is None:
-                    fill = 0.0 if (d is not None and i in (1, 2)) else float("nan")
-                    value = torch.full(
-                        (f.n_groups,), fill, dtype=torch.float64, device=self.laws.q0.device
-                    )
-                parts.append(value.reshape(-1).to(torch.float64))
-            return torch.cat(parts)
-
-        self.laws.step(
-            hyper["lr"],
-            hyper["momentum"],
-            hyper["dampening"],
-            hyper["weight_decay"],
-            hyper["nesterov"],
-            column(1),
-            column(2),
-            column(3),
-            column(4),
-        )
-
-    def segment(self, family: Family) -> slice:
-        i = self.families.index(family)
-        return slice(self.offsets[i], self.offsets[i] + family.n_groups)
+__all__ = ["Schedule", "Tracker", "TrackerWarning"]
 
 
 class Tracker:
@@ -306,36 +65,46 @@ class Tracker:
         self.history = History()
         self.step = 0
         self.detached = False
+        self._bank_of: dict[int, Bank] = {}  # id(family) -> its bank
         self._adopt(bindings)
-        self._handles = [
+        self._handles: list[Any] = [
             optimizer.register_step_pre_hook(self._before),
             optimizer.register_step_post_hook(self._after),
         ]
-        self._detect_on_first_step: Callable[[], Sequence[Binding]] | None = None
+        self._detect: Callable[[], Sequence[Binding]] | None = None
 
     def _adopt(self, bindings: Sequence[Binding]) -> None:
         names = (
             {id(p): n for n, p in self.model.named_parameters()} if self.model is not None else {}
         )
-        families = [Family(b, self.optimizer, names, self.cache) for b in bindings]
-        for f in families:
-            f.tracker_residuals = self.residuals
+        families = [
+            Family(b, self.optimizer, names, self.cache, residuals=self.residuals) for b in bindings
+        ]
         if type(self.optimizer) is not torch.optim.SGD:
             why = unsupported_optimizer_reason(type(self.optimizer).__name__)
             for f in families:
-                f._stop(why)
+                f.stop(why)
         self.families.extend(families)
 
-    def detect_on_first_step(self, detect: Callable[[], Sequence[Binding]]) -> None:
-        """Find the symmetries right before the first optimizer step (used by :func:`track`)."""
-        self._detect_on_first_step = detect
+    def detect_on_first_step(
+        self, detect: Callable[[], Sequence[Binding]], hook: Any | None = None
+    ) -> None:
+        """Find the symmetries right before the first optimizer step (used by :func:`track`);
+        ``hook`` (a handle with ``remove()``) goes when the tracker is detached."""
+        self._detect = detect
+        if hook is not None:
+            self._handles.append(hook)
+
+    @property
+    def detection_pending(self) -> bool:
+        """Whether detection waits for the first optimizer step."""
+        return self._detect is not None
 
     def _guard(self, family: Family, stage: str, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
         except Exception as err:  # the tracker must never break training
-            family._stop(f"tracker error {stage} step {self.step}: {type(err).__name__}: {err}")
-            family._pending = None
+            family.stop(f"tracker error {stage} step {self.step}: {type(err).__name__}: {err}")
             return None
 
     def _make_banks(self) -> None:
@@ -343,18 +112,53 @@ class Tracker:
         for f in self.families:
             if not f.module.CLOSES:
                 continue
-            groups = {f._group_of[id(t)] for t in f.binding.tensors}
+            groups = set(f.group_indices)
             key = (min(groups), f.module.KAPPA) if len(groups) == 1 else ("solo", id(f))
             by_key.setdefault(key, []).append(f)
         self.banks = [Bank(fams) for fams in by_key.values()]
-        for bank in self.banks:
-            for f in bank.families:
-                f.bank = bank
+        self._bank_of = {id(f): bank for bank in self.banks for f in bank.families}
+
+    def _snapshots(
+        self, observed: dict[int, torch.Tensor | None], final: bool = False
+    ) -> list[Snapshot]:
+        """Every family as it is now (``final``: after the last step, so no residual)."""
+        laws: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
+        out = []
+        for f in self.families:
+            bank = self._bank_of.get(id(f))
+            state, t, segment = None, None, None
+            if bank is not None and bank.laws is not None:
+                if id(bank) not in laws:
+                    laws[id(bank)] = (bank.laws.snapshot(), bank.laws.t)
+                state, t = laws[id(bank)]
+                segment = bank.segment(f)
+            elif bank is not None:
+                t = 0.0
+            obs = observed.get(id(f))
+            settings = f.settings()
+            out.append(
+                Snapshot(
+                    step=self.step,
+                    t=t,
+                    symmetry=f.symmetry,
+                    layer=f.layer,
+                    observed=None if obs is None else obs.detach().clone(),
+                    residual=None if (final or f.residual is None) else f.residual.detach().clone(),
+                    laws=state,
+                    segment=segment,
+                    momentum=settings.momentum,
+                    nesterov=settings.nesterov,
+                    status=f.status,
+                    note=f.note,
+                    residuals=f.residuals,
+                )
+            )
+        return out
 
     @torch.no_grad()
     def _before(self, optimizer, args, kwargs) -> None:
-        if self._detect_on_first_step is not None:
-            detect, self._detect_on_first_step = self._detect_on_first_step, None
+        if self._detect is not None:
+            detect, self._detect = self._detect, None
             try:
                 self._adopt(detect())
             except Exception as err:  # the tracker must never break training
@@ -365,29 +169,28 @@ class Tracker:
                 )
         log = bool(self.schedule(self.step))
         self.cache.clear()
-        observed = {}
-        for f in self.families:
-            observed[f] = self._guard(
-                f, "before", lambda f=f: f.before_step(self.step, log, self.residuals)
-            )
+        observed = {
+            id(f): self._guard(f, "before", lambda f=f: f.before_step(self.step, log))
+            for f in self.families
+        }
         if self.banks is None:
             self._make_banks()
-            for bank in self.banks:
+            for bank in self.banks or []:
                 bank.start()
         if log:
-            self.history.add(self.step, self.families, observed)
+            self.history.add(self._snapshots(observed))
         self.cache.clear()
 
     @torch.no_grad()
     def _after(self, optimizer, args, kwargs) -> None:
         self.cache.clear()
         for bank in self.banks or []:
-            data = [self._guard(f, "after", f.finish_data) for f in bank.families]
+            data = [self._guard(f, "after", f.finish_step) for f in bank.families]
             try:
                 bank.step(data)
             except Exception as err:  # the tracker must never break training
                 for f in bank.families:
-                    f._stop(f"tracker error after step {self.step}: {type(err).__name__}: {err}")
+                    f.stop(f"tracker error after step {self.step}: {type(err).__name__}: {err}")
         self.cache.clear()
         self.step += 1
 
@@ -395,15 +198,10 @@ class Tracker:
     def _final_state_missing(self) -> bool:
         return self.step > 0 and self.history.last_step() != self.step
 
-    def _add_final_state(self, history: History) -> None:
-        """Log Q(θₙ) after the last step (no gradient, so no residual) into ``history``."""
-        observed = {
-            f: self._guard(
-                f, "final", lambda f=f: f.module.charge(f._views("theta"), f.binding.constants)
-            )
-            for f in self.families
-        }
-        history.add(self.step, self.families, observed, final=True)
+    def _final_state(self) -> list[Snapshot]:
+        """Q(θₙ) after the last step (no gradient, so no residual)."""
+        observed = {id(f): self._guard(f, "final", f.observe) for f in self.families}
+        return self._snapshots(observed, final=True)
 
     def records(self, final: bool = True) -> list[dict[str, Any]]:
         """Per logged step and group: observed Q and every law's prediction (host floats).
@@ -414,16 +212,9 @@ class Tracker:
         if final and not self.detached and self._final_state_missing():
             # the state after the last step, reported but not stored: the next step logs it anew
             extra = History()
-            self._add_final_state(extra)
+            extra.add(self._final_state())
             rows += extra.rows()
-        numeric = (
-            "observed",
-            "residual",
-            "discrete",
-            "discrete_residual",
-            "first_order",
-            "second_order",
-        )
+        numeric = ("observed", "residual", *(n for n in PREDICTIONS if n != "gradient_flow"))
         bad = [
             r for r in rows if any(r[k] is not None and not math.isfinite(r[k]) for k in numeric)
         ]
@@ -448,7 +239,7 @@ class Tracker:
     def detach(self) -> None:
         """Remove the hooks; the optimizer is as it was before :func:`track`."""
         if not self.detached and self._final_state_missing():
-            self._add_final_state(self.history)
+            self.history.add(self._final_state())
         for h in self._handles:
             h.remove()
         self._handles = []

@@ -42,6 +42,7 @@ from torch import nn
 
 import symmech
 from symmech.reference.numeric_laws import SGDHyper, predict_laws
+from symmech.runtime.stepper import Hyper, Laws, StepData
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -260,14 +261,15 @@ def test_accumulators_100k_steps_stay_finite_and_exact():
     q0 = np.array([0.7, 1.3])
     k = np.arange(n)
     forcing = np.stack([np.ones(n), 1.0 + 0.5 * np.sin(k / 700.0) + 0.25 * np.cos(k / 53.0)], 1)
-    laws = mod.Laws(torch.tensor(q0))
+    laws = Laws(kappa, torch.tensor(q0))
     zero = torch.zeros(2, dtype=DTYPE)
     F_t = torch.tensor(forcing)
+    hyper = Hyper(eta, beta, 0.0, lam, False)
     snaps = {c: [] for c in LAW_COLUMNS}
     steps = []
     for i in range(n):
         f = F_t[i]
-        laws.step(eta, beta, 0.0, lam, False, zero, f, f, f)
+        laws.step(StepData(hyper, uJu=f, uJb=f, gJg=f, residual=zero))
         if (i + 1) % every == 0:
             steps.append(i + 1)
             for c in LAW_COLUMNS:
@@ -278,7 +280,7 @@ def test_accumulators_100k_steps_stay_finite_and_exact():
         laws.first_order,
         laws.second_order,
         laws.second_order_rate,
-        laws._m,
+        laws.m,
     ]
     assert all(bool(torch.isfinite(s).all()) for s in state)
     assert laws.t == pytest.approx(n * eta, rel=1e-10)

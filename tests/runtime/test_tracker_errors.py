@@ -112,7 +112,7 @@ def test_track_arguments():
     with pytest.raises(BindingError, match="is not a binding"):
         symmech.track(net.model, opt, ["rescale"])
     tracker = symmech.track(net.model, opt)  # no bindings, no input: detection waits for step 0
-    assert tracker.families == [] and tracker._detect_on_first_step is not None
+    assert tracker.families == [] and tracker.detection_pending
     tracker.detach()
 
 

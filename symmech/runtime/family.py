@@ -1,0 +1,211 @@
+"""One bound family of groups while training: what it reads, measures and reports per step.
+
+Before ``optimizer.step()`` a family reads θₖ, gₖ and bₖ₋₁ through its generated module
+(Q, rₖ and the forms ⟨x, J y⟩) and the param group's settings; after the step it hands the
+step's :class:`~.stepper.StepData` to its bank. When it cannot follow the optimizer it
+:meth:`~Family.stop`\\ s with a reason and is observed only; training is never affected.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from symmech.derive.closure import optimizer_closure
+from symmech.errors import BindingError, explain
+
+from .binding import Binding
+from .reductions import GridSlice, ReductionCache
+from .stepper import Hyper, StepData, update_forms
+
+Which = Literal["theta", "grad", "buffer"]
+TRACKED, OBSERVED_ONLY = "tracked", "observed only"
+
+
+class TrackerWarning(UserWarning):
+    """Something the tracker could not follow; training itself is never affected."""
+
+
+@dataclass
+class _Pending:
+    """A step's data before the optimizer runs; None forms are read from the new buffer."""
+
+    hyper: Hyper
+    residual: torch.Tensor | None
+    gJg: torch.Tensor | None = None
+    uJu: torch.Tensor | None = None  # None: heavy ball, uₖ = bₖ read from the updated buffer
+    uJb: torch.Tensor | None = None
+
+
+def _read_hyper(group: dict) -> Hyper:
+    return Hyper(
+        lr=float(group["lr"]),
+        momentum=float(group.get("momentum", 0.0)),
+        dampening=float(group.get("dampening", 0.0)),
+        weight_decay=float(group.get("weight_decay", 0.0)),
+        nesterov=bool(group.get("nesterov", False)),
+    )
+
+
+class Family:
+    """One bound family of groups with its generated module, status and per-step data."""
+
+    def __init__(
+        self,
+        binding: Binding,
+        optimizer: torch.optim.Optimizer,
+        names: dict[int, str],
+        cache: ReductionCache,
+        residuals: bool = True,
+    ) -> None:
+        self.binding = binding
+        self.cache = cache
+        self.module = binding.module
+        self.optimizer = optimizer
+        self.residuals = residuals
+        self.symmetry = binding.name
+        self.layer = binding.layer
+        self.n_groups = binding.n_groups
+        self.names = [names.get(id(t), f"tensor{tuple(t.shape)}") for t in binding.tensors]
+        self.status = TRACKED if self.module.CLOSES else OBSERVED_ONLY
+        self.note = "" if self.module.CLOSES else self.module.WHY_NOT_CLOSED
+        self.q0: torch.Tensor | None = None
+        self.residual: torch.Tensor | None = None  # rₖ measured at the current step, if any
+        self._pending: _Pending | None = None
+        group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        missing = [n for t, n in zip(binding.tensors, self.names) if id(t) not in group_of]
+        if missing:
+            raise BindingError(
+                explain(
+                    f"track(..., bindings with {binding.name} on {binding.layer})",
+                    f"the tensors {missing} are not in the optimizer",
+                    "bind parameters that the optimizer updates",
+                )
+            )
+        #: the optimizer's param group of each bound tensor, in binding order
+        self.group_indices = tuple(group_of[id(t)] for t in binding.tensors)
+
+    @property
+    def tracked(self) -> bool:
+        return self.status == TRACKED
+
+    # -- reading -----------------------------------------------------------------------
+    def views(self, which: Which) -> dict[str, list[GridSlice]] | None:
+        """θ, g or b (torch's momentum buffer) of every block as slices; None when absent."""
+        out = {}
+        for block, slices in self.binding.blocks.items():
+            items = []
+            for s in slices:
+                p = s.tensor
+                if which == "theta":
+                    t = p.detach()
+                elif which == "grad":
+                    t = p.grad
+                else:
+                    t = self.optimizer.state.get(p, {}).get("momentum_buffer")
+                if t is None:
+                    return None
+                items.append(GridSlice(t.detach(), s, self.cache))
+            out[block] = items
+        return out
+
+    def observe(self) -> torch.Tensor:
+        """Q(θ) of every group now."""
+        return self.module.charge(self.views("theta"), self.binding.constants)
+
+    def settings(self) -> Hyper:
+        """The settings of the first bound tensor's param group (as recorded per step)."""
+        return _read_hyper(self.optimizer.param_groups[self.group_indices[0]])
+
+    def hyper(self) -> Hyper | None:
+        """The settings every bound tensor is updated with; None (and stopped) when they differ."""
+        groups = [self.optimizer.param_groups[i] for i in dict.fromkeys(self.group_indices)]
+        if len(groups) > 1:
+            keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+            per_tensor = {
+                k: {
+                    n: float(self.optimizer.param_groups[i].get(k, 0.0))
+                    for n, i in zip(self.names, self.group_indices)
+                }
+                for k in keys
+            }
+            if any(len(set(v.values())) > 1 for v in per_tensor.values()):
+                verdict = optimizer_closure(
+                    self.binding.derivation.dynamics.structural,
+                    self.binding.derivation.geometry,
+                    "SGD",
+                    per_tensor["weight_decay"],
+                    per_tensor["lr"],
+                )
+                self.stop(verdict.why or "the group's parameters have different optimizer settings")
+                return None
+        if bool(groups[0].get("maximize", False)):
+            self.stop("maximize=True flips the update's sign; the laws assume minimisation")
+            return None
+        return _read_hyper(groups[0])
+
+    # -- status ------------------------------------------------------------------------
+    def stop(self, note: str) -> None:
+        """Stop predicting (observed only from now on), with the reason; warns once."""
+        if self.status == TRACKED:
+            warnings.warn(
+                f"symmech: {self.symmetry} on {self.layer}: not predicted: {note}",
+                TrackerWarning,
+                stacklevel=4,
+            )
+        self.status = OBSERVED_ONLY
+        self.note = note
+        self._pending = None
+
+    # -- one step ----------------------------------------------------------------------
+    def before_step(self, step: int, log: bool) -> torch.Tensor | None:
+        """Queue this step's data; returns the observed charge when the step is logged."""
+        m = self.module
+        const = self.binding.constants
+        first_q = self.q0 is None
+        th = self.views("theta") if (log or first_q or self.residuals or not self.tracked) else None
+        observed = m.charge(th, const) if (log or first_q) else None
+        if first_q:
+            self.q0 = observed
+        self._pending = None
+        self.residual = None
+        if not self.tracked:
+            return observed
+        if any(t.grad is None for t in self.binding.tensors):
+            self.stop(
+                f"{self.names} have no (or only some) gradients at step {step}; torch.optim.SGD skips "
+                "parameters without gradients, so the group does not follow the law's update"
+            )
+            return observed
+        hyper = self.hyper()
+        if hyper is None:
+            return observed
+        state = self.optimizer.state.get(self.binding.tensors[0], {})
+        first_step = hyper.momentum == 0.0 or state.get("momentum_buffer") is None
+        case = hyper.case(first_step)
+        heavy_ball = case in ("sgd", "first")
+        need_grad = self.residuals or log or not heavy_ball
+        gr = self.views("grad") if need_grad else None
+        if self.residuals or log:
+            self.residual = m.residual(th, gr, const)
+        residual = self.residual if self.residuals else None
+        self._pending = _Pending(hyper, residual)
+        if not heavy_ball:
+            th = th if th is not None else self.views("theta")
+            bf = self.views("buffer") if not first_step else None
+            forms = m.forms(th, gr, bf, const)
+            self._pending.uJu, self._pending.uJb = update_forms(case, hyper, forms)
+            self._pending.gJg = forms.gg if hyper.momentum == 0.0 else None
+        return observed
+
+    def finish_step(self) -> StepData | None:
+        """After the optimizer step: the data of the step just taken (None: not predicted)."""
+        p, self._pending = self._pending, None
+        if p is None:
+            return None
+        if p.uJu is None or p.uJb is None:
+            p.uJu = p.uJb = self.module.quadratic(self.views("buffer"), self.binding.constants)
+        return StepData(p.hyper, p.uJu, p.uJb, p.gJg, p.residual)

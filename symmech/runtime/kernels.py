@@ -1,0 +1,92 @@
+"""The per-group reductions that generated code calls, and the record it returns.
+
+A generated module's functions take ``th``, ``gr`` and ``bf`` (or ``x`` for any one of them):
+dicts from a block name to the bound slices of θₖ (the parameter), gₖ (its ``.grad``) and
+bₖ₋₁ (torch's ``momentum_buffer`` before the step), and ``const``, constant names to tensors.
+Every ``xs`` below is one block's list of slices: :class:`~.reductions.GridSlice` objects while
+tracking (fused, cached reductions), or plain ``(tensor, reduce_dims)`` pairs. Each reduction
+returns one value per group, shape (G,); ``forms`` returns the six in a :class:`Forms`.
+
+>>> import torch
+>>> x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+>>> sq([(x, (1,))]).tolist(), total([(x, (0,))]).tolist()
+([5.0, 25.0], [4.0, 6.0])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Pair = tuple[torch.Tensor, tuple[int, ...]]
+
+
+@dataclass(slots=True)
+class Forms:
+    """B_xy = ⟨x, J y⟩ per group for x, y ∈ {θₖ, gₖ, bₖ₋₁}; the b-terms are None without a buffer."""
+
+    tt: torch.Tensor
+    tg: torch.Tensor
+    gg: torch.Tensor
+    tb: torch.Tensor | None = None
+    gb: torch.Tensor | None = None
+    bb: torch.Tensor | None = None
+
+
+def _pair(x) -> Pair:
+    return x.pair() if hasattr(x, "pair") else x
+
+
+def _groups(value: torch.Tensor) -> torch.Tensor:
+    return value.reshape(-1)
+
+
+def sq(xs) -> torch.Tensor:
+    """⟨x, x⟩ per group: one fused reduction per slice."""
+    return sum(_groups(x.sq() if hasattr(x, "pair") else _plain_sq(*x)) for x in xs)
+
+
+def dot(xs, ys) -> torch.Tensor:
+    """⟨x, y⟩ per group, slice by slice."""
+    return sum(
+        _groups(
+            x.dot(y)
+            if hasattr(x, "pair") and hasattr(y, "pair")
+            else _plain_dot(*_pair(x), _pair(y)[0])
+        )
+        for x, y in zip(xs, ys)
+    )
+
+
+def total(xs) -> torch.Tensor:
+    """⟨𝟙, x⟩ per group: the sum of the entries."""
+    return sum(_groups(x.sum() if hasattr(x, "pair") else _plain_sum(*x)) for x in xs)
+
+
+def mm(xs, m: torch.Tensor) -> list[Pair]:
+    """Right-multiply every (whole-matrix) slice by a constant matrix."""
+    return [(x @ m.to(x.dtype), d) for x, d in map(_pair, xs)]
+
+
+def tr(xs) -> list[Pair]:
+    """Transpose every (whole-matrix) slice."""
+    return [(x.mT, d) for x, d in map(_pair, xs)]
+
+
+def zeros(xs) -> torch.Tensor:
+    """Per-group zeros shaped like a reduction of the first slice (a term that vanishes)."""
+    x, d = _pair(xs[0])
+    return _groups(torch.zeros_like(torch.sum(x, dim=d) if d else x))
+
+
+def _plain_sq(x: torch.Tensor, d: tuple[int, ...]) -> torch.Tensor:
+    return torch.linalg.vector_norm(x, dim=d) ** 2 if d else x * x
+
+
+def _plain_dot(x: torch.Tensor, d: tuple[int, ...], y: torch.Tensor) -> torch.Tensor:
+    return torch.sum(x * y, dim=d) if d else x * y
+
+
+def _plain_sum(x: torch.Tensor, d: tuple[int, ...]) -> torch.Tensor:
+    return torch.sum(x, dim=d) if d else x
