@@ -14,7 +14,7 @@ On CUDA (VGG-11 with BatchNorm, 32x32 inputs, batch 128, SGD momentum 0.9, weigh
 2. correctness: conv -> BatchNorm(eps 1e-12) -> ReLU -> linear, 200 steps on the GPU, max relative
    error of the ``discrete`` column against ``observed`` in float64 (expect <= 1e-9) and float32
    (expect <= 1e-4), relative to each group's max of |Q| and ½θᵀ|J|θ + |c|ᵀ|θ| as in the tests;
-3. law-update variants, per step of ``Laws.step``: (a) as generated; (b) ``torch.compile``d,
+3. law-update variants, per step of ``Laws.step`` (symmech/runtime/stepper.py): (a) eager; (b) ``torch.compile``d,
    default and "reduce-overhead" modes (compiled once per class on a stand-in object: compiling
    ``laws.step`` as is recompiles every call, shown as (b0)); (c) replayed as a CUDA graph.
    Timed alone on the largest bank and inside training; each variant's laws are compared with (a).
@@ -34,7 +34,6 @@ import contextlib
 import dataclasses
 import os
 import statistics
-import sys
 import time
 import traceback
 import warnings
@@ -48,7 +47,9 @@ from torch import nn
 
 import symmech
 from symmech.demo.models import vgg
+from symmech.laws.names import DISCRETE, DISCRETE_RESIDUAL, FIRST_ORDER, SECOND_ORDER
 from symmech.runtime.binding import Binding
+from symmech.runtime.stepper import Hyper, StepData
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "log every step, residual every step": dict(log_every=1, residuals=True),
@@ -57,7 +58,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 #: the configuration attached with detection (``example_input``); the others reuse its families
 DETECT_CONFIG = "log every 50, residual every step"
-LAW_STATE = ("discrete", "discrete_residual", "first_order", "second_order")
+LAW_STATE = (DISCRETE, DISCRETE_RESIDUAL, FIRST_ORDER, SECOND_ORDER)
 HYPER = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
 
 
@@ -465,25 +466,6 @@ def section_correctness(s: Settings, report: Report) -> None:
 # 3. law-update variants
 
 
-_MODULE_OF: dict[int, Any] = {}  # id(module.__dict__) -> generated module
-
-
-def register_modules(tracker: symmech.Tracker) -> None:
-    """Remember the generated modules of a tracker's families (see :func:`importable`)."""
-    for f in tracker.families:
-        _MODULE_OF[id(f.module.__dict__)] = f.module
-
-
-def importable(cls: type) -> None:
-    """torch.compile (dynamo) imports a compiled function's module by name; the generated
-    modules are built with exec() and are not in ``sys.modules`` (without this, dynamo fails
-    with ``ModuleNotFoundError: No module named 'symmech_generated_scale'``)."""
-    mod = _MODULE_OF.get(id(cls.step.__globals__))
-    if mod is None:
-        raise RuntimeError(f"the generated module of {cls.__module__}.Laws is unknown")
-    sys.modules[cls.__module__] = mod
-
-
 _COMPILED: dict[tuple[type, str], tuple[Callable, Any]] = {}
 
 
@@ -491,7 +473,6 @@ def install_naive_compile(laws: Any, mode: str) -> None:
     """(b0) ``laws.step = torch.compile(laws.step)``: dynamo guards on the Python counters
     ``self.t`` and ``self.steps``, so it recompiles every step up to its limit (8), then
     runs eager (seen on CPU: 8 graphs for 8 calls, then ~9 ms/call instead of 0.12 ms)."""
-    importable(type(laws))
     laws.step = torch.compile(laws.step, mode=None if mode == "default" else mode)
 
 
@@ -500,7 +481,6 @@ def install_compile(laws: Any, mode: str) -> None:
     counters are fixed (t = 0, steps = 1), and the counters advance outside the graph; the
     first step (different branches) stays eager."""
     cls = type(laws)
-    importable(cls)
     if (cls, mode) not in _COMPILED:
         fn = torch.compile(cls.step, mode=None if mode == "default" else mode)
         _COMPILED[(cls, mode)] = (fn, object.__new__(cls))
@@ -508,21 +488,21 @@ def install_compile(laws: Any, mode: str) -> None:
     eager = laws.step
     clone = mode == "reduce-overhead"
 
-    def step(lr, momentum, dampening, weight_decay, nesterov, r, gJg, uJu, uJb):
+    def step(data: StepData) -> None:
         if laws.steps == 0:
-            return eager(lr, momentum, dampening, weight_decay, nesterov, r, gJg, uJu, uJb)
+            return eager(data)
         shim.__dict__.update(laws.__dict__)
         shim.t, shim.steps = 0.0, 1
         if mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
-        fn(shim, lr, momentum, dampening, weight_decay, nesterov, r, gJg, uJu, uJb)
+        fn(shim, data)
         for k, v in shim.__dict__.items():
             if k not in ("t", "steps"):
                 # reduce-overhead: outputs live in the CUDA graph's pool, reused by the next replay
                 if clone and isinstance(v, torch.Tensor) and v is not getattr(laws, k):
                     v = v.clone()
                 setattr(laws, k, v)
-        laws.t += lr
+        laws.t += data.hyper.lr
         laws.steps += 1
         return None
 
@@ -532,32 +512,34 @@ def install_compile(laws: Any, mode: str) -> None:
 class GraphedStep:
     """(c) ``Laws.step`` captured once as a CUDA graph and replayed: the state tensors are
     updated in place (the captured step writes new tensors, copied back into the old ones),
-    the four data columns are copied into static inputs, ``t`` and ``steps`` advance on the
-    host. Eager for the first two steps and for good once the hyperparameters change."""
+    the data columns are copied into static inputs, ``t`` and ``steps`` advance on the host.
+    Eager for the first two steps and for good once the hyperparameters (or which optional
+    columns are given) change."""
 
     def __init__(self, laws: Any) -> None:
         self.laws = laws
         self.eager = laws.step
         self.graph: torch.cuda.CUDAGraph | None = None
         self.key: tuple | None = None
-        self.inputs: list[torch.Tensor] = []
+        self.inputs: list[torch.Tensor | None] = []
         self.names: list[str] = []
         self.state: dict[str, torch.Tensor] = {}
         self.disabled = False
 
-    def __call__(self, lr, momentum, dampening, weight_decay, nesterov, r, gJg, uJu, uJb):
-        key = (lr, momentum, dampening, weight_decay, nesterov)
-        cols = (r, gJg, uJu, uJb)
+    def __call__(self, data: StepData) -> None:
+        cols = (data.residual, data.gJg, data.uJu, data.uJb)
+        key = (data.hyper, tuple(c is None for c in cols))
         if self.graph is not None and key != self.key:
             self.disabled = True
         if self.disabled or self.laws.steps < 2:
-            return self.eager(*key, *cols)
+            return self.eager(data)
         if self.graph is None:
             self._capture(key, cols)
         for dst, src in zip(self.inputs, cols):
-            dst.copy_(src)
+            if dst is not None:
+                dst.copy_(src)
         self.graph.replay()
-        self.laws.t += lr
+        self.laws.t += data.hyper.lr
         self.laws.steps += 1
         return None
 
@@ -573,7 +555,7 @@ class GraphedStep:
         self.state = {k: getattr(laws, k) for k in names}
         self.key = key
         counters = (laws.t, laws.steps)
-        self.inputs = [c.detach().clone() for c in cols]
+        self.inputs = [None if c is None else c.detach().clone() for c in cols]
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
@@ -595,7 +577,8 @@ class GraphedStep:
         """What the graph holds: one eager step on the state and the static inputs, then the
         new values copied into the state tensors."""
         laws = self.laws
-        self.eager(*self.key, *self.inputs)
+        r, gjg, uju, ujb = self.inputs
+        self.eager(StepData(self.key[0], uju, ujb, gjg, r))
         new = {}
         for k in self.names:
             v = getattr(laws, k)
@@ -609,7 +592,7 @@ def install_graph(laws: Any, mode: str) -> None:
 
 
 VARIANTS: dict[str, tuple[Callable[[Any, str], None] | None, str]] = {
-    "(a) eager, as generated": (None, ""),
+    "(a) eager": (None, ""),
     "(b) torch.compile default": (install_compile, "default"),
     "(b) torch.compile reduce-overhead": (install_compile, "reduce-overhead"),
     "(c) CUDA graph replay": (install_graph, ""),
@@ -630,6 +613,7 @@ def micro(s: Settings, report: Report, bank: Any) -> None:
     """``Laws.step`` alone on the largest bank's size, with fixed synthetic data."""
     laws0 = bank.laws
     cls, q0, n = type(laws0), laws0.q0.detach().clone(), laws0.q0.numel()
+    kappa = laws0.kappa
     g = torch.Generator().manual_seed(3)
     inputs = [
         tuple(
@@ -637,14 +621,15 @@ def micro(s: Settings, report: Report, bank: Any) -> None:
         )
         for _ in range(4)
     ]
-    hyper = (HYPER["lr"], HYPER["momentum"], 0.0, HYPER["weight_decay"], False)
+    hyper = Hyper(HYPER["lr"], HYPER["momentum"], 0.0, HYPER["weight_decay"], False)
+    data = [StepData(hyper, uJu=u, uJb=b, gJg=g_, residual=r) for r, g_, u, b in inputs]
     warm, steps = 6, s.micro_steps
 
     def run(laws: Any, start: int, count: int) -> None:
         for i in range(start, start + count):
-            laws.step(*hyper, *inputs[i % len(inputs)])
+            laws.step(data[i % len(data)])
 
-    reference = cls(q0)
+    reference = cls(kappa, q0)
     run(reference, 0, warm + steps)
     results: dict[str, float] = {}
     report(f"   Laws.step alone, {n} groups (float64 state), {steps} timed calls after {warm}:")
@@ -655,11 +640,11 @@ def micro(s: Settings, report: Report, bank: Any) -> None:
         if name in CUDA_ONLY and not s.cuda:
             report(f"     {name:38s} skipped (CUDA only)")
             continue
-        if name != "(a) eager, as generated" and report.elapsed() > s.time_limit:
+        if name != "(a) eager" and report.elapsed() > s.time_limit:
             report(f"     {name:38s} skipped (time limit {s.time_limit:.0f} s reached)")
             continue
         try:
-            laws = cls(q0)
+            laws = cls(kappa, q0)
             if install is not None:
                 install(laws, mode)
             naive = name.startswith("(b0)")
@@ -694,7 +679,7 @@ def micro(s: Settings, report: Report, bank: Any) -> None:
             report.failure(name, err)
     if results:
         best = min(results, key=results.get)
-        base = results.get("(a) eager, as generated")
+        base = results.get("(a) eager")
         report(
             f"   fastest alone: {best} ({results[best] * 1e6:.1f} us/step"
             + (f", {base / results[best]:.2f}x eager)" if base else ")")
@@ -708,8 +693,7 @@ def section_variants(s: Settings, report: Report) -> None:
     names = [
         n
         for n in VARIANTS
-        if (s.cuda or n not in CUDA_ONLY)
-        and (n == "(a) eager, as generated" or s.cuda or not s.quick)
+        if (s.cuda or n not in CUDA_ONLY) and (n == "(a) eager" or s.cuda or not s.quick)
     ]
     for name in names:
         runs[name] = make_vgg(s)
@@ -722,7 +706,6 @@ def section_variants(s: Settings, report: Report) -> None:
         forward_backward(model, opt, x, y)
         opt.step()
     first = trackers[names[0]]
-    register_modules(first)
     report(f"   tracked models: log every 50, residuals on; {describe(runs['plain'][0], first)}")
     micro(s, report, max(first.banks, key=lambda b: b.size))
 
@@ -784,10 +767,10 @@ def section_variants(s: Settings, report: Report) -> None:
         )
     if work_by:
         best = min(work_by, key=work_by.get)
-        base = work_by.get("(a) eager, as generated")
+        base = work_by.get("(a) eager")
         gain = (
             f", {base / work_by[best]:.2f}x less than eager"
-            if base and work_by[best] > 0 and best != "(a) eager, as generated"
+            if base and work_by[best] > 0 and best != "(a) eager"
             else ""
         )
         report(

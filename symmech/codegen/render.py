@@ -10,6 +10,7 @@ current engine would write (the staleness check).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import subprocess
 import sys
@@ -55,6 +56,11 @@ def _environment() -> jinja2.Environment:
     return env
 
 
+@functools.cache
+def _template_text() -> str:
+    return (TEMPLATES / TEMPLATE).read_text(encoding="utf-8")
+
+
 def spec_fingerprint(symmetry: Symmetry) -> str:
     """A hash of the spec (action, blocks, constants), the template and the module format.
 
@@ -71,7 +77,7 @@ def spec_fingerprint(symmetry: Symmetry) -> str:
         f"multiplicative {symmetry.is_multiplicative}",
         *(f"block {b.name} {b.shape}" for b in symmetry.action),
         *(f"constant {c.name} {c.shape} {c.structure}" for c in symmetry.constants),
-        (TEMPLATES / TEMPLATE).read_text(),
+        _template_text(),
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
 

@@ -42,10 +42,7 @@ def _register(name: str, module: types.ModuleType) -> types.ModuleType:
 
 
 def generated_module(d: Derivation) -> types.ModuleType:
-    """The generated module of a derivation (kept on it; one module per fingerprint)."""
-    cached = getattr(d, "_generated_module", None)
-    if cached is not None:
-        return cached
+    """The generated module of a derivation, loaded once per spec fingerprint."""
     fingerprint = spec_fingerprint(d.symmetry)
     name = f"symmech_generated_{d.name}_{fingerprint[:12]}"
     module = _MODULES.get(name)
@@ -62,5 +59,4 @@ def generated_module(d: Derivation) -> types.ModuleType:
             text = render_module(d, formatted=False)
             exec(compile(text, module.__file__, "exec"), module.__dict__)  # noqa: S102 - our template
         _register(name, module)
-    d._generated_module = module
     return module
