@@ -1,0 +1,336 @@
+"""The update direction of an optimizer step, computed before the step without touching its state.
+
+Every step of the optimizers modelled here is θₖ₊₁ = sₖθₖ − ηₖaₖ: ``shrink`` sₖ = 1 − lr·λ for a
+decoupled weight decay (AdamW), else 1 (a coupled decay sits inside aₖ); ``eta`` ηₖ the step size
+that multiplies aₖ (Adam: lr/(1 − β₁ᵏ), Adagrad: lr/(1 + (k−1)·lr_decay), else lr); ``a`` aₖ on the
+parameter's device. With these, the change of any affine charge over the step is exact (the
+one-step law of ``docs/theory.md``).
+
+:func:`direction` reads the optimizer's state before ``optimizer.step()`` and replays torch's
+arithmetic on copies (same operations, same order, same dtypes, including the float32 step counter
+of ``capturable`` Adam), so sθ − ηa is torch's θₖ₊₁ to float round-off. It never writes: the state
+after the call is bit-identical to the state before. Modelled: ``torch.optim`` SGD (momentum,
+dampening, Nesterov, the first step with no buffer), Adam and AdamW (amsgrad; Adam with
+``decoupled_weight_decay=True`` is AdamW), RMSprop (momentum, centered) and Adagrad (lr_decay,
+initial_accumulator_value), each with weight decay, ``maximize``, eps, and the for-loop, foreach
+and fused variants (same mathematics, round-off aside). Refused with a clear error:
+``differentiable=True``, a tensor ``lr``, ``betas`` or ``weight_decay``, complex parameters, sparse
+gradients, and subclasses of these optimizers (their ``step`` may differ).
+
+Not covered by design: a GradScaler with a fused optimizer unscales the gradients inside
+``step`` (call ``scaler.unscale_(optimizer)`` before :func:`direction`), and step pre-hooks that
+change gradients after :func:`direction` was called.
+
+For any other optimizer (Lion, a user's own) :class:`MeasuredDirection` recovers aₖ from the step
+itself, at the cost of one copy of the tracked parameters.
+
+>>> import torch
+>>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+>>> opt = torch.optim.AdamW([w], lr=0.1, weight_decay=0.5)
+>>> w.grad = torch.tensor([0.3, 0.0], dtype=torch.float64)
+>>> d = direction(opt, 0, w)
+>>> predicted = d.shrink * w.detach() - d.eta * d.a
+>>> opt.step()
+>>> bool(torch.allclose(predicted, w.detach(), rtol=1e-15, atol=0))
+True
+>>> d.shrink, round(d.eta, 6)     # 1 - 0.1*0.5, 0.1 / (1 - 0.9)
+(0.95, 1.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.optim.optimizer import _default_to_fused_or_foreach
+
+from symmech.errors import SymmechError, explain
+
+__all__ = [
+    "Direction",
+    "MeasuredDirection",
+    "UnsupportedOptimizerError",
+    "direction",
+    "directions",
+]
+
+Group = Mapping[str, Any]
+
+
+class UnsupportedOptimizerError(SymmechError, ValueError):
+    """The optimizer, or one of its settings, is not modelled: its direction would be guessed."""
+
+
+@dataclass(frozen=True)
+class Direction:
+    """One parameter's step θₖ₊₁ = ``shrink``·θₖ − ``eta``·``a``."""
+
+    shrink: float
+    eta: float
+    a: torch.Tensor
+
+
+def _unsupported(call: str, problem: str) -> UnsupportedOptimizerError:
+    fix = "Use MeasuredDirection, which recovers the direction from the step itself"
+    return UnsupportedOptimizerError(explain(call, problem, fix))
+
+
+def _value(x: float | torch.Tensor) -> float:
+    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
+
+
+def _find_group(optimizer: torch.optim.Optimizer, group: int | Group, call: str) -> Group:
+    if isinstance(group, int):
+        if not 0 <= group < len(optimizer.param_groups):
+            raise IndexError(
+                explain(call, f"group {group} out of range: {len(optimizer.param_groups)} groups")
+            )
+        return optimizer.param_groups[group]
+    if not any(group is g for g in optimizer.param_groups):
+        raise ValueError(explain(call, "the group given is not one of optimizer.param_groups"))
+    return group
+
+
+def _check(group: Group, param: torch.Tensor, call: str, scalars: tuple[str, ...]) -> None:
+    if group.get("differentiable", False):
+        raise _unsupported(call, "differentiable=True is not modelled")
+    for key in scalars:
+        values = group[key] if isinstance(group[key], tuple) else (group[key],)
+        if any(isinstance(v, torch.Tensor) for v in values):
+            raise _unsupported(call, f"{key} as a tensor is not modelled, got {group[key]!r}")
+    if torch.is_complex(param):
+        raise _unsupported(call, f"complex parameters are not modelled, got {param.dtype}")
+    if param.grad is not None and param.grad.is_sparse:
+        raise _unsupported(call, "sparse gradients are not modelled")
+
+
+def _grad(group: Group, param: torch.Tensor) -> torch.Tensor:
+    assert param.grad is not None
+    g = param.grad.detach()
+    return -g if group["maximize"] else g
+
+
+def _state_tensor(
+    state: Mapping[str, Any], key: str, param: torch.Tensor, call: str, fill: float = 0.0
+) -> torch.Tensor:
+    if not state:
+        return torch.full_like(param, fill, memory_format=torch.preserve_format)
+    if key not in state:
+        raise _unsupported(
+            call, f"the state has no {key!r} (a setting was changed after the first step)"
+        )
+    return state[key]
+
+
+def _sgd(opt: torch.optim.Optimizer, group: Group, p: torch.Tensor, call: str) -> Direction:
+    _check(group, p, call, ("lr", "weight_decay"))
+    grad = _grad(group, p)
+    if group["weight_decay"] != 0:
+        grad = grad.add(p, alpha=group["weight_decay"])
+    momentum = group["momentum"]
+    if momentum != 0:
+        old = opt.state.get(p, {}).get("momentum_buffer")
+        if old is None:
+            buf = grad.clone()
+        else:
+            buf = old.mul(momentum).add_(grad, alpha=1 - group["dampening"])
+        grad = grad.add(buf, alpha=momentum) if group["nesterov"] else buf
+    return Direction(1.0, float(group["lr"]), grad)
+
+
+def _adam_foreach(group: Group, params: list[torch.Tensor]) -> bool:
+    if group["fused"] is None and group["foreach"] is None:
+        return bool(_default_to_fused_or_foreach(params, False, use_fused=False)[1])
+    return bool(group["foreach"]) and not group["fused"]
+
+
+def _adam(opt: torch.optim.Optimizer, group: Group, p: torch.Tensor, call: str) -> Direction:
+    _check(group, p, call, ("lr", "betas", "weight_decay"))
+    state = opt.state.get(p, {})
+    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    beta1, beta2 = group["betas"]
+    grad, shrink = _grad(group, p), 1.0
+    if wd != 0:
+        if group.get("decoupled_weight_decay", False):
+            shrink = 1 - lr * wd
+        else:
+            grad = grad.add(p, alpha=wd)
+    m = _state_tensor(state, "exp_avg", p, call).lerp(grad, 1 - beta1)
+    v = _state_tensor(state, "exp_avg_sq", p, call).mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if group["amsgrad"]:
+        v = torch.maximum(_state_tensor(state, "max_exp_avg_sq", p, call), v)
+    if "step" in state:
+        step_t = state["step"]
+        step_t = step_t if isinstance(step_t, torch.Tensor) else torch.tensor(float(step_t))
+    else:
+        on_device = group["capturable"] or group["fused"]
+        dtype = torch.float32 if group["fused"] else torch.get_default_dtype()
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        step_t = torch.zeros((), dtype=dtype, device=p.device if on_device else "cpu")
+    step_t = step_t + 1
+
+    if not group["capturable"] or group["fused"]:
+        step = _value(step_t)
+        bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+        denom = (v.sqrt() / bc2**0.5).add_(eps)
+        return Direction(shrink, lr / bc1, m / denom)
+    # capturable: the bias corrections are tensors in the step counter's dtype (float32 usually)
+    with_grads = [q for q in group["params"] if q.grad is not None]
+    if _adam_foreach(group, with_grads):
+        neg_size = torch.pow(beta1, step_t).sub_(1).div_(lr).reciprocal_()  # −lr/(1 − β₁ᵏ)
+        bc2_sqrt = torch.pow(beta2, step_t).sub_(1).neg_().sqrt_()
+        denom = (v.sqrt() / bc2_sqrt).add_(eps).div_(neg_size)
+    else:
+        neg_size = (lr / (1 - beta1**step_t)).neg()
+        bc2_sqrt = (1 - beta2**step_t).sqrt()
+        denom = (v.sqrt() / (bc2_sqrt * neg_size)).add_(eps / neg_size)
+    eta = -_value(neg_size)
+    return Direction(shrink, eta, (m / denom).div_(-eta))
+
+
+def _rmsprop(opt: torch.optim.Optimizer, group: Group, p: torch.Tensor, call: str) -> Direction:
+    _check(group, p, call, ("lr", "weight_decay"))
+    state = opt.state.get(p, {})
+    alpha = group["alpha"]
+    grad = _grad(group, p)
+    if group["weight_decay"] != 0:
+        grad = grad.add(p, alpha=group["weight_decay"])
+    sq = (
+        _state_tensor(state, "square_avg", p, call).mul(alpha).addcmul_(grad, grad, value=1 - alpha)
+    )
+    if group["centered"]:
+        avg_g = _state_tensor(state, "grad_avg", p, call).lerp(grad, 1 - alpha)
+        avg = sq.addcmul(avg_g, avg_g, value=-1).sqrt_()
+    else:
+        avg = sq.sqrt()
+    avg = avg.add_(group["eps"])
+    if group["momentum"] > 0:
+        buf = _state_tensor(state, "momentum_buffer", p, call)
+        return Direction(1.0, float(group["lr"]), buf.mul(group["momentum"]).addcdiv_(grad, avg))
+    return Direction(1.0, float(group["lr"]), grad / avg)
+
+
+def _adagrad(opt: torch.optim.Optimizer, group: Group, p: torch.Tensor, call: str) -> Direction:
+    _check(group, p, call, ("lr", "weight_decay"))
+    state = opt.state.get(p, {})
+    grad = _grad(group, p)
+    if group["weight_decay"] != 0:
+        grad = grad.add(p, alpha=group["weight_decay"])
+    # A state created lazily by torch takes the optimizer's default, not the group's, value.
+    init = opt.defaults["initial_accumulator_value"]
+    total = _state_tensor(state, "sum", p, call, fill=init).addcmul(grad, grad, value=1)
+    step = _value(state["step"]) + 1 if "step" in state else 1.0
+    eta = group["lr"] / (1 + (step - 1) * group["lr_decay"])
+    return Direction(1.0, float(eta), grad / total.sqrt().add_(group["eps"]))
+
+
+_MODELS = {
+    torch.optim.SGD: _sgd,
+    torch.optim.Adam: _adam,
+    torch.optim.AdamW: _adam,
+    torch.optim.RMSprop: _rmsprop,
+    torch.optim.Adagrad: _adagrad,
+}
+
+
+@torch.no_grad()
+def direction(
+    optimizer: torch.optim.Optimizer, group: int | Group, param: torch.Tensor
+) -> Direction:
+    """The (sₖ, ηₖ, aₖ) that ``optimizer.step()`` will apply to ``param``; reads, never writes.
+
+    ``group`` is the index of the parameter's group in ``optimizer.param_groups`` or the group
+    itself. Call it after the gradients are final and before the step. A parameter without a
+    gradient is not moved by torch: its direction is zero (shrink 1, eta the group's lr).
+    """
+    call = f"direction({type(optimizer).__name__}, group={group if isinstance(group, int) else '{...}'}, param)"
+    model = _MODELS.get(type(optimizer))
+    if model is None:
+        raise _unsupported(
+            call,
+            f"{type(optimizer).__module__}.{type(optimizer).__qualname__} is not modelled "
+            f"(modelled: {', '.join(sorted(c.__name__ for c in _MODELS))})",
+        )
+    found = _find_group(optimizer, group, call)
+    if not any(param is p for p in found["params"]):
+        raise ValueError(explain(call, f"parameter of shape {tuple(param.shape)} is not in group"))
+    if param.grad is None:
+        return Direction(1.0, _value(found["lr"]), torch.zeros_like(param))
+    return model(optimizer, found, param, call)
+
+
+def directions(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, Direction]:
+    """:func:`direction` of every parameter of every group, keyed by the parameter."""
+    return {
+        p: direction(optimizer, i, p)
+        for i, group in enumerate(optimizer.param_groups)
+        for p in group["params"]
+    }
+
+
+class MeasuredDirection:
+    """aₖ = (θₖ − θₖ₊₁)/ηₖ measured around the step, for an optimizer :func:`direction` lacks.
+
+    Call :meth:`before` just before ``optimizer.step()`` and :meth:`after` just after it; the shrink
+    is 1 (a decoupled decay is then part of aₖ) and ηₖ the group's ``lr`` read in :meth:`before`.
+    Memory: one copy of the tracked parameters, kept between the two calls.
+
+    >>> import torch
+    >>> w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    >>> opt = torch.optim.SGD([w], lr=0.5)
+    >>> w.grad = torch.tensor([1.0, -2.0], dtype=torch.float64)
+    >>> m = MeasuredDirection(opt)
+    >>> m.before(); opt.step(); m.after()[w].a.tolist()
+    [1.0, -2.0]
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor] | None = None
+    ) -> None:
+        self.optimizer = optimizer
+        chosen = None if params is None else list(params)
+        self._tracked: list[tuple[int, torch.Tensor]] = []
+        for i, group in enumerate(optimizer.param_groups):
+            for p in group["params"]:
+                if chosen is None or any(p is q for q in chosen):
+                    self._tracked.append((i, p))
+        if chosen is not None and len(self._tracked) != len(chosen):
+            raise ValueError(
+                explain(
+                    f"MeasuredDirection({type(optimizer).__name__}, params=[...])",
+                    f"{len(chosen) - len(self._tracked)} of the params are not in the optimizer",
+                )
+            )
+        self._before: list[tuple[float, torch.Tensor]] | None = None
+
+    @torch.no_grad()
+    def before(self) -> None:
+        """Copy θₖ of every tracked parameter and read each group's lr."""
+        self._before = []
+        for i, p in self._tracked:
+            eta = _value(self.optimizer.param_groups[i]["lr"])
+            if eta == 0:
+                raise ValueError(
+                    explain(
+                        "MeasuredDirection.before()",
+                        f"group {i} has lr = 0",
+                        "a step of size 0 has no direction",
+                    )
+                )
+            self._before.append((eta, p.detach().clone()))
+
+    @torch.no_grad()
+    def after(self) -> dict[torch.Tensor, Direction]:
+        """The direction of the step just taken, per tracked parameter; frees the copy."""
+        if self._before is None:
+            raise RuntimeError(
+                explain("MeasuredDirection.after()", "before() was not called for this step")
+            )
+        out = {
+            p: Direction(1.0, eta, (theta - p.detach()).div_(eta))
+            for (_, p), (eta, theta) in zip(self._tracked, self._before)
+        }
+        self._before = None
+        return out
