@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from symmech.cli import main
+from symmech.spec import library
 
 ROOT = Path(__file__).resolve().parents[2]
 TEX_FILES = sorted((ROOT / "derivations").glob("*.tex"))
@@ -39,6 +40,26 @@ def test_generated_code_is_up_to_date(at_root, capsys):
 
 def test_latex_is_up_to_date(at_root, capsys):
     assert main(["latex", "--all", "--check"]) == 0, capsys.readouterr().err
+
+
+SPEC_FILES = sorted((ROOT / "derivations").glob("*.py"))
+
+
+@pytest.mark.parametrize("spec", SPEC_FILES, ids=[p.stem for p in SPEC_FILES])
+def test_latex_of_a_spec_is_its_committed_tex(spec, at_root, tmp_path, capsys):
+    out = tmp_path / f"{spec.stem}.tex"
+    assert main(["latex", str(spec), "-o", str(out)]) == 0, capsys.readouterr().err
+    assert out.read_text() == spec.with_suffix(".tex").read_text()
+
+
+@pytest.mark.parametrize("spec", SPEC_FILES, ids=[p.stem for p in SPEC_FILES])
+def test_latex_of_a_builtin_name_is_the_committed_tex(spec, at_root, tmp_path, capsys):
+    """``symmech latex linear_pair`` (the built-in) matches derivations/linear_pair.tex."""
+    if spec.stem not in library.BUILTIN:
+        pytest.fail(f"{spec.name} has no built-in of the same name")
+    out = tmp_path / f"{spec.stem}.tex"
+    assert main(["latex", spec.stem, "-o", str(out)]) == 0, capsys.readouterr().err
+    assert out.read_text() == spec.with_suffix(".tex").read_text()
 
 
 def test_stale_generated_copy_is_detected(at_root, tmp_path, capsys):
