@@ -10,20 +10,30 @@
     symmech plot records.csv -o out.png   plot a tracker's CSV (theory dashed, observed solid)
 
 SPEC is a built-in name (``symmech list``) or the path of a spec file.
+
+A mistake in what the command is given (a spec file that fails to run or declares a malformed
+symmetry, an unknown spec, an output path in a missing folder, a CSV that is not a tracker's
+records) is reported in one line, ``error: ...``, with exit status 2; argparse's usage errors
+also exit with 2. ``symmech list`` lists every spec file it can load and marks each one it
+cannot with the reason, then exits with 2 when any was refused. A failure that is not a user
+mistake is a bug: it is reported in one line with exit status 1 (set ``SYMMECH_TRACEBACK=1`` to
+see the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from symmech.spec.declare import Symmetry, load_spec
+from symmech.spec.declare import Symmetry, check_unique_names, load_spec
 
+from .cli_checks import one_line, output_file, output_folder, tracker_records, write_text, writing
 from .derivation import derive
-from .errors import SymmechError
+from .errors import SymmechError, explain
 from .spec import library
 
 DEFAULT_DERIVATIONS = Path("derivations")
@@ -88,11 +98,31 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for name, make in library.BUILTIN.items():
         print(f"  {name:28s} {make().description}")
     directory = Path(args.dir)
-    if directory.is_dir():
-        print(f"spec files in {directory}/:")
-        for path in spec_files(directory):
-            names = ", ".join(s.name for s in load_spec(path))
-            print(f"  {path.name:28s} {names}")
+    if not directory.is_dir():
+        if args.dir == str(DEFAULT_DERIVATIONS):
+            return 0  # no spec files here: the built-ins are the whole list
+        raise SymmechError(explain(f"symmech list --dir {args.dir!r}", "no such folder"))
+    print(f"spec files in {directory}/:")
+    refused, owner = [], {}
+    for path in spec_files(directory):
+        try:
+            symmetries = load_spec(path)
+            for s in symmetries:
+                if s.name in owner:
+                    raise SymmechError(
+                        f"the symmetry {s.name!r} is also declared in {owner[s.name]}"
+                    )
+        except SymmechError as err:
+            print(f"  {path.name:28s} REFUSED: {one_line(err)}")
+            refused.append(path.name)
+            continue
+        owner.update((s.name, path.name) for s in symmetries)
+        print(f"  {path.name:28s} {', '.join(s.name for s in symmetries)}")
+    if refused:
+        raise SymmechError(
+            f"symmech list: {len(refused)} spec file(s) in {directory}/ refused: "
+            f"{', '.join(refused)} (the reasons are listed above)"
+        )
     return 0
 
 
@@ -115,6 +145,11 @@ def _cmd_latex(args: argparse.Namespace) -> int:
     from symmech.export.latex import document_to_latex
 
     if args.all:
+        if args.specs or args.output:
+            raise SymmechError(
+                "symmech latex --all: writes each .tex beside its spec file; "
+                "give --all or SPEC (with -o), not both"
+            )
         stale = []
         for path in specs_in(
             project_folder(args.dir, DEFAULT_DERIVATIONS, "latex --all"), "latex --all"
@@ -125,18 +160,22 @@ def _cmd_latex(args: argparse.Namespace) -> int:
                 if not target.is_file() or target.read_text() != text:
                     stale.append(str(target))
             else:
-                target.write_text(text)
+                write_text(target, text, "latex --all")
                 print(f"wrote {target}")
         if stale:
             print("stale LaTeX (run `symmech latex --all`): " + ", ".join(stale), file=sys.stderr)
             return 1
         return 0
     if not args.specs:
-        print("symmech latex: give SPEC (or --all)", file=sys.stderr)
-        return 2
-    text = document_to_latex([derive(s) for spec in args.specs for s in resolve(spec)])
-    if args.output:
-        Path(args.output).write_text(text)
+        raise SymmechError("symmech latex: give SPEC (or --all)")
+    if args.check:
+        raise SymmechError("symmech latex --check: checks the .tex files of --all; add --all")
+    output = output_file(args.output, "latex") if args.output else None
+    symmetries = [s for spec in args.specs for s in resolve(spec)]
+    check_unique_names(symmetries, "symmech latex")
+    text = document_to_latex([derive(s) for s in symmetries])
+    if output:
+        write_text(output, text, "latex")
         print(f"wrote {args.output}")
     else:
         print(text)
@@ -154,10 +193,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             str(p) for p in specs_in(project_folder(args.dir, DEFAULT_DERIVATIONS, verb), verb)
         ]
     symmetries = [s for spec in specs for s in resolve(spec)]
-    output = (
+    check_unique_names(symmetries, f"symmech {verb}")
+    output = output_folder(
         project_folder(args.output, DEFAULT_GENERATED, verb)
         if not args.specs
-        else Path(args.output)
+        else Path(args.output),
+        verb,
     )
     if args.check:
         stale = check_generated(symmetries, output)
@@ -169,7 +210,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             return 1
         print(f"{len(symmetries)} generated modules in {output}/ are up to date")
         return 0
-    for path in write_generated(symmetries, output):
+    for path in writing(verb, output, lambda: write_generated(symmetries, output)):
         print(f"wrote {path}")
     return 0
 
@@ -181,15 +222,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_plot(args: argparse.Namespace) -> int:
-    from symmech.viz.plots import plot_errors, plot_records, read_records_csv
-
-    records = read_records_csv(args.csv)
-    out = Path(args.output)
-    plot_records(records, out, title=args.title)
+    try:
+        from symmech.viz.plots import plot_errors, plot_records
+    except ImportError as err:
+        raise SymmechError(
+            f"symmech plot: needs matplotlib ({one_line(err)}); pip install 'symmech[viz]'"
+        ) from None
+    out = output_file(args.output, "plot")
+    errors = output_file(args.errors, "plot", "--errors") if args.errors else None
+    records = tracker_records(args.csv)
+    writing("plot", out, lambda: plot_records(records, out, title=args.title))
     print(f"wrote {out}")
-    if args.errors:
-        plot_errors(records, Path(args.errors))
-        print(f"wrote {args.errors}")
+    if errors:
+        writing("plot", errors, lambda: plot_errors(records, errors))
+        print(f"wrote {errors}")
     return 0
 
 
@@ -256,13 +302,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; a user mistake is one line ``error: ...`` and exit status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except SymmechError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a bug, not a user mistake: still one line unless asked
+        if os.environ.get("SYMMECH_TRACEBACK"):
+            raise
+        print(
+            f"error: internal error in symmech {args.command}: {type(err).__name__}: "
+            f"{one_line(err)} (a bug; SYMMECH_TRACEBACK=1 shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
