@@ -280,7 +280,10 @@ class Symmetry:
                     )
         self.blocks: tuple[Block, ...] = tuple(blocks)
         self.constants: tuple[Constant, ...] = tuple(
-            sorted({c for im in cleaned.values() for c in im.atoms(Constant)}, key=str)
+            sorted(
+                {c for im in cleaned.values() for c in im.atoms(Constant)},
+                key=lambda c: (str(c), c.structure),  # one order for two constants of one name
+            )
         )
         self._check_names_distinct(call)
         self._check_no_stray_symbols(call)
@@ -349,7 +352,8 @@ class Symmetry:
 
 def _describe(m: MatrixSymbol) -> str:
     kind = "Block" if isinstance(m, Block) else f"{getattr(m, 'structure', 'general')} Constant"
-    return f"a {kind} of shape {m.shape}"
+    article = "an" if kind[0] in "aeiou" else "a"
+    return f"{article} {kind} of shape {m.shape}"
 
 
 def load_spec(path: str | Path) -> list[Symmetry]:

@@ -97,7 +97,7 @@ def test_constants_of_one_name_and_different_structure_are_refused() -> None:
     S = Constant("E", shape=("r", "r"), structure="symmetric")
     A = Constant("E", shape=("r", "r"), structure="antisymmetric")
     with pytest.raises(
-        SpecError, match=r"both called 'E'.*symmetric Constant.*antisymmetric Constant"
+        SpecError, match=r"both called 'E': an antisymmetric Constant .* and a symmetric Constant"
     ):
         Symmetry("clash", {U: U + alpha * U * (S + A)}, identity=0)
 
