@@ -19,7 +19,7 @@ from __future__ import annotations
 from symmech.runtime.kernels import Forms, dot, mm
 
 SPEC = "linear_pair"
-FINGERPRINT = "97a1bb2ad2f73f7f0e619f2c378b55ac"
+FINGERPRINT = "4451f18891d8b80b1c527a22da6dc87f"
 BLOCKS = ("U", "V")
 CONSTANTS = ("E",)
 CLOSES = True

@@ -12,7 +12,7 @@ No law is generated: there is no conserved quantity to project onto: Dξ is anti
 from __future__ import annotations
 
 SPEC = "linear_pair_antisymmetric"
-FINGERPRINT = "46938d5e085f72ac8b1a97955f8b89f3"
+FINGERPRINT = "729db130d8086d93557c9284c8fcdcf6"
 BLOCKS = ("U", "V")
 CONSTANTS = ("A",)
 CLOSES = False

@@ -19,7 +19,7 @@ from __future__ import annotations
 from symmech.runtime.kernels import Forms, dot, sq
 
 SPEC = "quadratic_rescale"
-FINGERPRINT = "4056f170288a96adee869d60712a4a4a"
+FINGERPRINT = "b7d0f474ed20cb4c91a8b3704564a4a8"
 BLOCKS = ("theta_1", "theta_2")
 CONSTANTS = ()
 CLOSES = True
@@ -28,22 +28,22 @@ KAPPA = 2.0
 CHARGE = "<theta_1, theta_1>/2 - <theta_2, theta_2>"
 
 
-def charge(th, const):
+def charge(th):
     """Observed Q(theta_k) per group."""
     return 0.5 * sq(th["theta_1"]) - sq(th["theta_2"])
 
 
-def residual(th, gr, const):
+def residual(th, gr):
     """Symmetry residual r_k = <xi(theta_k), g_k> per group (0 for an exact symmetry)."""
     return dot(th["theta_1"], gr["theta_1"]) - 2 * dot(th["theta_2"], gr["theta_2"])
 
 
-def quadratic(x, const):
+def quadratic(x):
     """<x, J x> per group: g_k J g_k, or u_k J u_k = b_k J b_k after a heavy-ball step."""
     return sq(x["theta_1"]) - 2 * sq(x["theta_2"])
 
 
-def forms(th, gr, bf, const):
+def forms(th, gr, bf):
     """B_xy = <x, J y> per group for x, y among theta_k, g_k, b_{k-1} (no b-terms if bf is None)."""
     out = Forms(
         tt=sq(th["theta_1"]) - 2 * sq(th["theta_2"]),

@@ -18,7 +18,7 @@ from __future__ import annotations
 from symmech.runtime.kernels import Forms, dot, sq
 
 SPEC = "scale"
-FINGERPRINT = "acd7e8f771111b38a4172b2ef3fb1991"
+FINGERPRINT = "2438526612aa55302d28ee659b6e47d4"
 BLOCKS = ("theta",)
 CONSTANTS = ()
 CLOSES = True
@@ -27,22 +27,22 @@ KAPPA = 2.0
 CHARGE = "<theta, theta>/2"
 
 
-def charge(th, const):
+def charge(th):
     """Observed Q(theta_k) per group."""
     return 0.5 * sq(th["theta"])
 
 
-def residual(th, gr, const):
+def residual(th, gr):
     """Symmetry residual r_k = <xi(theta_k), g_k> per group (0 for an exact symmetry)."""
     return dot(th["theta"], gr["theta"])
 
 
-def quadratic(x, const):
+def quadratic(x):
     """<x, J x> per group: g_k J g_k, or u_k J u_k = b_k J b_k after a heavy-ball step."""
     return sq(x["theta"])
 
 
-def forms(th, gr, bf, const):
+def forms(th, gr, bf):
     """B_xy = <x, J y> per group for x, y among theta_k, g_k, b_{k-1} (no b-terms if bf is None)."""
     out = Forms(tt=sq(th["theta"]), tg=dot(th["theta"], gr["theta"]), gg=sq(gr["theta"]))
     if bf is None:

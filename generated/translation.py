@@ -18,7 +18,7 @@ from __future__ import annotations
 from symmech.runtime.kernels import Forms, total, zeros
 
 SPEC = "translation"
-FINGERPRINT = "6e22a35a4f5e59345f4bb4983b09bbfe"
+FINGERPRINT = "da188d99e85a1233854f82bd6be8da8e"
 BLOCKS = ("theta",)
 CONSTANTS = ()
 CLOSES = True
@@ -27,22 +27,22 @@ KAPPA = 1.0
 CHARGE = "<theta, 1>"
 
 
-def charge(th, const):
+def charge(th):
     """Observed Q(theta_k) per group."""
     return total(th["theta"])
 
 
-def residual(th, gr, const):
+def residual(th, gr):
     """Symmetry residual r_k = <xi(theta_k), g_k> per group (0 for an exact symmetry)."""
     return total(gr["theta"])
 
 
-def quadratic(x, const):
+def quadratic(x):
     """<x, J x> per group: g_k J g_k, or u_k J u_k = b_k J b_k after a heavy-ball step."""
     return zeros(x["theta"])
 
 
-def forms(th, gr, bf, const):
+def forms(th, gr, bf):
     """B_xy = <x, J y> per group for x, y among theta_k, g_k, b_{k-1} (no b-terms if bf is None)."""
     s0 = zeros(th["theta"])
     out = Forms(tt=s0, tg=s0, gg=s0)

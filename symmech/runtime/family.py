@@ -72,6 +72,10 @@ class Family:
         self.names = [names.get(id(t), f"tensor{tuple(t.shape)}") for t in binding.tensors]
         self.status = TRACKED if self.module.CLOSES else OBSERVED_ONLY
         self.note = "" if self.module.CLOSES else self.module.WHY_NOT_CLOSED
+        #: the constants argument of the generated functions (only a spec with constants takes it)
+        self.const: tuple[dict[str, torch.Tensor], ...] = (
+            (binding.constants,) if self.module.CONSTANTS else ()
+        )
         self.q0: torch.Tensor | None = None
         self.residual: torch.Tensor | None = None  # rₖ measured at the current step, if any
         self._pending: _Pending | None = None
@@ -114,7 +118,7 @@ class Family:
 
     def observe(self) -> torch.Tensor:
         """Q(θ) of every group now."""
-        return self.module.charge(self.views("theta"), self.binding.constants)
+        return self.module.charge(self.views("theta"), *self.const)
 
     def settings(self) -> Hyper:
         """The settings of the first bound tensor's param group (as recorded per step)."""
@@ -164,10 +168,10 @@ class Family:
     def before_step(self, step: int, log: bool) -> torch.Tensor | None:
         """Queue this step's data; returns the observed charge when the step is logged."""
         m = self.module
-        const = self.binding.constants
+        const = self.const
         first_q = self.q0 is None
         th = self.views("theta") if (log or first_q or self.residuals or not self.tracked) else None
-        observed = m.charge(th, const) if (log or first_q) else None
+        observed = m.charge(th, *const) if (log or first_q) else None
         if first_q:
             self.q0 = observed
         self._pending = None
@@ -190,13 +194,13 @@ class Family:
         need_grad = self.residuals or log or not heavy_ball
         gr = self.views("grad") if need_grad else None
         if self.residuals or log:
-            self.residual = m.residual(th, gr, const)
+            self.residual = m.residual(th, gr, *const)
         residual = self.residual if self.residuals else None
         self._pending = _Pending(hyper, residual)
         if not heavy_ball:
             th = th if th is not None else self.views("theta")
             bf = self.views("buffer") if not first_step else None
-            forms = m.forms(th, gr, bf, const)
+            forms = m.forms(th, gr, bf, *const)
             self._pending.uJu, self._pending.uJb = update_forms(case, hyper, forms)
             self._pending.gJg = forms.gg if hyper.momentum == 0.0 else None
         return observed
@@ -207,5 +211,5 @@ class Family:
         if p is None:
             return None
         if p.uJu is None or p.uJb is None:
-            p.uJu = p.uJb = self.module.quadratic(self.views("buffer"), self.binding.constants)
+            p.uJu = p.uJb = self.module.quadratic(self.views("buffer"), *self.const)
         return StepData(p.hyper, p.uJu, p.uJb, p.gJg, p.residual)

@@ -2,7 +2,8 @@
 
 A generated module's functions take ``th``, ``gr`` and ``bf`` (or ``x`` for any one of them):
 dicts from a block name to the bound slices of θₖ (the parameter), gₖ (its ``.grad``) and
-bₖ₋₁ (torch's ``momentum_buffer`` before the step), and ``const``, constant names to tensors.
+bₖ₋₁ (torch's ``momentum_buffer`` before the step), and, only for a spec with constants, ``const``,
+constant names to tensors.
 Every ``xs`` below is one block's list of slices: :class:`~.reductions.GridSlice` objects while
 tracking (fused, cached reductions), or plain ``(tensor, reduce_dims)`` pairs. Each reduction
 returns one value per group, shape (G,); ``forms`` returns the six in a :class:`Forms`.

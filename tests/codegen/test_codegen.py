@@ -260,19 +260,19 @@ def test_generated_functions_match_reference(symmetry, data, n, hyper, seed):
     mod = generated_module(as_derivation(symmetry))
     st_ = _random_state(lay, gen)
     th, gr, bprev = st_["theta"], st_["grad"], st_["buf"]
-    const = lay.constants
+    C = (lay.constants,) if mod.CONSTANTS else ()  # only a spec with constants takes them
     A = ref.args
 
     # charge, residual, <x, J x> and the six forms B_xy
-    close_to(mod.charge(A(th), const), ref.charge(th), ref.charge_abs(th), "charge")
+    close_to(mod.charge(A(th), *C), ref.charge(th), ref.charge_abs(th), "charge")
     close_to(
-        mod.residual(A(th), A(gr), const), ref.xi_dot(th, gr), ref.xi_dot(th, gr, True), "residual"
+        mod.residual(A(th), A(gr), *C), ref.xi_dot(th, gr), ref.xi_dot(th, gr, True), "residual"
     )
-    close_to(mod.quadratic(A(gr), const), ref.form(gr, gr), ref.form(gr, gr, True), "gJg")
+    close_to(mod.quadratic(A(gr), *C), ref.form(gr, gr), ref.form(gr, gr, True), "gJg")
     close_to(
-        mod.quadratic(A(bprev), const), ref.form(bprev, bprev), ref.form(bprev, bprev, True), "bJb"
+        mod.quadratic(A(bprev), *C), ref.form(bprev, bprev), ref.form(bprev, bprev, True), "bJb"
     )
-    forms = mod.forms(A(th), A(gr), A(bprev), const)
+    forms = mod.forms(A(th), A(gr), A(bprev), *C)
     pairs = {
         "tt": (th, th),
         "tg": (th, gr),
@@ -283,7 +283,7 @@ def test_generated_functions_match_reference(symmetry, data, n, hyper, seed):
     }
     for key, (x, y) in pairs.items():
         close_to(getattr(forms, key), ref.form(x, y), ref.form(x, y, True), f"B_{key}")
-    no_buffer = mod.forms(A(th), A(gr), None, const)
+    no_buffer = mod.forms(A(th), A(gr), None, *C)
     assert no_buffer.tb is None and no_buffer.gb is None and no_buffer.bb is None
 
     # update forms, every case, with u and b_new built as torch.optim.SGD does
@@ -302,7 +302,7 @@ def test_generated_functions_match_reference(symmetry, data, n, hyper, seed):
             if b[name] is None:
                 b[name] = u[name]  # no buffer: the cross term is <u, J d> with u = d
         has_buffer = not (first or case == "plain")
-        B = mod.forms(A(th), A(gr), A(bprev) if has_buffer else None, const)
+        B = mod.forms(A(th), A(gr), A(bprev) if has_buffer else None, *C)
         uju, ujb = update_forms(case, Hyper(lr, m, tau, lam, nest), B)
         close_to(uju, ref.form(u, u), scale, f"uJu[{case}]", rtol=1e-11)
         close_to(ujb, ref.form(u, b), scale, f"uJb[{case}]", rtol=1e-11)
@@ -318,7 +318,7 @@ def test_generated_functions_float32(symmetry):
     st_ = _random_state(lay, gen)
     th32 = {k: v.float() for k, v in st_["theta"].items()}
     const32 = {k: v.float() for k, v in lay.constants.items()}
-    q = mod.charge(ref.args(th32), const32)
+    q = mod.charge(ref.args(th32), *((const32,) if mod.CONSTANTS else ()))
     assert q.dtype == torch.float32
     want = ref.charge({k: v.double() for k, v in th32.items()})
     scale = ref.charge_abs(st_["theta"])
@@ -365,7 +365,7 @@ def test_a_spec_without_a_committed_module_is_rendered():
     assert mod.__file__ == "<generated my_scale>" and mod.KAPPA == 2.0
     committed = generated_module(as_derivation("scale"))
     x = [(torch.arange(6.0, dtype=DTYPE).reshape(2, 3), (1,))]
-    torch.testing.assert_close(mod.charge({"theta": x}, {}), committed.charge({"theta": x}, {}))
+    torch.testing.assert_close(mod.charge({"theta": x}), committed.charge({"theta": x}))
     assert generated_module(as_derivation(user)) is mod
 
 

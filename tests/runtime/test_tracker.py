@@ -461,9 +461,7 @@ def test_bound_slice_prepare_with_negative_dim():
     assert b.n_groups == 5
     x, dims = s.prepare(w)
     assert dims == (0,)
-    np.testing.assert_allclose(
-        b.module.charge({"theta": [(x, dims)]}, {}).numpy(), w.sum(0).numpy()
-    )
+    np.testing.assert_allclose(b.module.charge({"theta": [(x, dims)]}).numpy(), w.sum(0).numpy())
 
 
 def test_csv_and_summary(tmp_path):
