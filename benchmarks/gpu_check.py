@@ -371,7 +371,7 @@ def small_net(image: int, dtype: torch.dtype, device: torch.device) -> nn.Module
 
 def magnitudes(tracker: symmech.Tracker) -> dict[tuple[str, str], torch.Tensor]:
     """Per family and group, the size Q is measured against: ½θᵀ|J|θ + |c|ᵀ|θ|, taken here as
-    Σ|θ| when Q is linear in θ (translation) and ½Σθ² otherwise (as tests/test_tracker.py
+    Σ|θ| when Q is linear in θ (translation) and ½Σθ² otherwise (as tests/runtime/test_tracker.py
     does with the exact |J|), so a Q that happens to be near 0 does not inflate the error."""
     out = {}
     for f in tracker.families:

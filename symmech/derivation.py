@@ -131,7 +131,7 @@ class Derivation:
 
     @property
     def dynamics(self):
-        """The learning-dynamics laws (see :mod:`symmech.dynamics`), derived on first access."""
+        """The learning-dynamics laws (see :mod:`symmech.laws.continuous`), derived on first access."""
         if self._dynamics is None:
             from symmech.laws.continuous import derive_dynamics
 

@@ -1,6 +1,6 @@
 """Does the projection of the learning dynamics onto the generator close?
 
-The laws of :mod:`symmech.dynamics` and :mod:`symmech.discrete` are exact consequences of
+The laws of :mod:`symmech.laws.continuous` and :mod:`symmech.laws.discrete` are exact consequences of
 the geometry only when
 
 * ξ = Jθ + c is affine with J symmetric (so Q = ½θᵀJθ + cᵀθ exists and ⟨ξ, θ̇⟩ = Q̇),

@@ -409,7 +409,7 @@ class Dynamics:
 
     @property
     def discrete(self) -> Law:
-        """The exact step-by-step law of torch.optim.SGD (see :mod:`symmech.discrete`)."""
+        """The exact step-by-step law of torch.optim.SGD (see :mod:`symmech.laws.discrete`)."""
         return self._law("discrete")
 
     @property

@@ -5,7 +5,7 @@ Two independent paths live here:
 * :func:`oscillator_step` -- the exact one-step state transition of ``Q'' + a Q' + b Q = F`` for a
   forcing held constant over a step of length ``h``, written with functions that are entire in
   the scaled discriminant ``z = (a h / 2)**2 - b h**2``. It is what the per-step recurrence of
-  :func:`symmech.numeric_laws.predict_laws` uses; it never divides by a root difference that can
+  :func:`symmech.reference.numeric_laws.predict_laws` uses; it never divides by a root difference that can
   be small and never forms a growing exponential.
 * :func:`second_order_closed_form` -- the textbook Green's-kernel solution (roots, three regimes),
   summed over all steps at once. It exists to cross-check the recurrence.

@@ -220,7 +220,7 @@ def predict_laws(
     as the momentum buffer does (tau = 0 gives the paper's equation). This start makes the
     law O(eta) when beta > 0 and lam > 0 (a slow-mode offset of relative size
     kappa eta lam beta / (2 (1 - beta))); Q'(0) = -(1 + tau) kappa lam Q0 / (1 + beta) would
-    remove it, see tests/test_continuous_order.py.
+    remove it, see tests/laws/test_continuous_order.py.
 
     >>> import numpy as np
     >>> n = 3

@@ -1,6 +1,6 @@
 """Small float64 PyTorch networks with a known symmetry, bound to the blocks of a library spec.
 
-Shared by ``test_engine_geometry.py`` and ``test_engine_noether_flow.py``. Everything here is an
+Shared by ``tests/derive/test_geometry.py`` and ``tests/derive/test_noether_flow.py``. Everything here is an
 *independent* reference for the engine: losses, gradients and Hessian-vector products come from
 the real network through autograd / ``torch.func``, never from symmech.
 
