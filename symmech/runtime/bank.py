@@ -39,22 +39,37 @@ class Bank:
     def _column(self, data: list[StepData | None], field: str) -> torch.Tensor | None:
         """One field of every family's data, concatenated; a family without data gives NaN.
 
-        ``residual`` and ``gJg`` may be None (zero): None for the bank when every family's is.
+        ``residual`` and ``gJg`` may be None (zero), ``xi_b`` and ``restart`` None (NaN: carry
+        on): None for the bank when every family's is.
         """
         assert self.laws is not None
-        optional = field in ("residual", "gJg")
+        zero_fill = field in ("residual", "gJg")
+        optional = zero_fill or field in ("xi_b", "restart")
         values = [None if d is None else getattr(d, field) for d in data]
-        if optional and all(d is not None and v is None for d, v in zip(data, values)):
+        if optional and all(v is None for v in values):
             return None
         parts = []
         for f, d, value in zip(self.families, data, values):
             if value is None:
-                fill = 0.0 if (d is not None and optional) else float("nan")
+                fill = 0.0 if (d is not None and zero_fill) else float("nan")
                 value = torch.full(
                     (f.n_groups,), fill, dtype=torch.float64, device=self.laws.q0.device
                 )
             parts.append(value.reshape(-1).to(torch.float64))
         return torch.cat(parts)
+
+    def _flags(self, data: list[StepData | None], field: str) -> torch.Tensor | bool:
+        """A per-family flag over the bank's groups (False when no family sets it)."""
+        flags = [d is not None and bool(getattr(d, field)) for d in data]
+        if not any(flags):
+            return False
+        assert self.laws is not None
+        return torch.cat(
+            [
+                torch.full((f.n_groups,), flag, dtype=torch.bool, device=self.laws.q0.device)
+                for f, flag in zip(self.families, flags)
+            ]
+        )
 
     def step(self, data: list[StepData | None]) -> None:
         """Advance the laws by one step with each family's data (None: not predicted)."""
@@ -63,14 +78,24 @@ class Bank:
         assert self.laws is not None
         live = [d for d in data if d is not None]
         if not live:
-            return  # nothing moved (no gradients) or no family is tracked
+            return  # no family is tracked
         hyper = live[0].hyper
         if any(d.hyper != hyper for d in live[1:]):  # pragma: no cover - one param group a bank
             raise RuntimeError("families of one bank disagree in hyperparameters")
         uju, ujb = self._column(data, "uJu"), self._column(data, "uJb")
         assert uju is not None and ujb is not None
         self.laws.step(
-            StepData(hyper, uju, ujb, self._column(data, "gJg"), self._column(data, "residual"))
+            StepData(
+                hyper,
+                uju,
+                ujb,
+                self._column(data, "gJg"),
+                self._column(data, "residual"),
+                xi_b=self._column(data, "xi_b"),
+                fresh=self._flags(data, "fresh"),
+                restart=self._column(data, "restart"),
+                idle=self._flags(data, "idle"),
+            )
         )
 
     def segment(self, family: Family) -> slice:

@@ -38,6 +38,10 @@ class _Pending:
     gJg: torch.Tensor | None = None
     uJu: torch.Tensor | None = None  # None: heavy ball, uₖ = bₖ read from the updated buffer
     uJb: torch.Tensor | None = None
+    xi_b: torch.Tensor | None = None  # measured ⟨ξ(θₖ), bₖ₋₁⟩ of a buffer the law did not follow
+    fresh: bool = False  # torch creates the buffer in this step
+    restart: torch.Tensor | None = None  # the observed Qₖ the laws start anew from
+    idle: bool = False  # no gradient: the optimizer skips the group
 
 
 def _read_hyper(group: dict) -> Hyper:
@@ -79,6 +83,8 @@ class Family:
         self.q0: torch.Tensor | None = None
         self.residual: torch.Tensor | None = None  # rₖ measured at the current step, if any
         self._pending: _Pending | None = None
+        self._xi_known = False  # whether the laws follow the momentum buffer
+        self._restart: str | None = None  # why the laws start anew at the next step
         group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
         missing = [n for t, n in zip(binding.tensors, self.names) if id(t) not in group_of]
         if missing:
@@ -107,7 +113,7 @@ class Family:
                 if which == "theta":
                     t = p.detach()
                 elif which == "grad":
-                    t = p.grad
+                    t = self.cache.grads.get(id(p), p.grad)
                 else:
                     t = self.optimizer.state.get(p, {}).get("momentum_buffer")
                 if t is None:
@@ -165,30 +171,51 @@ class Family:
         self._pending = None
 
     # -- one step ----------------------------------------------------------------------
+    def restart(self, why: str) -> None:
+        """Start the laws anew from the next step's observed state (a tracked family only)."""
+        if self.tracked:
+            self._restart = why
+        self._xi_known = False
+        self._pending = None
+
     def before_step(self, step: int, log: bool) -> torch.Tensor | None:
         """Queue this step's data; returns the observed charge when the step is logged."""
         m = self.module
         const = self.const
         first_q = self.q0 is None
-        th = self.views("theta") if (log or first_q or self.residuals or not self.tracked) else None
-        observed = m.charge(th, *const) if (log or first_q) else None
+        restart = self._restart is not None and self.tracked and not first_q
+        need_q = log or first_q or restart
+        th = (
+            self.views("theta")
+            if (need_q or self.residuals or not self.tracked or not self._xi_known)
+            else None
+        )
+        observed = m.charge(th, *const) if need_q else None
         if first_q:
             self.q0 = observed
         self._pending = None
         self.residual = None
         if not self.tracked:
             return observed
-        if any(t.grad is None for t in self.binding.tensors):
-            self.stop(
-                f"{self.names} have no (or only some) gradients at step {step}; torch.optim.SGD skips "
-                "parameters without gradients, so the group does not follow the law's update"
-            )
-            return observed
         hyper = self.hyper()
         if hyper is None:
             return observed
-        state = self.optimizer.state.get(self.binding.tensors[0], {})
-        first_step = hyper.momentum == 0.0 or state.get("momentum_buffer") is None
+        grads = [self.cache.grads.get(id(t), t.grad) for t in self.binding.tensors]
+        if all(g is None for g in grads):  # torch.optim.SGD skips them: nothing moves
+            self._pending = _Pending(hyper, None, idle=True)
+            return observed
+        if any(g is None for g in grads):
+            bare = [n for n, g in zip(self.names, grads) if g is None]
+            self.restart(f"{bare} had no gradient at step {step} while the rest of the group did")
+            return observed
+        state = self.optimizer.state
+        buffers = [
+            state.get(t, {}).get("momentum_buffer") is not None for t in self.binding.tensors
+        ]
+        if hyper.momentum != 0.0 and any(buffers) and not all(buffers):
+            self.restart(f"only some of {self.names} had a momentum buffer at step {step}")
+            return observed
+        first_step = hyper.momentum == 0.0 or not buffers[0]
         case = hyper.case(first_step)
         heavy_ball = case in ("sgd", "first")
         need_grad = self.residuals or log or not heavy_ball
@@ -196,10 +223,17 @@ class Family:
         if self.residuals or log:
             self.residual = m.residual(th, gr, *const)
         residual = self.residual if self.residuals else None
-        self._pending = _Pending(hyper, residual)
+        self._pending = _Pending(hyper, residual, fresh=hyper.momentum != 0.0 and first_step)
+        if restart:
+            self._pending.restart = observed
+            self.note = f"laws restarted at step {step}: {self._restart}"
+            self._restart = None
+        bf = self.views("buffer") if not first_step else None
+        if bf is not None and not self._xi_known:
+            self._pending.xi_b = m.residual(th, bf, *const)
+        self._xi_known = hyper.momentum != 0.0
         if not heavy_ball:
             th = th if th is not None else self.views("theta")
-            bf = self.views("buffer") if not first_step else None
             forms = m.forms(th, gr, bf, *const)
             self._pending.uJu, self._pending.uJb = update_forms(case, hyper, forms)
             self._pending.gJg = forms.gg if hyper.momentum == 0.0 else None
@@ -210,6 +244,13 @@ class Family:
         p, self._pending = self._pending, None
         if p is None:
             return None
+        if p.idle:
+            q0 = self.q0
+            assert q0 is not None
+            zero = torch.zeros(self.n_groups, dtype=torch.float64, device=q0.device)
+            return StepData(p.hyper, zero, zero, idle=True)
         if p.uJu is None or p.uJb is None:
             p.uJu = p.uJb = self.module.quadratic(self.views("buffer"), *self.const)
-        return StepData(p.hyper, p.uJu, p.uJb, p.gJg, p.residual)
+        return StepData(
+            p.hyper, p.uJu, p.uJb, p.gJg, p.residual, xi_b=p.xi_b, fresh=p.fresh, restart=p.restart
+        )

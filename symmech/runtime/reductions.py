@@ -20,9 +20,19 @@ class ReductionCache:
 
     def __init__(self) -> None:
         self.grids: dict[tuple, torch.Tensor] = {}
+        #: gradients to read instead of ``.grad`` (unscaled ones under a GradScaler), by id
+        self.grads: dict[int, torch.Tensor] = {}
+        self._alive: list[torch.Tensor] = []  # temporaries, kept so no storage is reused
+
+    def keep(self, t: torch.Tensor) -> torch.Tensor:
+        """Hold a temporary until :meth:`clear` (cache keys are storage addresses)."""
+        self._alive.append(t)
+        return t
 
     def clear(self) -> None:
         self.grids.clear()
+        self.grads.clear()
+        self._alive.clear()
 
 
 def _key(x: torch.Tensor) -> tuple:

@@ -56,7 +56,12 @@ class StepData:
     """What the laws need from one optimizer step, per group (float64 once in :class:`Laws`).
 
     ``gJg`` is the first-order forcing (measured only without momentum, None: zero) and
-    ``residual`` the measured rₖ fed to ``discrete_residual`` (None: zero).
+    ``residual`` the measured rₖ fed to ``discrete_residual`` (None: zero). The rest say where
+    the law's state comes from this step (NaN or False: carried on from the previous step):
+    ``xi_b`` is the measured ⟨ξ(θₖ), bₖ₋₁⟩ of a buffer the law has not followed (tracking starts
+    on an existing buffer, or momentum comes back after steps without it); ``fresh`` marks groups
+    whose buffer torch creates in this step (b = d); ``restart`` is the observed Qₖ where every
+    law starts anew; ``idle`` marks groups the optimizer skips (no gradient: nothing moves).
     """
 
     hyper: Hyper
@@ -64,6 +69,10 @@ class StepData:
     uJb: torch.Tensor
     gJg: torch.Tensor | None = None
     residual: torch.Tensor | None = None
+    xi_b: torch.Tensor | None = None
+    fresh: torch.Tensor | bool | None = None  # None: on the laws' first step only
+    restart: torch.Tensor | None = None
+    idle: torch.Tensor | bool = False
 
 
 def update_forms(case: str, hyper: Hyper, B: Forms) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,9 +108,23 @@ def _m2_coefficients(h: float, a: float, b: float):
     covers the over-, critically and under-damped cases and b = 0 alike; Phi's eigenvalues are
     exp(r h) with Re r <= 0, so repeated application decays and never overflows.
     """
+    if h == 0.0:  # a step with lr = 0 takes no time: nothing moves
+        return (1.0, 0.0, 0.0, 1.0), (0.0, 0.0)
     m = torch.tensor([[0.0, 1.0, 0.0], [-b, -a, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64) * h
     e = torch.linalg.matrix_exp(torch.stack([m, m]))[0].tolist()  # batched: torch's accurate path
     return (e[0][0], e[0][1], e[1][0], e[1][1]), (e[0][2], e[1][2])
+
+
+_STATE = (
+    "q0",
+    "discrete",
+    "discrete_residual",
+    "first_order",
+    "second_order",
+    "second_order_rate",
+    "xi_b",
+    "xi_b_residual",
+)
 
 
 class Laws:
@@ -116,11 +139,11 @@ class Laws:
         self.first_order = q0.clone()
         self.second_order = q0.clone()
         self.second_order_rate = torch.zeros_like(q0)
+        #: ⟨ξ(θₖ), bₖ₋₁⟩ of the pure law and of the law fed rₖ (zero before any buffer)
+        self.xi_b = torch.zeros_like(q0)
+        self.xi_b_residual = torch.zeros_like(q0)
         self.t = 0.0
         self.steps = 0
-        self.m: torch.Tensor | None = None  # mₖ = ⟨ξₖ, bₖ⟩ of the pure law
-        self.m_residual: torch.Tensor | None = None  # the same fed rₖ
-        self._prev_eta_uJb: torch.Tensor | None = None
         self._cache: dict[tuple[float, float, float], tuple] = {}
 
     @property
@@ -131,50 +154,81 @@ class Laws:
         """A copy of every prediction, keyed by law name (device tensors, nothing synced)."""
         return {name: getattr(self, name).clone() for name in PREDICTIONS}
 
-    def _project(self, qhat, r, m_prev, kl, momentum, dampening, nesterov):
-        p = r + kl * qhat
-        if momentum == 0.0:
-            return p, None
-        if self.steps == 0:
-            m = p
-        else:
-            m = momentum * (m_prev - self._prev_eta_uJb) + (1.0 - dampening) * p
-        return (p + momentum * m if nesterov else m), m
+    def state_dict(self) -> dict:
+        """Everything the laws carry, to continue exactly in another process."""
+        out: dict = {name: getattr(self, name).clone() for name in _STATE}
+        out.update(kappa=self.kappa, t=self.t, steps=self.steps)
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in _STATE:
+            setattr(self, name, state[name].to(self.q0.device, torch.float64).clone())
+        self.kappa, self.t, self.steps = (
+            float(state["kappa"]),
+            float(state["t"]),
+            int(state["steps"]),
+        )
+
+    def _restart(self, q: torch.Tensor) -> torch.Tensor:
+        """Start every law anew at the observed Q where ``q`` is not NaN; returns that mask."""
+        mask = ~torch.isnan(q)
+        for name in ("q0", "discrete", "discrete_residual", "first_order", "second_order"):
+            setattr(self, name, torch.where(mask, q, getattr(self, name)))
+        return mask
 
     def step(self, data: StepData) -> None:
         """Advance every law by one ``torch.optim.SGD`` step with these settings and data."""
         h = data.hyper
-        lr, momentum, dampening = h.lr, h.momentum, h.dampening
+        lr, beta, tau = h.lr, h.momentum, h.dampening
         kl = self.kappa * h.weight_decay
+        before = {name: getattr(self, name) for name in _STATE}
+        start = self.steps == 0
+        if data.restart is not None:
+            start = self._restart(data.restart.to(torch.float64)) | start
         zero = torch.zeros_like(self.discrete)
         r = zero if data.residual is None else data.residual.to(torch.float64)
         gJg = zero if data.gJg is None else data.gJg.to(torch.float64)
         uJu = data.uJu.to(torch.float64)
         uJb = data.uJb.to(torch.float64)
-        v, m = self._project(self.discrete, zero, self.m, kl, momentum, dampening, h.nesterov)
-        v_res, m_res = self._project(
-            self.discrete_residual, r, self.m_residual, kl, momentum, dampening, h.nesterov
-        )
+        xi_b, xi_b_res = self.xi_b, self.xi_b_residual
+        if data.xi_b is not None:  # a buffer the law has not followed: its measured share
+            measured = data.xi_b.to(torch.float64)
+            known = torch.isnan(measured)
+            xi_b = torch.where(known, xi_b, measured)
+            xi_b_res = torch.where(known, xi_b_res, measured)
+        p, p_res = kl * self.discrete, r + kl * self.discrete_residual
+        if beta == 0.0:
+            v, v_res = p, p_res
+            m, m_res = xi_b, xi_b_res  # the buffer stays; the law re-reads it when β returns
+        else:
+            fresh = torch.as_tensor(self.steps == 0 if data.fresh is None else data.fresh)
+            m = torch.where(fresh, p, beta * xi_b + (1.0 - tau) * p)
+            m_res = torch.where(fresh, p_res, beta * xi_b_res + (1.0 - tau) * p_res)
+            v, v_res = (p + beta * m, p_res + beta * m_res) if h.nesterov else (m, m_res)
         half_lr2 = 0.5 * lr * lr
-        if self.steps == 0:
-            self.second_order_rate = -v
+        self.second_order_rate = torch.where(torch.as_tensor(start), -v, self.second_order_rate)
         self.discrete = self.discrete - lr * v + half_lr2 * uJu
         self.discrete_residual = self.discrete_residual - lr * v_res + half_lr2 * uJu
-        self.m, self.m_residual = m, m_res
-        self._prev_eta_uJb = lr * uJb
+        if beta != 0.0:  # ⟨ξ(θₖ₊₁), bₖ⟩ = mₖ − ηₖ⟨uₖ, J bₖ⟩
+            self.xi_b, self.xi_b_residual = m - lr * uJb, m_res - lr * uJb
         # first-order modified flow, forcing held over the step (exact exponential update)
         decay = math.exp(-kl * lr)
         phi = -math.expm1(-kl * lr) / kl if kl > 0.0 else lr
         self.first_order = decay * self.first_order + 0.5 * lr * phi * gJg
         # second-order (momentum) modified flow
-        mass = lr * (1.0 + momentum) / 2.0
-        stiffness = (1.0 - dampening) * kl if momentum > 0.0 else kl
-        key = (lr, momentum, stiffness)
+        mass = lr * (1.0 + beta) / 2.0
+        stiffness = (1.0 - tau) * kl if beta > 0.0 else kl
+        key = (lr, beta, stiffness)
         if key not in self._cache:
-            self._cache[key] = _m2_coefficients(lr, (1.0 - momentum) / mass, stiffness / mass)
+            a, b = ((1.0 - beta) / mass, stiffness / mass) if lr > 0.0 else (0.0, 0.0)
+            self._cache[key] = _m2_coefficients(lr, a, b)
         (p00, p01, p10, p11), (g0, g1) = self._cache[key]
         q, qd = self.second_order, self.second_order_rate
         self.second_order = p00 * q + p01 * qd + g0 * uJu
         self.second_order_rate = p10 * q + p11 * qd + g1 * uJu
+        if not (isinstance(data.idle, bool) and not data.idle):  # skipped groups keep their state
+            idle = torch.as_tensor(data.idle, device=self.discrete.device)
+            for name, old in before.items():
+                setattr(self, name, torch.where(idle, old, getattr(self, name)))
         self.t += lr
         self.steps += 1

@@ -280,7 +280,7 @@ def test_accumulators_100k_steps_stay_finite_and_exact():
         laws.first_order,
         laws.second_order,
         laws.second_order_rate,
-        laws.m,
+        laws.xi_b,
     ]
     assert all(bool(torch.isfinite(s).all()) for s in state)
     assert laws.t == pytest.approx(n * eta, rel=1e-10)

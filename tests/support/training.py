@@ -302,3 +302,55 @@ class HandRecorder:
 
 #: The configuration of the long runs: momentum, weight decay and a step schedule.
 RICH = Config(momentum=0.9, weight_decay=5e-4, scheduler="step")
+
+
+# ---------------------------------------------------------------------------------------------
+# The charge measured by hand after every step, and bit-identical training
+# ---------------------------------------------------------------------------------------------
+
+
+def hand_charges(net: Net) -> dict[str, np.ndarray]:
+    """Q of every family of ``net`` now, from the hand-written reference (float64)."""
+    th = {n: p.detach().to(DTYPE) for n, p in net.params().items()}
+    return {f.layer: f.reference().charge(th).numpy() for f in net.families}
+
+
+def law_error(
+    rows: list[dict], charges: list[dict[str, np.ndarray]], law: str = "discrete"
+) -> float:
+    """max |law − Q| / max|Q| over rows with a prediction; ``charges[k]``: Q before tracker step k."""
+    worst = 0.0
+    scale = {
+        layer: max(float(np.max(np.abs(q[layer]))) for q in charges) or 1.0 for layer in charges[0]
+    }
+    seen = 0
+    for r in rows:
+        if r[law] is None or r["layer"] not in scale:
+            continue
+        want = charges[r["step"]][r["layer"]][r["group"]]
+        worst = max(worst, abs(r[law] - want) / scale[r["layer"]])
+        seen += 1
+    assert seen > 0, "no row had a prediction"
+    return worst
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit pattern of a float tensor: equal bits ⇔ identical values, NaN included."""
+    t = t.detach().contiguous()
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def assert_same_training(a: nn.Module, b: nn.Module, opt_a, opt_b) -> None:
+    """Parameters, buffers and optimizer state bit for bit equal."""
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(bits(p), bits(q)), name
+    for (name, p), (_, q) in zip(a.named_buffers(), b.named_buffers()):
+        assert torch.equal(p, q), name
+    pa = [p for g in opt_a.param_groups for p in g["params"]]
+    pb = [p for g in opt_b.param_groups for p in g["params"]]
+    for p, q in zip(pa, pb):
+        sa, sb = opt_a.state.get(p, {}), opt_b.state.get(q, {})
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if torch.is_tensor(sa[k]):
+                assert torch.equal(bits(sa[k]), bits(sb[k])), k

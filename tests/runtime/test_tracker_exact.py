@@ -1,0 +1,161 @@
+"""The tracker is exact, or says it is not, in everyday training situations.
+
+Every test trains a real float64 network, measures the charge Q by hand (``support.reference_sgd``)
+after every step and compares the tracker's ``discrete`` law with it; a twin network trained
+without the tracker checks that training stays bit-identical.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from support.training import (
+    Net,
+    assert_same_training,
+    hand_charges,
+    law_error,
+    make_net,
+)
+
+import symmech
+from symmech.reference.any_optimizer import sgd_anatomy
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+EXACT = 1e-10
+
+
+def _twins(name: str, **opt_kw) -> tuple[list[Net], list[torch.optim.SGD]]:
+    nets = [make_net(name), make_net(name)]
+    opts = [torch.optim.SGD(n.model.parameters(), **{"lr": n.lr, **opt_kw}) for n in nets]
+    return nets, opts
+
+
+def _step(net: Net, opt, sched=None) -> None:
+    opt.zero_grad(set_to_none=True)
+    net.loss().backward()
+    opt.step()
+    if sched is not None:
+        sched.step()
+
+
+def _statuses(tracker) -> set[str]:
+    return {f.status for f in tracker.families}
+
+
+SETTINGS = [
+    {"momentum": 0.9},
+    {"momentum": 0.9, "dampening": 0.3, "weight_decay": 1e-3},
+    {"momentum": 0.8, "nesterov": True, "weight_decay": 1e-3},
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Attaching to an optimizer that already has momentum buffers
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["translation", "rescale"])
+@pytest.mark.parametrize("kw", SETTINGS)
+def test_attach_on_existing_momentum_buffers_is_exact_from_the_first_step(name, kw):
+    (net, twin), (opt, opt_t) = _twins(name, **kw)
+    for _ in range(5):
+        _step(net, opt), _step(twin, opt_t)
+    tracker = symmech.track(net.model, opt, net.bindings())
+    charges = [hand_charges(net)]
+    for _ in range(10):
+        _step(net, opt), _step(twin, opt_t)
+        charges.append(hand_charges(net))
+    assert law_error(tracker.records(), charges) < EXACT
+    assert _statuses(tracker) == {"tracked"}
+    assert_same_training(net.model, twin.model, opt, opt_t)
+
+
+def test_detach_then_track_again_starts_from_the_buffer():
+    (net,), (opt,) = ([make_net("rescale")], [None])
+    opt = torch.optim.SGD(net.model.parameters(), lr=0.05, momentum=0.9)
+    first = symmech.track(net.model, opt, net.bindings())
+    for _ in range(4):
+        _step(net, opt)
+    first.detach()
+    for _ in range(3):
+        _step(net, opt)
+    second = symmech.track(net.model, opt, net.bindings())
+    charges = [hand_charges(net)]
+    for _ in range(6):
+        _step(net, opt)
+        charges.append(hand_charges(net))
+    assert law_error(second.records(), charges) < EXACT
+
+
+def test_attach_on_buffers_agrees_with_the_numpy_anatomy():
+    """ΔQ split by sgd_anatomy(first_step=False, xi_b_prev=⟨ξ(θ₀), b₋₁⟩) sums to the law."""
+    net = make_net("rescale")
+    beta, lr = 0.9, 0.05
+    opt = torch.optim.SGD(net.model.parameters(), lr=lr, momentum=beta)
+    for _ in range(5):
+        _step(net, opt)
+    fam = net.families[0]
+    ref = fam.reference()
+    th = {n: p.detach().clone() for n, p in net.params().items()}
+    buf = {n: opt.state[p]["momentum_buffer"].clone() for n, p in net.params().items()}
+    xi_b_prev = ref.xi_dot(th, buf).numpy()
+    tracker = symmech.track(net.model, opt, net.bindings()[:1])
+    q, r, uju, ujb = [], [], [], []
+    for _ in range(8):
+        opt.zero_grad()
+        net.loss().backward()
+        th = {n: p.detach().clone() for n, p in net.params().items()}
+        gr = {n: p.grad.detach().clone() for n, p in net.params().items()}
+        q.append(ref.charge(th).numpy())
+        r.append(ref.xi_dot(th, gr).numpy())
+        opt.step()
+        b = {n: opt.state[p]["momentum_buffer"] for n, p in net.params().items()}
+        uju.append(ref.form(b, b).numpy())
+        ujb.append(uju[-1])
+    parts = sgd_anatomy(
+        2.0,
+        np.array(q),
+        np.array(r),
+        np.array(uju),
+        np.array(ujb),
+        np.full(8, lr),
+        momentum=beta,
+        first_step=False,
+        xi_b_prev=xi_b_prev,
+    )
+    want = q[0] + np.cumsum(sum(parts.values()), axis=0)
+    rows = [r for r in tracker.records() if r["step"] >= 1]
+    got = np.array([[r["discrete_residual"] for r in rows if r["step"] == k] for k in range(1, 9)])
+    assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < EXACT
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Learning rate zero at some steps
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["warmup", "cosine"])
+def test_lr_zero_is_a_step_that_changes_nothing(kind):
+    (net, twin), (opt, opt_t) = _twins("rescale", momentum=0.9, weight_decay=1e-3)
+
+    def schedule(o):
+        if kind == "warmup":
+            return torch.optim.lr_scheduler.LambdaLR(o, lambda k: min(1.0, k / 5))
+        return torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=6, eta_min=0.0)
+
+    sched, sched_t = schedule(opt), schedule(opt_t)
+    tracker = symmech.track(net.model, opt, net.bindings())
+    charges = [hand_charges(net)]
+    lrs = []
+    for _ in range(14):
+        lrs.append(opt.param_groups[0]["lr"])
+        _step(net, opt, sched), _step(twin, opt_t, sched_t)
+        charges.append(hand_charges(net))
+    assert 0.0 in lrs
+    assert _statuses(tracker) == {"tracked"}
+    rows = tracker.records()
+    assert law_error(rows, charges) < EXACT
+    assert all(r["second_order"] is not None and np.isfinite(r["second_order"]) for r in rows)
+    assert_same_training(net.model, twin.model, opt, opt_t)
