@@ -1,4 +1,5 @@
-"""Built-in symmetries: the paper's three (translation, scale, rescale) and two that go past it.
+"""Built-in symmetries: the paper's three (translation, scale, rescale) and those that go past it
+(the quadratic rescale, the linear pair, and the transformer's attention and normalisation symmetries).
 
 >>> from symmech import library, derive
 >>> derive(library.rescale()).conserved
@@ -83,6 +84,68 @@ _LINEAR_PAIR_DESCRIPTIONS = {
 }
 
 
+def norm_rescale() -> Symmetry:
+    """ψ = (αθ₁, α⁻¹θ₂): a normalisation's affine (γᵢ, βᵢ) against input column i of its readers.
+
+    The rescale action under its own name: the normalised feature i enters the next layers only
+    through (γᵢ x̂ᵢ + βᵢ) times their input column i, with nothing nonlinear in between.
+    """
+    theta_1, theta_2 = Block("theta_1"), Block("theta_2")
+    return Symmetry(
+        "norm_rescale",
+        action={theta_1: alpha * theta_1, theta_2: theta_2 / alpha},
+        identity=1,
+        description=(
+            "Rescale of a normalisation's affine (gamma_i, beta_i) against input column i of "
+            "every linear layer that reads it."
+        ),
+    )
+
+
+def _head_pair(name: str, first: str, second: str, structure: str, description: str) -> Symmetry:
+    """(P, R) ↦ (P e^{αE}, R e^{−αEᵀ}) on one head: the linear pair with the head's names."""
+    P = Block(first, shape=("n", "r"))
+    R = Block(second, shape=("k", "r"))
+    E = Constant("E" if structure == "symmetric" else "A", shape=("r", "r"), structure=structure)
+    suffix = "" if structure == "symmetric" else f"_{structure}"
+    return Symmetry(
+        name + suffix,
+        action={P: P * expm(alpha * E), R: R * expm(-alpha * E.T)},
+        identity=0,
+        description=description + (
+            " along a symmetric direction E." if structure == "symmetric"
+            else f" along a {structure} direction."
+        ),
+    )  # fmt: skip
+
+
+def attention_qk(structure: str = "symmetric") -> Symmetry:
+    """Per head: (W_Q, W_K) ↦ (e^{αE} W_Q, e^{−αEᵀ} W_K), which leaves every score qᵀk unchanged.
+
+    The blocks are the head's weights transposed, biases appended as a last row:
+    Q = [W_Q,h b_Q,h]ᵀ and K = [W_K,h b_K,h]ᵀ, so ψ is the linear pair's. With a symmetric E the
+    charge is ½⟨E, QᵀQ − KᵀK⟩ = ½⟨E, C_h⟩, C_h = W_Q W_Qᵀ + b_Q b_Qᵀ − W_K W_Kᵀ − b_K b_Kᵀ.
+    """
+    return _head_pair(
+        "attention_qk", "Q", "K", structure,
+        "GL(r) action on one attention head's query and key weights (transposed, bias as the "
+        "last row), Q -> Q e^(alpha E), K -> K e^(-alpha E^T), leaving q^T k unchanged,",
+    )  # fmt: skip
+
+
+def attention_vo(structure: str = "symmetric") -> Symmetry:
+    """Per head: (W_V, W_O[:, h]) ↦ (e^{αE} W_V, W_O[:, h] e^{−αE}): the head's output is unchanged.
+
+    The blocks are V = [W_V,h b_V,h]ᵀ and O = W_O[:, h]; with a symmetric E the charge is
+    ½⟨E, VᵀV − OᵀO⟩, i.e. the matrix W_V W_Vᵀ + b_V b_Vᵀ − W_O[:, h]ᵀ W_O[:, h] is conserved.
+    """
+    return _head_pair(
+        "attention_vo", "V", "O", structure,
+        "GL(r) action on one attention head's value weights (transposed, bias as the last row) "
+        "and its columns of the output projection, V -> V e^(alpha E), O -> O e^(-alpha E^T),",
+    )  # fmt: skip
+
+
 BUILTIN = {
     "translation": translation,
     "scale": scale,
@@ -90,4 +153,7 @@ BUILTIN = {
     "quadratic_rescale": quadratic_rescale,
     "linear_pair": linear_pair,
     "linear_pair_antisymmetric": lambda: linear_pair("antisymmetric"),
+    "attention_qk": attention_qk,
+    "attention_vo": attention_vo,
+    "norm_rescale": norm_rescale,
 }
