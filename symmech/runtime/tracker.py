@@ -66,6 +66,8 @@ class Tracker:
         self.step = 0
         self.detached = False
         self._bank_of: dict[int, Bank] = {}  # id(family) -> its bank
+        self._measured = False  # this step's data was read (after the closure, if any)
+        self._skipped = False  # a step the optimizer skips (GradScaler found inf)
         self._adopt(bindings)
         self._handles: list[Any] = [
             optimizer.register_step_pre_hook(self._before),
@@ -73,7 +75,7 @@ class Tracker:
         ]
         self._detect: Callable[[], Sequence[Binding]] | None = None
 
-    def _adopt(self, bindings: Sequence[Binding]) -> None:
+    def _adopt(self, bindings: Sequence[Binding], detected: bool = False) -> None:
         names = (
             {id(p): n for n, p in self.model.named_parameters()} if self.model is not None else {}
         )
@@ -155,20 +157,51 @@ class Tracker:
             )
         return out
 
+    def _before(self, optimizer, args, kwargs):
+        """The step pre-hook: measure now, or right after a closure computed the gradients."""
+        self._measured = False
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")  # args[0] is the optimizer
+        if closure is None:
+            self._measure(kwargs)
+            return None
+
+        def measured_closure():
+            loss = closure()
+            if not self._measured:
+                self._measure(kwargs)
+            return loss
+
+        if len(args) > 1:
+            return (args[0], measured_closure, *args[2:]), kwargs
+        return args, {**kwargs, "closure": measured_closure}
+
     @torch.no_grad()
-    def _before(self, optimizer, args, kwargs) -> None:
+    def _measure(self, kwargs: dict) -> None:
+        """Everything before the update: θₖ, gₖ (unscaled under a GradScaler), bₖ₋₁."""
+        self._measured = True
+        self._skipped = False
+        found_inf = kwargs.get("found_inf", getattr(self.optimizer, "found_inf", None))
+        if found_inf is not None and bool(found_inf.ne(0).any()):  # one sync, amp steps only
+            self._skipped = True  # the fused kernel skips the whole step: not a step
+            return
         if self._detect is not None:
             detect, self._detect = self._detect, None
             try:
-                self._adopt(detect())
+                self._adopt(detect(), detected=True)
             except Exception as err:  # the tracker must never break training
                 warnings.warn(
                     f"symmech: detection on the first step failed: {err}",
                     TrackerWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
         log = bool(self.schedule(self.step))
         self.cache.clear()
+        grad_scale = kwargs.get("grad_scale", getattr(self.optimizer, "grad_scale", None))
+        if grad_scale is not None:  # the fused kernel divides by it: read what it uses
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        self.cache.grads[id(p)] = self.cache.keep(p.grad / grad_scale)
         observed = {
             id(f): self._guard(f, "before", lambda f=f: f.before_step(self.step, log))
             for f in self.families
@@ -183,6 +216,10 @@ class Tracker:
 
     @torch.no_grad()
     def _after(self, optimizer, args, kwargs) -> None:
+        if self._skipped or not self._measured:
+            self._skipped = False
+            return
+        self._measured = False
         self.cache.clear()
         for bank in self.banks or []:
             data = [self._guard(f, "after", f.finish_step) for f in bank.families]

@@ -159,3 +159,63 @@ def test_lr_zero_is_a_step_that_changes_nothing(kind):
     assert law_error(rows, charges) < EXACT
     assert all(r["second_order"] is not None and np.isfinite(r["second_order"]) for r in rows)
     assert_same_training(net.model, twin.model, opt, opt_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. fused / foreach SGD under a GradScaler: unscaled gradients, skipped steps are not steps
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["fused", "foreach"])
+def test_grad_scaler_reads_unscaled_gradients_and_skips_inf_steps(impl):
+    kw = {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3, impl: True}
+    (net, twin), (opt, opt_t) = _twins("rescale", **kw)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=1024.0) for _ in range(2)]
+    tracker = symmech.track(net.model, opt, net.bindings())
+    charges = [hand_charges(net)]
+    overflow = {2, 3, 7}  # inf gradients: the scaler skips these steps and backs off
+    for k in range(14):
+        for n, o, sc in ((net, opt, scalers[0]), (twin, opt_t, scalers[1])):
+            o.zero_grad()
+            loss = n.loss() * (float("inf") if k in overflow else 1.0)
+            sc.scale(loss).backward()
+            sc.step(o)
+            sc.update()
+        if k not in overflow:
+            charges.append(hand_charges(net))
+    skipped = len(overflow)
+    assert scalers[0].get_scale() < 1024.0
+    assert tracker.step == 14 - skipped
+    assert _statuses(tracker) == {"tracked"}
+    assert law_error(tracker.records(), charges) < EXACT
+    assert_same_training(net.model, twin.model, opt, opt_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. optimizer.step(closure): measured right after the closure computed the gradients
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("positional", [True, False])
+def test_step_with_closure_measures_the_new_gradients(positional):
+    (net, twin), (opt, opt_t) = _twins("rescale", momentum=0.9)
+    tracker = symmech.track(net.model, opt, net.bindings())
+    charges = [hand_charges(net)]
+    for _ in range(8):
+        for n, o in ((net, opt), (twin, opt_t)):
+
+            def closure(n=n, o=o):
+                o.zero_grad()
+                loss = n.loss()
+                loss.backward()
+                return loss
+
+            # the first step has no gradients before the closure runs; later ones stale ones
+            out = o.step(closure) if positional else o.step(closure=closure)
+            assert torch.is_tensor(out)
+        charges.append(hand_charges(net))
+    assert _statuses(tracker) == {"tracked"}
+    rows = tracker.records()
+    assert law_error(rows, charges) < EXACT
+    assert law_error(rows, charges, "discrete_residual") < EXACT
+    assert_same_training(net.model, twin.model, opt, opt_t)
