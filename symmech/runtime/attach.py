@@ -38,7 +38,9 @@ def bindings_from_families(model: torch.nn.Module, families: Sequence[Any]) -> l
             name: [BoundSlice(params[s.param], s.dim, s.view, s.param) for s in slices]
             for name, slices in fam.blocks.items()
         }
-        out.append(bind(fam.symmetry, layer=fam.layer, **blocks))
+        binding = bind(fam.symmetry, layer=fam.layer, **blocks)
+        binding.detected = True
+        out.append(binding)
     return out
 
 

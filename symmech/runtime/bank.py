@@ -98,6 +98,23 @@ class Bank:
             )
         )
 
+    def restart_now(self) -> None:
+        """Start the laws of families that asked for it at their observed Q, before the step's
+        snapshot (so the restart row shows the law back on the observed value)."""
+        if self.laws is None:
+            return
+        q = [f.pending_restart() for f in self.families]
+        if any(v is not None for v in q):
+            parts = [
+                torch.full(
+                    (f.n_groups,), float("nan"), dtype=torch.float64, device=self.laws.q0.device
+                )
+                if v is None
+                else v.reshape(-1).to(torch.float64)
+                for f, v in zip(self.families, q)
+            ]
+            self.laws.restart(torch.cat(parts))
+
     def segment(self, family: Family) -> slice:
         """Where a family's groups sit in the bank's vectors."""
         i = self.families.index(family)

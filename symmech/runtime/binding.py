@@ -73,6 +73,8 @@ class Binding:
     blocks: dict[str, list[BoundSlice]]
     constants: dict[str, torch.Tensor] = field(default_factory=dict)
     layer: str = ""
+    #: found by :func:`symmech.detect` (a family on a frozen tensor is then observed, not refused)
+    detected: bool = False
 
     @property
     def symmetry(self) -> Symmetry:

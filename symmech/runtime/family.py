@@ -86,17 +86,23 @@ class Family:
         self._xi_known = False  # whether the laws follow the momentum buffer
         self._restart: str | None = None  # why the laws start anew at the next step
         group_of = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
-        missing = [n for t, n in zip(binding.tensors, self.names) if id(t) not in group_of]
-        if missing:
+        #: bound tensors the optimizer does not update (frozen while fine-tuning)
+        self.frozen = [n for t, n in zip(binding.tensors, self.names) if id(t) not in group_of]
+        if self.frozen and not binding.detected:
             raise BindingError(
                 explain(
                     f"track(..., bindings with {binding.name} on {binding.layer})",
-                    f"the tensors {missing} are not in the optimizer",
+                    f"the tensors {self.frozen} are not in the optimizer",
                     "bind parameters that the optimizer updates",
                 )
             )
         #: the optimizer's param group of each bound tensor, in binding order
-        self.group_indices = tuple(group_of[id(t)] for t in binding.tensors)
+        self.group_indices = tuple(group_of[id(t)] for t in binding.tensors if id(t) in group_of)
+        if self.frozen:
+            self.stop(
+                f"{self.frozen} are not in the optimizer (frozen), so the group's update is not "
+                "torch.optim.SGD's; its charge is observed only"
+            )
 
     @property
     def tracked(self) -> bool:
@@ -128,6 +134,8 @@ class Family:
 
     def settings(self) -> Hyper:
         """The settings of the first bound tensor's param group (as recorded per step)."""
+        if not self.group_indices:
+            return Hyper(lr=0.0)
         return _read_hyper(self.optimizer.param_groups[self.group_indices[0]])
 
     def hyper(self) -> Hyper | None:
@@ -238,6 +246,10 @@ class Family:
             self._pending.uJu, self._pending.uJb = update_forms(case, hyper, forms)
             self._pending.gJg = forms.gg if hyper.momentum == 0.0 else None
         return observed
+
+    def pending_restart(self) -> torch.Tensor | None:
+        """The observed Q the laws restart from at this step, if they do."""
+        return None if self._pending is None else self._pending.restart
 
     def finish_step(self) -> StepData | None:
         """After the optimizer step: the data of the step just taken (None: not predicted)."""

@@ -169,7 +169,7 @@ class Laws:
             int(state["steps"]),
         )
 
-    def _restart(self, q: torch.Tensor) -> torch.Tensor:
+    def restart(self, q: torch.Tensor) -> torch.Tensor:
         """Start every law anew at the observed Q where ``q`` is not NaN; returns that mask."""
         mask = ~torch.isnan(q)
         for name in ("q0", "discrete", "discrete_residual", "first_order", "second_order"):
@@ -184,7 +184,7 @@ class Laws:
         before = {name: getattr(self, name) for name in _STATE}
         start = self.steps == 0
         if data.restart is not None:
-            start = self._restart(data.restart.to(torch.float64)) | start
+            start = self.restart(data.restart.to(torch.float64)) | start
         zero = torch.zeros_like(self.discrete)
         r = zero if data.residual is None else data.residual.to(torch.float64)
         gJg = zero if data.gJg is None else data.gJg.to(torch.float64)

@@ -112,7 +112,7 @@ class Tracker:
     def _make_banks(self) -> None:
         by_key: dict[tuple, list[Family]] = {}
         for f in self.families:
-            if not f.module.CLOSES:
+            if not f.module.CLOSES or f.frozen:
                 continue
             groups = set(f.group_indices)
             key = (min(groups), f.module.KAPPA) if len(groups) == 1 else ("solo", id(f))
@@ -210,6 +210,8 @@ class Tracker:
             self._make_banks()
             for bank in self.banks or []:
                 bank.start()
+        for bank in self.banks or []:
+            bank.restart_now()
         if log:
             self.history.add(self._snapshots(observed))
         self.cache.clear()

@@ -219,3 +219,109 @@ def test_step_with_closure_measures_the_new_gradients(positional):
     assert law_error(rows, charges) < EXACT
     assert law_error(rows, charges, "discrete_residual") < EXACT
     assert_same_training(net.model, twin.model, opt, opt_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Frozen parameters, layers without gradients at some steps
+# ---------------------------------------------------------------------------------------------
+
+
+def _output_layer_charges(model) -> dict[str, np.ndarray]:
+    """Translation charges of the last Linear by hand: column sums of W and the bias sum."""
+    w, b = model[-1].weight.detach(), model[-1].bias.detach()
+    return {"columns": w.sum(0).numpy(), "bias": b.sum().reshape(1).numpy()}
+
+
+def _output_layer_error(rows, charges) -> float:
+    worst, seen = 0.0, 0
+    for r in rows:
+        if r["symmetry"] != "translation" or r["discrete"] is None:
+            continue
+        key = "columns" if "columns" in r["layer"] else "bias"
+        want = charges[r["step"]][key][r["group"]]
+        worst = max(worst, abs(r["discrete"] - want) / max(1.0, abs(want)))
+        seen += 1
+    assert seen > 0
+    return worst
+
+
+@pytest.mark.parametrize("on_first_step", [False, True])
+def test_frozen_parameters_drop_only_their_families(on_first_step):
+    nets = [make_net("rescale"), make_net("rescale")]
+    opts = []
+    for n in nets:
+        for p in n.model[0].parameters():
+            p.requires_grad_(False)
+        trainable = [p for p in n.model.parameters() if p.requires_grad]
+        opts.append(torch.optim.SGD(trainable, lr=0.1, momentum=0.9))
+    (net, twin), (opt, opt_t) = nets, opts
+    x = net.model[0].weight.new_tensor(np.random.default_rng(0).normal(size=(8, 64)))
+    y = torch.randint(0, 10, (8,))
+    with pytest.warns(symmech.TrackerWarning, match=r"not in the optimizer \(frozen\)"):
+        if on_first_step:
+            tracker = symmech.track(net.model, opt)
+            charges = [_output_layer_charges(net.model)]
+            _step(net, opt), _step(twin, opt_t)
+            charges.append(_output_layer_charges(net.model))
+        else:
+            tracker = symmech.track(net.model, opt, example_input=(x, y))
+            charges = [_output_layer_charges(net.model)]
+    for _ in range(6):
+        _step(net, opt), _step(twin, opt_t)
+        charges.append(_output_layer_charges(net.model))
+    status = {f.symmetry: f for f in tracker.families}
+    assert status["translation"].status == "tracked"
+    assert status["rescale"].status == "observed only"
+    assert "frozen" in status["rescale"].note
+    assert _output_layer_error(tracker.records(), charges) < EXACT
+    assert_same_training(net.model, twin.model, opt, opt_t)
+
+
+def test_explicit_binding_of_a_tensor_outside_the_optimizer_is_still_refused():
+    net = make_net("rescale")
+    opt = torch.optim.SGD(net.model[2].parameters(), lr=0.1)
+    with pytest.raises(symmech.BindingError, match=r"not in the optimizer"):
+        symmech.track(net.model, opt, net.bindings())
+
+
+def test_layer_without_gradient_at_some_steps_stays_exact():
+    """requires_grad=False on some steps (the optimizer skips the tensors): nothing moves."""
+    (net, twin), (opt, opt_t) = _twins("rescale", momentum=0.9, weight_decay=1e-3)
+    tracker = symmech.track(net.model, opt, net.bindings())
+    charges = [hand_charges(net)]
+    for k in range(10):
+        for n, o in ((net, opt), (twin, opt_t)):
+            o.zero_grad(set_to_none=True)
+            n.loss().backward()
+            if k % 3 == 1:  # the hidden layer gets no gradient at this step
+                for p in (n.model[0].weight, n.model[0].bias, n.model[2].weight):
+                    p.grad = None
+            o.step()
+        charges.append(hand_charges(net))
+    assert _statuses(tracker) == {"tracked"}
+    assert law_error(tracker.records(), charges) < EXACT
+    assert_same_training(net.model, twin.model, opt, opt_t)
+
+
+def test_part_of_a_group_without_gradient_restarts_the_law_with_a_note():
+    (net, twin), (opt, opt_t) = _twins("rescale", momentum=0.9)
+    tracker = symmech.track(net.model, opt, net.bindings())
+    charges = [hand_charges(net)]
+    for k in range(10):
+        for n, o in ((net, opt), (twin, opt_t)):
+            o.zero_grad(set_to_none=True)
+            n.loss().backward()
+            if k == 4:  # only the outgoing weights move: the law cannot predict this step
+                n.model[0].weight.grad = None
+                n.model[0].bias.grad = None
+            o.step()
+        charges.append(hand_charges(net))
+    fam = tracker.families[0]
+    assert fam.status == "tracked"
+    assert "restarted at step 5" in fam.note
+    rows = tracker.records()
+    before = [r for r in rows if r["step"] <= 4]
+    after = [r for r in rows if r["step"] >= 5]
+    assert law_error(before, charges) < EXACT
+    assert law_error(after, charges) < EXACT
+    assert_same_training(net.model, twin.model, opt, opt_t)
