@@ -72,7 +72,16 @@ class Tracker:
         self._handles: list[Any] = [
             optimizer.register_step_pre_hook(self._before),
             optimizer.register_step_post_hook(self._after),
+            optimizer.register_load_state_dict_post_hook(
+                lambda opt: self._reloaded("the optimizer's state was loaded")
+            ),
         ]
+        if model is not None:
+            self._handles.append(
+                model.register_load_state_dict_post_hook(
+                    lambda module, keys: self._reloaded("the model's parameters were loaded")
+                )
+            )
         self._detect: Callable[[], Sequence[Binding]] | None = None
 
     def _adopt(self, bindings: Sequence[Binding], detected: bool = False) -> None:
@@ -87,6 +96,12 @@ class Tracker:
             for f in families:
                 f.stop(why)
         self.families.extend(families)
+
+    def _reloaded(self, what: str) -> None:
+        """A checkpoint was loaded (resume, or a rollback after a bad step): every law
+        restarts from the state found at the next step."""
+        for f in self.families:
+            f.restart(f"{what} before step {self.step}")
 
     def detect_on_first_step(
         self, detect: Callable[[], Sequence[Binding]], hook: Any | None = None
@@ -253,18 +268,7 @@ class Tracker:
             extra = History()
             extra.add(self._final_state())
             rows += extra.rows()
-        numeric = ("observed", "residual", *(n for n in PREDICTIONS if n != "gradient_flow"))
-        bad = [
-            r for r in rows if any(r[k] is not None and not math.isfinite(r[k]) for k in numeric)
-        ]
-        if bad:
-            first = min(bad, key=lambda r: r["step"])
-            warnings.warn(
-                f"symmech: non-finite values from step {first['step']} on ({first['symmetry']} on {first['layer']}): "
-                "the gradients or parameters became NaN/inf; predictions after that step are not meaningful",
-                TrackerWarning,
-                stacklevel=2,
-            )
+        _mark_non_finite(rows)
         return rows
 
     def to_csv(self, path) -> None:
@@ -291,3 +295,38 @@ class Tracker:
                 f"{f.symmetry:20s} {f.layer:40s} {f.n_groups:6d}  {f.status}{': ' + f.note if f.note else ''}"
             )
         return "\n".join(lines)
+
+
+_NUMERIC = ("observed", "residual", *(n for n in PREDICTIONS if n != "gradient_flow"))
+
+
+def _mark_non_finite(rows: list[dict[str, Any]]) -> None:
+    """Note every row with a NaN/inf value, and warn once with what was non-finite first."""
+    first: tuple[dict[str, Any], str] | None = None
+    for r in rows:
+        bad = [k for k in _NUMERIC if r[k] is not None and not math.isfinite(r[k])]
+        if not bad:
+            continue
+        if math.isfinite(r["observed"]):
+            why = (
+                f"the gradients were non-finite (rₖ = {r['residual']})"
+                if "residual" in bad
+                else f"the laws' values overflowed ({', '.join(bad)})"
+            )
+        elif math.isnan(r["observed"]):
+            why = "the parameters were NaN"
+        else:
+            why = "the charge Q overflowed (the parameters were inf or too large to reduce)"
+        note = f"non-finite at this step: {why}; the laws restart after a checkpoint is loaded"
+        r["note"] = f"{r['note']}; {note}" if r["note"] else note
+        if first is None or r["step"] < first[0]["step"]:
+            first = (r, why)
+    if first is not None:
+        r, why = first
+        warnings.warn(
+            f"symmech: non-finite values from step {r['step']} on ({r['symmetry']} on "
+            f"{r['layer']}): {why}; predictions are not meaningful until the laws restart "
+            "(they do when model or optimizer state is loaded)",
+            TrackerWarning,
+            stacklevel=3,
+        )

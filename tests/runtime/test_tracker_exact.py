@@ -325,3 +325,91 @@ def test_part_of_a_group_without_gradient_restarts_the_law_with_a_note():
     assert law_error(before, charges) < EXACT
     assert law_error(after, charges) < EXACT
     assert_same_training(net.model, twin.model, opt, opt_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. A NaN step, then a rollback to a good checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def _nan_then_rollback(net: Net, opt, bad: int, noticed: int, n: int, charges=None) -> None:
+    """Train ``n`` steps; step ``bad`` has a NaN loss; after step ``noticed`` roll back to the
+    checkpoint taken before step ``bad``."""
+    import copy
+
+    good = None
+    for k in range(n):
+        if k == bad:
+            good = copy.deepcopy((net.model.state_dict(), opt.state_dict()))
+        opt.zero_grad()
+        (net.loss() * (float("nan") if k == bad else 1.0)).backward()
+        opt.step()
+        if k == noticed:
+            assert good is not None and torch.isnan(net.model[0].weight).all()
+            net.model.load_state_dict(good[0])
+            opt.load_state_dict(good[1])
+        if charges is not None:
+            charges.append(hand_charges(net))
+
+
+def test_nan_step_then_rollback_restarts_the_laws_with_a_note():
+    (net, twin), (opt, opt_t) = _twins("rescale", momentum=0.9, weight_decay=1e-3)
+    tracker = symmech.track(net.model, opt, net.bindings())
+    charges = [hand_charges(net)]
+    _nan_then_rollback(net, opt, bad=4, noticed=6, n=14, charges=charges)
+    _nan_then_rollback(twin, opt_t, bad=4, noticed=6, n=14)
+    with pytest.warns(symmech.TrackerWarning, match=r"from step 4 on .*gradients were non-finite"):
+        rows = tracker.records()
+    nan_rows = [r for r in rows if r["step"] in (5, 6)]
+    assert nan_rows and all(np.isnan(r["observed"]) for r in nan_rows)
+    assert all("parameters were NaN" in r["note"] for r in nan_rows)
+    assert all("gradients were non-finite" in r["note"] for r in rows if r["step"] == 4)
+    assert law_error([r for r in rows if r["step"] <= 4], charges) < EXACT
+    after = [r for r in rows if r["step"] >= 7]
+    assert law_error(after, charges) < EXACT
+    assert all(np.isfinite(r["discrete"]) for r in after)
+    assert all("restarted at step 7" in r["note"] for r in after)
+    assert tracker.families[0].status == "tracked"
+    assert_same_training(net.model, twin.model, opt, opt_t)
+
+
+def test_resuming_from_a_checkpoint_mid_run_restarts_exactly():
+    """Loading optimizer state (with other momentum buffers) mid-run: exact again at once."""
+    import copy
+
+    net = make_net("rescale")
+    opt = torch.optim.SGD(net.model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    for _ in range(3):
+        _step(net, opt)
+    saved = copy.deepcopy((net.model.state_dict(), opt.state_dict()))
+    tracker = symmech.track(net.model, opt, net.bindings())
+    charges = [hand_charges(net)]
+    for k in range(10):
+        _step(net, opt)
+        if k == 5:
+            net.model.load_state_dict(saved[0])
+            opt.load_state_dict(saved[1])
+        charges.append(hand_charges(net))
+    assert law_error(tracker.records(), charges) < EXACT
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Momentum switched between 0 and β mid-run
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("start", [0.0, 0.9])
+@pytest.mark.parametrize("extra", [{}, {"dampening": 0.2, "weight_decay": 1e-3}])
+def test_momentum_switched_mid_run_stays_exact(start, extra):
+    (net, twin), (opt, opt_t) = _twins("rescale", momentum=start, **extra)
+    tracker = symmech.track(net.model, opt, net.bindings())
+    charges = [hand_charges(net)]
+    plan = [start] * 3 + [0.9 - start] * 4 + [start] * 3 + [0.7] * 3
+    for beta in plan:
+        for o in (opt, opt_t):
+            o.param_groups[0]["momentum"] = beta
+        _step(net, opt), _step(twin, opt_t)
+        charges.append(hand_charges(net))
+    assert _statuses(tracker) == {"tracked"}
+    assert law_error(tracker.records(), charges) < EXACT
+    assert_same_training(net.model, twin.model, opt, opt_t)
