@@ -64,6 +64,7 @@ COLUMNS = (
 _KEYS = (*COLUMNS[:6], "residual", "status", "note", *PREDICTIONS, CONTINUOUS)
 _META = 4  # log index, step, t (NaN: None), settings code
 _TRACKED = "tracked"
+_APPROXIMATE = "approximate"  # "approximate: <measured reason>": predicted, and says how well
 
 
 @dataclass(frozen=True)
@@ -341,7 +342,13 @@ class History:
         order: by logged step, then family, then group."""
         codes = list(self._codes)
         has_res = np.array([c.has_residual for c in codes] or [False])
-        predicted = np.array([c.has_laws and c.status == _TRACKED for c in codes] or [False])
+        predicted = np.array(
+            [
+                c.has_laws and (c.status == _TRACKED or c.status.startswith(_APPROXIMATE))
+                for c in codes
+            ]
+            or [False]
+        )
         no_dres = np.array([not c.has_residual and not c.residuals for c in codes] or [False])
         nesterov = np.array([c.nesterov for c in codes] or [False])
         no_momentum = np.array([c.no_momentum for c in codes] or [False])
