@@ -8,9 +8,9 @@ live. Per model it writes, under ``--output/<model>/``:
 * ``records.csv``: the tracker's history (observed Q and each law's prediction, per group);
 * ``theory_vs_observed.png``: per symmetry and layer, observed (solid) vs. the laws (dashed,
   dotted);
-* ``errors.png``: the relative error of each law against the step;
+* ``errors.png``: the error of each law against the step, relative to the family's scale;
 
-and prints (and writes to ``--output/summary.txt``) a table of each law's largest relative error
+and prints (and writes to ``--output/summary.txt``) a table of each law's largest error
 per model and symmetry, with the test accuracy. See :func:`max_relative_errors` for the error's
 definition.
 """
@@ -36,8 +36,9 @@ from symmech.demo.models import build_model
 from symmech.demo.options import DEFAULT_MODELS, add_demo_arguments, parse_models
 from symmech.demo.progress import ProgressBar, format_progress  # noqa: F401 - re-exported
 from symmech.errors import SymmechError
+from symmech.laws.names import CONTINUOUS, DISCRETE, DISCRETE_RESIDUAL, GRADIENT_FLOW, LAWS
+from symmech.runtime.error_scale import ERROR_DEFINITION, error_scales, merge_scales, term_scales
 from symmech.viz.plots import (
-    LAWS,
     GroupHistory,
     group_histories,
     plot_errors,
@@ -58,15 +59,11 @@ __all__ = [
     "train_model",
 ]
 
-ERROR_DEFINITION = (
-    "relative error: max over logged steps k and groups j of |Q_law,j(k) - Q_obs,j(k)| / "
-    "max_i |Q_obs,j(i)| (i over the whole run)"
-)
 _LAW_HEADERS = {
-    "gradient_flow": "gradient flow",
-    "continuous": "continuous",
-    "discrete": "exact discrete",
-    "discrete_residual": "discrete + r",
+    GRADIENT_FLOW: "gradient flow",
+    CONTINUOUS: "continuous",
+    DISCRETE: "exact discrete",
+    DISCRETE_RESIDUAL: "discrete + r",
 }
 
 
@@ -76,20 +73,22 @@ _LAW_HEADERS = {
 
 def max_relative_errors(
     records: Sequence[Mapping[str, Any]] | Sequence[GroupHistory],
+    scales: Mapping[tuple[str, str], float] | None = None,
 ) -> dict[str, dict[str, float | None]]:
-    """Per symmetry and law, the largest relative error of the law over the whole run.
+    """Per symmetry and law, the largest error of the law over the whole run.
 
-    The relative error of group j at logged step k is
-    ``|Q_law,j(k) − Q_obs,j(k)| / max_i |Q_obs,j(i)|``: the deviation measured against the
-    largest size the group's observed Q takes in the run (a group whose observed Q is 0 throughout
-    uses the absolute error). The result takes the maximum over every step and every group of
-    every layer of the symmetry. A law with no value for any group (``None``/NaN, e.g. when the
-    optimizer settings break its closure) is ``None``.
+    The error of group j at logged step k is ``|Q_law,j(k) − Q_obs,j(k)| / S``, S the scale of
+    the group's family: ``scales[(symmetry, layer)]`` (from
+    :func:`symmech.runtime.error_scale.error_scales`, which counts the size of Q's terms, so a Q
+    that stays 0 is measured against its parameters), else the family's largest |Q_obs| over
+    the run (S = 0: the absolute error). The result takes the maximum over every step and
+    every group of every layer of the symmetry. A law with no value for any group
+    (``None``/NaN, e.g. when the optimizer settings break its closure) is ``None``.
 
     Returns ``{symmetry: {"gradient_flow": e, "continuous": e, "discrete": e}}``, symmetries in
     the order translation, scale, rescale, then the others.
     """
-    curves = relative_error_curves(records)
+    curves = relative_error_curves(records, scales)
     table: dict[str, dict[str, float | None]] = {}
     for symmetry in symmetry_order(curves):
         row: dict[str, float | None] = {}
@@ -118,11 +117,18 @@ class ModelResult:
     output_dir: Path | None = None
     families: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: the largest size of Q's terms per (symmetry, layer) seen in the run (see error_scale)
+    terms: dict[tuple[str, str], float] = field(default_factory=dict)
 
     @cached_property
     def histories(self) -> list[GroupHistory]:
         """The records arranged per layer, made once (see :func:`group_histories`)."""
         return group_histories(self.records)
+
+    @cached_property
+    def scales(self) -> dict[tuple[str, str], float]:
+        """Each family's error scale (see :mod:`symmech.runtime.error_scale`)."""
+        return error_scales(self.histories, self.terms)
 
 
 def _group_counts(histories: Sequence[GroupHistory]) -> dict[str, int]:
@@ -147,9 +153,9 @@ def format_error_table(results: Sequence[ModelResult]) -> str:
     prediction, r = 0) and, when the tracker reports it, the exact discrete law fed the measured
     symmetry residual r_k ("discrete + r"); a law no model has is left out.
     """
-    tables = [(res, max_relative_errors(res.histories)) for res in results]
+    tables = [(res, max_relative_errors(res.histories, res.scales)) for res in results]
     laws = [law for law in LAWS
-            if law != "discrete_residual"
+            if law != DISCRETE_RESIDUAL
             or any(row[law] is not None for _, t in tables for row in t.values())]  # fmt: skip
     header = ["model", "test acc", "symmetry", "groups", *(_LAW_HEADERS[law] for law in laws)]
     rows: list[list[str]] = []
@@ -289,6 +295,7 @@ def train_model(
             model, optimizer, example_input=first, loss_fn=F.cross_entropy, log_every=args.log_every
         )
         attached = time.perf_counter()
+        terms = term_scales(tracker.families)  # before training: a head may start at zero
         model.train()
         loss = torch.zeros(())
         try:
@@ -302,6 +309,7 @@ def train_model(
         finally:
             bar.close()
             tracker.detach()
+            terms = merge_scales(terms, term_scales(tracker.families))
     seconds = time.perf_counter() - attached
     records = list(tracker.records())
     result = ModelResult(
@@ -315,13 +323,14 @@ def train_model(
         output_dir=output_dir,
         families=list(getattr(tracker, "families", [])),
         notes=list(dict.fromkeys(str(w.message) for w in caught)),
+        terms=terms,
     )
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
         tracker.to_csv(output_dir / "records.csv")
         title = _title(name, args)
         tracker.plot(output_dir / "theory_vs_observed.png", title=title)
-        plot_errors(result.histories, output_dir / "errors.png", title)
+        plot_errors(result.histories, output_dir / "errors.png", title, scales=result.scales)
     return result
 
 

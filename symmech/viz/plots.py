@@ -9,8 +9,9 @@ continuous, discrete, residual``; a law that is not available for a family is ``
   continuous model (dotted), one colour per layer from a sequential colormap. Every law is linear
   and holds per group, so the sum over a layer's groups of the observed Q is predicted by the sum
   of the per-group predictions: the layer curves are as exact as the group curves.
-* :func:`errors_figure` / :func:`plot_errors`: per symmetry, the relative error of each law
-  against the step, worst group (see :func:`relative_error_curves`), on a log scale.
+* :func:`errors_figure` / :func:`plot_errors`: per symmetry, the error of each law relative to
+  its family's scale against the step, worst group (see :func:`relative_error_curves`), on a
+  log scale.
 
 Figures are drawn with matplotlib's Agg canvas (no display needed); the ``*_figure`` functions
 return the :class:`~matplotlib.figure.Figure` so tests and notebooks can inspect its axes.
@@ -31,6 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from symmech.laws.names import CONTINUOUS, DISCRETE, DISCRETE_RESIDUAL, GRADIENT_FLOW, LAWS
 from symmech.spec.library import BUILTIN
 
 __all__ = [
@@ -48,22 +50,18 @@ __all__ = [
     "symmetry_order",
 ]
 
-#: The predictions a record carries, in the order tables and legends show them.
-#: ``discrete_residual`` is the exact discrete law fed the measured symmetry residual r_k (it
-#: differs from ``discrete`` only where the symmetry is approximate, e.g. BatchNorm's eps).
-LAWS: tuple[str, ...] = ("gradient_flow", "continuous", "discrete", "discrete_residual")
 LAW_LABELS: dict[str, str] = {
-    "gradient_flow": "gradient flow (Q conserved)",
-    "continuous": "continuous model",
-    "discrete": "exact discrete law",
-    "discrete_residual": "exact discrete law + measured r",
+    GRADIENT_FLOW: "gradient flow (Q conserved)",
+    CONTINUOUS: "continuous model",
+    DISCRETE: "exact discrete law",
+    DISCRETE_RESIDUAL: "exact discrete law + measured r",
 }
-_LAW_STYLE = {"discrete": "--", "continuous": ":", "gradient_flow": "-.", "discrete_residual": "-"}
+_LAW_STYLE = {DISCRETE: "--", CONTINUOUS: ":", GRADIENT_FLOW: "-.", DISCRETE_RESIDUAL: "-"}
 _LAW_COLOURS = {
-    "gradient_flow": "tab:gray",
-    "continuous": "tab:orange",
-    "discrete": "tab:blue",
-    "discrete_residual": "tab:green",
+    GRADIENT_FLOW: "tab:gray",
+    CONTINUOUS: "tab:orange",
+    DISCRETE: "tab:blue",
+    DISCRETE_RESIDUAL: "tab:green",
 }
 _COLORMAP = "viridis"
 _LABEL_WIDTH = 52
@@ -214,21 +212,26 @@ def read_records_csv(path: str | Path) -> list[dict[str, Any]]:
 
 def relative_error_curves(
     records: Iterable[Mapping[str, Any]] | Sequence[GroupHistory],
+    scales: Mapping[tuple[str, str], float] | None = None,
 ) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """Per symmetry and law: ``(steps, error)``, the largest relative error over groups per step.
+    """Per symmetry and law: ``(steps, error)``, the largest error over groups per step.
 
-    The relative error of group j at step k is ``|Q_pred(k) − Q_obs(k)| / max_i |Q_obs(i)|``,
-    the maximum running over every logged step i of that group (a group whose observed Q is 0
-    throughout uses the absolute error). The curve of a symmetry takes, at each step, the
-    largest value over all groups of all its layers. Groups without the law (NaN) are skipped;
-    a law that no group has is left out of the result.
+    The error of group j at step k is ``|Q_pred(k) − Q_obs(k)| / S``, S the scale of the
+    group's family (its layer): ``scales[(symmetry, layer)]`` when given (the tracker's, see
+    ``symmech.runtime.error_scale``, which adds the size of Q's terms so that a Q that stays
+    at 0 is measured against its parameters), else the largest |Q_obs| over every logged step
+    and group of the family; S = 0 gives the absolute error. The curve of a symmetry takes,
+    at each step, the largest value over all groups of all its layers. Groups without the law
+    (NaN) are skipped; a law that no group has is left out of the result.
     """
     histories = group_histories(records)
     curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         for h in histories:
-            scale = _fmax_reduce(np.abs(h.observed), axis=0)
-            scale = np.where(np.isfinite(scale) & (scale > 0), scale, 1.0)
+            scale = (scales or {}).get((h.symmetry, h.layer))
+            if scale is None:
+                scale = _fmax_reduce(np.abs(h.observed).reshape(-1), axis=0)
+            scale = float(scale) if np.isfinite(scale) and scale > 0 else 1.0
             for law in LAWS:
                 err = np.abs(h.laws[law] - h.observed) / scale
                 per_step = _fmax_reduce(err, axis=1)
@@ -326,7 +329,7 @@ def records_figure(
     histories = group_histories(records)
     symmetries = symmetry_order(h.symmetry for h in histories)
     fig = _new_figure(len(symmetries))
-    laws = ("discrete", "continuous") + (("gradient_flow",) if show_gradient_flow else ())
+    laws = (DISCRETE, CONTINUOUS) + ((GRADIENT_FLOW,) if show_gradient_flow else ())
     if not symmetries:
         fig.axes[0].text(0.5, 0.5, "no records", ha="center", va="center")
     for ax, symmetry in zip(fig.axes, symmetries):
@@ -373,15 +376,20 @@ def _layer_colours(n: int) -> list[Any]:
 
 
 def errors_figure(
-    records: Iterable[Mapping[str, Any]], title: str | None = None, *, x: str = "step"
+    records: Iterable[Mapping[str, Any]],
+    title: str | None = None,
+    *,
+    x: str = "step",
+    scales: Mapping[tuple[str, str], float] | None = None,
 ) -> Figure:
-    """Relative error of each law against the step, one panel per symmetry, log y axis.
+    """Error of each law against the step, one panel per symmetry, log y axis.
 
-    The error is the worst group's (see :func:`relative_error_curves`); exact zeros, which a log
-    axis cannot show, are left out (every law equals the observation at the first logged step).
+    The error is the worst group's, relative to its family's scale (see
+    :func:`relative_error_curves`); exact zeros, which a log axis cannot show, are left out
+    (every law equals the observation at the first logged step).
     """
     histories = group_histories(records)
-    curves = relative_error_curves(histories)
+    curves = relative_error_curves(histories, scales)
     t_of_step: dict[float, float] = {}
     for h in histories:
         t_of_step.update(zip(h.steps.tolist(), h.t.tolist()))
@@ -400,7 +408,7 @@ def errors_figure(
         ax.set_yscale("log")
         ax.set_title(symmetry)
         ax.set_xlabel("step" if x == "step" else "t = Σ η")
-        ax.set_ylabel("|pred − obs| / max |obs|, worst group")
+        ax.set_ylabel("|pred − obs| / family scale, worst group")
         ax.grid(True, which="major", alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize=7)
@@ -436,7 +444,8 @@ def plot_errors(
     title: str | None = None,
     *,
     x: str = "step",
+    scales: Mapping[tuple[str, str], float] | None = None,
     dpi: int = 120,
 ) -> Path:
     """Write :func:`errors_figure` to ``path``."""
-    return _save(errors_figure(records, title, x=x), path, dpi)
+    return _save(errors_figure(records, title, x=x, scales=scales), path, dpi)

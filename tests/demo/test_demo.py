@@ -105,12 +105,13 @@ def _rec(symmetry, layer, group, step, observed, flow, continuous, discrete) -> 
 
 def _hand_records() -> list[dict[str, Any]]:
     rows = []
-    # scale, group 0: max |obs| = 4.
-    #   discrete errors 0, 0.4/4, 0 -> 0.1; continuous 0, 0, 2/4 -> 0.5; flow 0, 2/4, 3/4 -> 0.75
+    # scale: the family's scale is max |obs| over both groups = 4.
+    #   group 0: discrete errors 0, 0.4/4, 0 -> 0.1; continuous 0, 0, 2/4 -> 0.5;
+    #   flow 0, 2/4, 3/4 -> 0.75
     for k, (o, f, c, d) in enumerate([(2, 2, 2, 2), (4, 2, 4, 4.4), (-1, 2, 1, -1)]):
         rows.append(_rec("scale", "conv", 0, k, o, f, c, d))
-    # scale, group 1: max |obs| = 1; continuous unavailable (None)
-    #   discrete 0, 0, 0.05; flow 0, 0.5, 0.75
+    # scale, group 1: continuous unavailable (None)
+    #   discrete 0, 0, 0.05/4; flow 0, 0.5/4, 0.75/4
     for k, (o, f, d) in enumerate([(1, 1, 1), (0.5, 1, 0.5), (0.25, 1, 0.2)]):
         rows.append(_rec("scale", "conv", 1, k, o, f, None, d))
     # translation: observed 0 throughout -> absolute error; continuous missing everywhere
@@ -130,6 +131,19 @@ def test_max_relative_errors_by_hand() -> None:
     assert table["translation"]["continuous"] is None
     assert table["translation"]["gradient_flow"] == 0.0
     assert table["translation"]["discrete"] == pytest.approx(1e-3, rel=1e-12)
+
+
+def test_errors_use_the_size_of_q_terms_when_q_stays_zero() -> None:
+    # translation's Q is 0 throughout; its parameters' terms sum to 10 in size
+    table = max_relative_errors(_hand_records(), {("translation", "fc bias"): 10.0})
+    assert table["translation"]["discrete"] == pytest.approx(1e-4, rel=1e-12)
+    assert table["scale"]["discrete"] == pytest.approx(0.1, rel=1e-12)  # no terms: max |obs|
+    result = ModelResult("m", _hand_records(), 0.5, 0.1, 1.0, 3, terms={("scale", "conv"): 8.0})
+    assert result.scales == {("scale", "conv"): 8.0, ("translation", "fc bias"): 0.0}
+    row = next(
+        line for line in format_error_table([result]).splitlines() if line.split()[:1] == ["scale"]
+    )
+    assert row.split()[-3:] == ["3.8e-01", "2.5e-01", "5.0e-02"]
 
 
 def test_max_relative_errors_takes_the_worst_layer_and_accepts_nan() -> None:

@@ -196,3 +196,16 @@ def test_short_labels_keep_the_shortest_unique_module_path() -> None:
         "layer2.0.conv1 → layer2.0.bn1 [128]",
     ]
     assert short_labels(["x" * 80], width=10) == ["x" * 9 + "…"]
+
+
+def test_relative_error_curves_use_the_family_scale_and_given_scales() -> None:
+    # one family, two groups: Q = 0 throughout for group 0 and 2 for group 1
+    recs = [{"step": k, "t": 0.1 * k, "symmetry": "scale", "layer": "c", "group": g,
+             "observed": 2.0 * g, "discrete": 2.0 * g + 1e-3 * (g == 0)}
+            for k in range(3) for g in range(2)]  # fmt: skip
+    ((_, err),) = relative_error_curves(recs)["scale"].values()
+    np.testing.assert_allclose(err, 5e-4)  # 1e-3 against the family's largest |Q| = 2
+    ((_, err),) = relative_error_curves(recs, scales={("scale", "c"): 100.0})["scale"].values()
+    np.testing.assert_allclose(err, 1e-5)
+    fig = errors_figure(recs, scales={("scale", "c"): 100.0})
+    np.testing.assert_allclose(fig.axes[0].get_lines()[0].get_ydata(), 1e-5)
