@@ -19,17 +19,38 @@ from .binding import Binding, BoundSlice, bind
 from .tracker import Schedule, Tracker, TrackerWarning
 
 
+def tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Every name of a Parameter used under more than one name (tied weights), to all its names."""
+    names: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(n)
+    return {n: group for group in names.values() if len(group) > 1 for n in group}
+
+
 def bindings_from_families(model: torch.nn.Module, families: Sequence[Any]) -> list[Binding]:
     """Turn detected families (parameter names and dims) into bindings on the model's tensors.
 
-    Families that failed confirmation are skipped with a warning that gives the reason.
+    Families that failed confirmation, or that touch a tied Parameter (one tensor used by
+    several layers), are skipped with a warning that gives the reason.
     """
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = tied_names(model)
     out = []
     for fam in families:
-        if getattr(fam, "confirmed", None) is False:
+        shared = sorted(
+            {s.param for slices in fam.blocks.values() for s in slices if s.param in tied}
+        )
+        reason = fam.reason if getattr(fam, "confirmed", None) is False else None
+        if shared:
+            uses = "; ".join(" = ".join(tied[n]) for n in shared)
+            reason = (
+                f"it acts on tied weights ({uses}: one Parameter used by several layers); the "
+                "gradient sums every use, and the transformation of this layer alone changes the "
+                "other uses, so it is not a symmetry of the loss"
+            )
+        if reason is not None:
             warnings.warn(
-                f"symmech: {fam.symmetry} on {fam.layer} not tracked: {fam.reason}",
+                f"symmech: {fam.symmetry} on {fam.layer} not tracked: {reason}",
                 TrackerWarning,
                 stacklevel=3,
             )

@@ -22,7 +22,8 @@ from .reductions import GridSlice, ReductionCache
 from .stepper import Hyper, StepData, update_forms
 
 Which = Literal["theta", "grad", "buffer"]
-TRACKED, OBSERVED_ONLY = "tracked", "observed only"
+TRACKED, OBSERVED_ONLY, APPROXIMATE = "tracked", "observed only", "approximate"
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class TrackerWarning(UserWarning):
@@ -103,10 +104,26 @@ class Family:
                 f"{self.frozen} are not in the optimizer (frozen), so the group's update is not "
                 "torch.optim.SGD's; its charge is observed only"
             )
+        elif self.tracked and self.precision():
+            self.approximate(self.precision(), warn=False)  # the tracker warns once for all
 
     @property
     def tracked(self) -> bool:
-        return self.status == TRACKED
+        """Whether the laws are advanced (status ``tracked`` or ``approximate: …``)."""
+        return self.status == TRACKED or self.status.startswith(APPROXIMATE)
+
+    def precision(self) -> str:
+        """What the parameters' precision allows ('' for float32 and wider)."""
+        low = sorted({t.dtype for t in self.binding.tensors if t.dtype in LOW_PRECISION}, key=str)
+        if not low:
+            return ""
+        eps = max(torch.finfo(d).eps for d in low)
+        names = "/".join(str(d).removeprefix("torch.") for d in low)
+        return (
+            f"{names} parameters: every update is rounded to {eps:.1e} of |θ|, so Q may leave "
+            f"the laws by about {eps:.1e} × Σ|θ| (Σθ² for a quadratic charge) per step; "
+            "reductions accumulate in float32"
+        )
 
     # -- reading -----------------------------------------------------------------------
     def views(self, which: Which) -> dict[str, list[GridSlice]] | None:
@@ -168,7 +185,7 @@ class Family:
     # -- status ------------------------------------------------------------------------
     def stop(self, note: str) -> None:
         """Stop predicting (observed only from now on), with the reason; warns once."""
-        if self.status == TRACKED:
+        if self.tracked:
             warnings.warn(
                 f"symmech: {self.symmetry} on {self.layer}: not predicted: {note}",
                 TrackerWarning,
@@ -177,6 +194,17 @@ class Family:
         self.status = OBSERVED_ONLY
         self.note = note
         self._pending = None
+
+    def approximate(self, why: str, warn: bool = True) -> None:
+        """Keep predicting, but say the laws hold only approximately here, and why."""
+        if self.status == TRACKED and warn:
+            warnings.warn(
+                f"symmech: {self.symmetry} on {self.layer}: approximate: {why}",
+                TrackerWarning,
+                stacklevel=4,
+            )
+        if self.tracked:
+            self.status = f"{APPROXIMATE}: {why}"
 
     # -- one step ----------------------------------------------------------------------
     def restart(self, why: str) -> None:

@@ -45,6 +45,12 @@ class GridSlice:
     __slots__ = ("value", "spec", "cache")
 
     def __init__(self, raw: torch.Tensor, spec: BoundSlice, cache: ReductionCache) -> None:
+        if raw.dtype in (torch.float16, torch.bfloat16):  # reduce in float32 at least
+            key = ("float32", _key(raw))
+            wide = cache.grids.get(key)
+            if wide is None:
+                wide = cache.grids[key] = raw.float()
+            raw = wide
         self.value = spec.shaped(raw)
         self.spec = spec
         self.cache = cache

@@ -95,6 +95,11 @@ class Tracker:
             why = unsupported_optimizer_reason(type(self.optimizer).__name__)
             for f in families:
                 f.stop(why)
+        low = sorted({f.precision() for f in families if f.precision()})
+        if low:
+            warnings.warn(
+                f"symmech: approximate laws: {'; '.join(low)}", TrackerWarning, stacklevel=4
+            )
         self.families.extend(families)
 
     def _reloaded(self, what: str) -> None:

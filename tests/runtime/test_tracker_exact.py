@@ -7,10 +7,13 @@ without the tracker checks that training stays bit-identical.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from support.training import (
+    DTYPE,
     Net,
     assert_same_training,
     hand_charges,
@@ -412,4 +415,73 @@ def test_momentum_switched_mid_run_stays_exact(start, extra):
         charges.append(hand_charges(net))
     assert _statuses(tracker) == {"tracked"}
     assert law_error(tracker.records(), charges) < EXACT
+    assert_same_training(net.model, twin.model, opt, opt_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight tying and low precision
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tied_weights_skip_their_families_with_the_true_reason():
+    def tied_model():
+        torch.manual_seed(0)
+        lin = [torch.nn.Linear(4, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)]
+        m = torch.nn.Sequential(
+            lin[0], torch.nn.ReLU(), lin[1], torch.nn.ReLU(), lin[2], torch.nn.ReLU()
+        )
+        m.append(torch.nn.Linear(8, 3))
+        m[4].weight = m[2].weight  # one Parameter in two layers
+        return m.to(DTYPE)
+
+    models = [tied_model(), tied_model()]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
+    x = torch.randn(32, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 3, (32,), generator=torch.Generator().manual_seed(2))
+    with pytest.warns(symmech.TrackerWarning, match=r"tied weights \(2\.weight = 4\.weight") as w:
+        tracker = symmech.track(models[0], opts[0], example_input=(x, y))
+    assert sum("tied weights" in str(i.message) for i in w) == 3  # the three rescale families
+    charges = [_output_layer_charges(models[0])]
+    for _ in range(6):
+        for m, o in zip(models, opts):
+            o.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+        charges.append(_output_layer_charges(models[0]))
+    assert {f.symmetry for f in tracker.families} == {"translation"}
+    assert _statuses(tracker) == {"tracked"}
+    assert _output_layer_error(tracker.records(), charges) < EXACT
+    assert_same_training(models[0], models[1], opts[0], opts[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_is_approximate_and_says_how_much(dtype):
+    nets = [make_net("rescale", dtype=dtype), make_net("rescale", dtype=dtype)]
+    with torch.no_grad():  # Σθ² of the hidden groups beyond float16's range (65504)
+        for n in nets:
+            n.model[0].weight.mul_(600.0)
+    opts = [torch.optim.SGD(n.model.parameters(), lr=1e-4, momentum=0.9) for n in nets]
+    (net, twin), (opt, opt_t) = nets, opts
+    with pytest.warns(symmech.TrackerWarning, match=r"approximate laws: .*rounded to") as w:
+        tracker = symmech.track(net.model, opt, net.bindings())
+    assert len(w) == 1  # once, for every family
+    ref = net.families[0].reference()
+    charges, scale = [hand_charges(net)], []
+    for _ in range(8):
+        scale.append(float(ref.charge_abs(net.params()).max()))
+        _step(net, opt), _step(twin, opt_t)
+        charges.append(hand_charges(net))
+    eps = torch.finfo(dtype).eps
+    status = tracker.families[0].status
+    assert status.startswith("approximate: ") and f"{eps:.1e}" in status
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = tracker.records()  # no non-finite values (float32 reductions), no warning
+    assert all(np.isfinite(r["observed"]) for r in rows)
+    assert max(charges[0]["hidden"]) > 65504
+    assert all(r["status"] == status for r in rows)
+    err = max(
+        abs(r["discrete"] - charges[r["step"]]["hidden"][r["group"]]) for r in rows if r["step"]
+    )
+    assert err <= 8 * eps * max(scale)  # what the status promises
     assert_same_training(net.model, twin.model, opt, opt_t)
