@@ -27,6 +27,7 @@ Bounded memory, two ways:
 from __future__ import annotations
 
 import csv
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,8 @@ from symmech.laws.names import (
     PREDICTIONS,
     SECOND_ORDER,
 )
+
+from .family import TrackerWarning
 
 #: The columns of ``Tracker.records()`` rows and of the CSV, in order.
 COLUMNS = (
@@ -171,6 +174,11 @@ class _Series:
                 return float(chunk.meta[chunk.n - 1, 0])
         return None
 
+    def log_indices(self) -> np.ndarray:
+        """The log index of every row (host metadata only: nothing is read from the device)."""
+        parts = [c.meta[: c.n, 0] for c in self.chunks if c.path is None]
+        return np.concatenate(parts) if parts else np.empty(0)
+
     def drop_last(self) -> None:
         self.chunks[-1].n -= 1
 
@@ -200,7 +208,7 @@ class _Series:
 
     def keep(self, index: np.ndarray) -> None:
         """Keep only the rows at ``index`` (sorted), compacted into one device chunk."""
-        meta, _ = self.arrays()
+        meta = np.concatenate([c.meta[: c.n] for c in self.chunks])
         data = torch.cat([c.data[: c.n] for c in self.chunks if c.data is not None])
         chunk = _Chunk(max(self.rows, len(index) + 1), self.width, data.device)
         assert chunk.data is not None
@@ -251,6 +259,7 @@ class History:
         self._codes: dict[_Code, int] = {}
         self._pending: list[tuple[_Series, _Chunk]] = []  # offloaded, not yet spilled
         self._spilled = 0
+        self._broken: dict[tuple[int, str, str], str] = {}  # families whose rows failed
 
     def last_step(self) -> int | None:
         return self._last_step
@@ -287,6 +296,8 @@ class History:
             if s.observed is None:
                 continue
             key = (position, s.symmetry, s.layer)
+            if key in self._broken:
+                continue
             series = self._series.get(key)
             if series is None:
                 groups = s.observed.numel()
@@ -304,9 +315,18 @@ class History:
                     )
                 laws = stacked[id(s.laws)]
             t = float("nan") if s.t is None else float(s.t)
-            chunk = series.write((index, s.step, t, self._code(s)), s, laws)
-            if chunk.full and self.max_history is None:
-                self._offload(series, chunk)
+            try:
+                chunk = series.write((index, s.step, t, self._code(s)), s, laws)
+                if chunk.full and self.max_history is None:
+                    self._offload(series, chunk)
+            except Exception as err:  # the tracker must never break training
+                self._broken[key] = f"{type(err).__name__}: {err}"
+                warnings.warn(
+                    f"symmech: history of {s.symmetry} on {s.layer} stopped at step {s.step} "
+                    f"({self._broken[key]}); rows before it are kept",
+                    TrackerWarning,
+                    stacklevel=4,
+                )
         if self.max_history is not None and index // self.stride + 1 > self.max_history:
             self._thin()
 
@@ -329,8 +349,7 @@ class History:
     def _thin(self) -> None:
         self.stride *= 2
         for series in self._series.values():
-            meta, _ = series.arrays()
-            index = meta[:, 0]
+            index = series.log_indices()
             keep = np.flatnonzero(index % self.stride == 0)
             if len(index) and (not len(keep) or keep[-1] != len(index) - 1):
                 keep = np.append(keep, len(index) - 1)  # the latest row stays

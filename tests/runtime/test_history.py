@@ -170,14 +170,18 @@ def test_bad_settings_are_refused() -> None:
         History(max_history=5, spill_dir="x")
 
 
-def test_no_device_to_host_copy_while_training(monkeypatch) -> None:
-    """The hooks queue device work only: no .cpu(), .item(), .tolist() or .numpy() per step."""
+@pytest.mark.parametrize(
+    "history", [lambda: History(chunk_bytes=1), lambda: History(max_history=8, chunk_bytes=1)]
+)
+def test_no_device_to_host_copy_while_training(monkeypatch, history) -> None:
+    """The hooks queue device work only: no .cpu(), .item(), .tolist() or .numpy() per step
+    (chunks fill and are offloaded, or thinned, during the run)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 4, (32,))
     tracker = symmech.track(model, opt, example_input=(x, y))
-    tracker.history = History(chunk_bytes=1)  # chunks fill (and are offloaded) during the run
+    tracker.history = history()
     losses = []
     for _ in range(2):  # the first step builds the banks
         opt.zero_grad()
@@ -226,3 +230,17 @@ def test_float32_parameters_are_stored_exactly() -> None:
     assert [r["observed"] for r in rows] == np.asarray(q, dtype=np.float64).tolist()
     assert [r["residual"] for r in rows] == np.asarray(q * 2, dtype=np.float64).tolist()
     assert all(r["t"] is None and r["discrete"] is None and r["note"] == "why" for r in rows)
+
+
+def test_a_row_that_cannot_be_stored_warns_and_never_raises() -> None:
+    h = History()
+    h.add([_snap(0, 1.0), _snap(0, 2.0)])
+    bad = Snapshot(1, 1.0, "scale", "c", torch.ones(5), None, None, None, 0.9, False,
+                   "observed only", "", True)  # fmt: skip
+    with pytest.warns(symmech.TrackerWarning, match=r"history of scale on c stopped at step 1"):
+        h.add([bad, _snap(1, 3.0)])
+    h.add([bad, _snap(2, 4.0)])
+    rows = h.rows()
+    assert [(r["step"], r["observed"]) for r in rows] == [
+        (0, 1.0), (0, 1.0), (0, 2.0), (0, 2.0), (1, 3.0), (1, 3.0), (2, 4.0), (2, 4.0)
+    ]  # fmt: skip
