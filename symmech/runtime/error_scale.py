@@ -31,15 +31,17 @@ True
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from symmech.laws.names import LAWS
-from symmech.viz.plots import GroupHistory, group_histories, relative_error_curves
 
 from .binding import Binding
+
+if TYPE_CHECKING:  # matplotlib is imported only when errors are computed
+    from symmech.viz.plots import GroupHistory
 
 #: (symmetry, layer): a family, as records name it.
 Key = tuple[str, str]
@@ -116,6 +118,8 @@ def error_scales(
     terms: Mapping[Key, float] | None = None,
 ) -> dict[Key, float]:
     """S per family: the largest |Q_obs| over the run and groups, and ``terms`` (M) when given."""
+    from symmech.viz.plots import group_histories
+
     out: dict[Key, float] = {}
     for h in group_histories(records):
         observed = np.abs(h.observed[np.isfinite(h.observed)])
@@ -132,6 +136,8 @@ def max_errors(
     """Per family, each law's largest error over the run (see the module docstring); None
     where the law has no value. For a tracker: ``max_errors(tracker.records(),
     term_scales(tracker.families))``."""
+    from symmech.viz.plots import group_histories, relative_error_curves
+
     histories = group_histories(records)
     scales = error_scales(histories, terms)
     out: dict[Key, dict[str, float | None]] = {}
