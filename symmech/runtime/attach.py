@@ -87,6 +87,16 @@ def track(
     rₖ = ⟨ξ, g⟩ (one reduction of θ·g per tensor) and with it the residual-corrected law;
     rₖ is then still measured at logged steps.
     """
+    if isinstance(symmetries, Binding) or not (
+        symmetries is None or isinstance(symmetries, (list, tuple))
+    ):
+        raise BindingError(
+            explain(
+                f"track(model, optimizer, {type(symmetries).__name__})",
+                "symmetries must be a list of bindings",
+                "pass [symmech.bind(...)], or leave it out to detect them",
+            )
+        )
     if symmetries is None and example_input is None:
         return _track_detecting_on_first_step(
             model, optimizer, log_every, loss_fn, schedule, residuals

@@ -139,6 +139,14 @@ def _slice(call: str, block: str, item: Any, position: int) -> BoundSlice:
         )
     tensor, dim = item[0], item[1]
     view = item[2] if len(item) == 3 else None
+    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+        raise BindingError(
+            explain(
+                call,
+                f"block '{block}' item {position}: dim={dim!r} ({type(dim).__name__})",
+                "give the group dimension as an int (or None for one group)",
+            )
+        )
     if not isinstance(tensor, torch.Tensor):
         raise BindingError(
             explain(
@@ -191,6 +199,24 @@ def bind(
     bound: dict[str, list[BoundSlice]] = {}
     for name in names:
         items = blocks[name]
+        if isinstance(items, torch.Tensor):
+            raise BindingError(
+                explain(
+                    call,
+                    f"block '{name}' is a bare tensor of shape {tuple(items.shape)}",
+                    f"give a list of (tensor, dim) pairs, e.g. {name}=[(tensor, 0)]",
+                )
+            )
+        if not isinstance(items, (list, tuple, BoundSlice)):
+            raise BindingError(
+                explain(
+                    call,
+                    f"block '{name}' is {type(items).__name__}",
+                    "give a list of (tensor, dim) pairs",
+                )
+            )
+        if isinstance(items, BoundSlice):
+            items = [items]
         if isinstance(items, tuple) and len(items) in (2, 3) and isinstance(items[0], torch.Tensor):
             items = [items]
         if not items:
@@ -220,4 +246,33 @@ def bind(
                 "pass constants={name: tensor}",
             )
         )
-    return Binding(d, bound, consts, layer or d.name)
+    bad = {k: type(v).__name__ for k, v in consts.items() if not isinstance(v, torch.Tensor)}
+    if bad:
+        raise BindingError(explain(call, f"constants {bad} are not tensors"))
+    binding = Binding(d, bound, consts, layer or d.name)
+    _dry_run(call, binding)
+    return binding
+
+
+def _dry_run(call: str, binding: Binding) -> None:
+    """Evaluate the generated Q and forms once on θ, so that a constant or a slice that does
+    not fit fails here, at the call, and not in the middle of training."""
+    module = binding.module
+    views = {
+        block: [s.prepare(s.tensor.detach()) for s in slices]
+        for block, slices in binding.blocks.items()
+    }
+    const = (binding.constants,) if module.CONSTANTS else ()
+    try:
+        with torch.no_grad():
+            module.charge(views, *const)
+            module.forms(views, views, views, *const)
+    except (RuntimeError, ValueError, IndexError) as err:
+        shapes = {k: tuple(v.shape) for k, v in binding.constants.items()}
+        raise BindingError(
+            explain(
+                call,
+                f"the slices{f' and constants {shapes}' if shapes else ''} do not fit "
+                f"{binding.name}'s formulas: {err}",
+            )
+        ) from None

@@ -51,9 +51,19 @@ class Tracker:
         schedule: Schedule | None = None,
         residuals: bool = True,
     ) -> None:
-        if log_every < 1:
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
             raise BindingError(
-                explain(f"track(..., log_every={log_every})", "log_every must be ≥ 1")
+                explain(
+                    f"track(..., log_every={log_every!r})",
+                    "log_every must be an int ≥ 1",
+                    "use schedule=... for any other rule",
+                )
+            )
+        if schedule is not None and not callable(schedule):
+            raise BindingError(
+                explain(
+                    f"track(..., schedule={schedule!r})", "schedule must be a function of the step"
+                )
             )
         self.optimizer = optimizer
         self.model = model

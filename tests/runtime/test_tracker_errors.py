@@ -116,6 +116,47 @@ def test_track_arguments():
     tracker.detach()
 
 
+def test_bind_and_track_refuse_malformed_arguments_at_the_call():
+    m = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2)).to(DTYPE)
+    w = m[0].weight
+    with pytest.raises(BindingError, match=r"block 'theta' is a bare tensor of shape \(3, 4\)"):
+        symmech.bind("scale", theta=w)
+    with pytest.raises(BindingError, match=r"dim='0' \(str\)"):
+        symmech.bind("scale", theta=[(w, "0")])
+    with pytest.raises(BindingError, match=r"dim=0\.0 \(float\)"):
+        symmech.bind("scale", theta=[(w, 0.0)])
+    with pytest.raises(BindingError, match=r"dim=True \(bool\)"):
+        symmech.bind("scale", theta=[(w, True)])
+    with pytest.raises(BindingError, match=r"constants \{'E': \(7, 7\)\} do not fit linear_pair"):
+        symmech.bind(
+            "linear_pair",
+            U=[(w, None, "T")],
+            V=[(m[1].weight, None)],
+            constants={"E": torch.zeros(7, 7, dtype=DTYPE)},
+        )
+    with pytest.raises(BindingError, match=r"constants \{'E': 'list'\} are not tensors"):
+        symmech.bind(
+            "linear_pair", U=[(w, None, "T")], V=[(m[1].weight, None)], constants={"E": [1]}
+        )
+    fits = symmech.bind(
+        "linear_pair",
+        U=[(w, None, "T")],
+        V=[(m[1].weight, None)],
+        constants={"E": torch.zeros(3, 3, dtype=DTYPE)},
+    )
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    one = symmech.bind("scale", theta=[(w, 0)])
+    with pytest.raises(
+        BindingError, match=r"track\(model, optimizer, Binding\): symmetries must be a list"
+    ):
+        symmech.track(m, opt, one)
+    with pytest.raises(BindingError, match=r"log_every=2\.5\): log_every must be an int"):
+        symmech.track(m, opt, [one], log_every=2.5)
+    with pytest.raises(BindingError, match=r"schedule=3\): schedule must be a function"):
+        symmech.track(m, opt, [one], schedule=3)
+    symmech.track(m, opt, [one, fits]).detach()
+
+
 # ---------------------------------------------------------------------------------------------
 # Things the tracker cannot follow: warnings, "observed only", training unchanged
 # ---------------------------------------------------------------------------------------------
