@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +51,7 @@ __all__ = [
     "slice_view",
     "spec_action",
     "spec_of",
+    "strided",
     "validate_family",
 ]
 
@@ -60,12 +62,39 @@ class BlockSlice:
 
     ``view`` reshapes the tensor first (e.g. a Linear weight after a Flatten is seen as
     ``(out, C, H*W)`` with ``dim=1``), or ``"T"`` transposes a matrix (a Linear weight W = Uᵀ
-    bound to a matrix block U); ``dim=None`` makes the whole tensor one group.
+    bound to a matrix block U), or :func:`strided` picks entries of the row-major tensor (one
+    head's rows of a fused q/k/v weight, transposed); ``dim=None`` makes the whole tensor one group.
     """
 
     param: str
     dim: int | None
-    view: tuple[int, ...] | str | None = None
+    view: tuple[Any, ...] | str | None = None
+
+
+def strided(size: tuple[int, ...], stride: tuple[int, ...], offset: int = 0) -> tuple[Any, ...]:
+    """A view that reads entry ``offset + Σ_d i_d·stride_d`` of the flattened tensor at ``i``.
+
+    It is ``tensor.as_strided(size, stride, offset)`` of a contiguous tensor: e.g. head h of a
+    fused (3d, n) q/k/v weight, transposed, as (heads, n, r) is
+    ``strided((H, n, r), (r*n, 1, n), offset)`` with ``offset`` the first row of q, k or v times n.
+
+    >>> w = torch.arange(12.0).reshape(6, 2)  # rows 0-1: head 0, rows 2-3: head 1 (r = 2)
+    >>> slice_view(w, BlockSlice("w", 0, strided((2, 2, 2), (4, 1, 2), 4)))[1]
+    tensor([[ 8., 10.],
+            [ 9., 11.]])
+    """
+    return ("strided", tuple(int(n) for n in size), tuple(int(n) for n in stride), int(offset))
+
+
+def _is_strided(view: object) -> bool:
+    return isinstance(view, tuple) and len(view) == 4 and view[0] == "strided"
+
+
+def _strided_index(tensor: Tensor, view: tuple[Any, ...]) -> Tensor:
+    """The flat positions a strided view reads, in the view's shape."""
+    _, size, stride, offset = view
+    flat = torch.arange(tensor.numel(), device=tensor.device)
+    return flat.as_strided(size, stride, offset)
 
 
 @dataclass
@@ -85,6 +114,8 @@ class Family:
     reason: str = ""
     spec: Symmetry | None = field(default=None, compare=False)
     constants: dict[str, Tensor] = field(default_factory=dict, compare=False)
+    #: a name per group (e.g. ``h0[1,2]``: head 0, entry (1, 2) of its charge matrix); may be empty
+    labels: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.symmetry, Symmetry):
@@ -184,6 +215,8 @@ def slice_view(tensor: Tensor, piece: BlockSlice) -> Tensor:
     """``tensor`` reshaped (or transposed, ``view="T"``) by ``piece.view``."""
     if piece.view is None:
         return tensor
+    if _is_strided(piece.view):
+        return tensor.reshape(-1)[_strided_index(tensor, piece.view)]
     return tensor.mT if piece.view == "T" else tensor.reshape(piece.view)
 
 
@@ -232,27 +265,20 @@ def validate_family(family: Family, params: Mapping[str, Tensor]) -> None:
             f"{sorted(needed)}, got {sorted(family.blocks)}"
         )
     _check_constants(family, action)
-    seen: set[str] = set()
+    _check_disjoint(family, params)
     for block, pieces in family.blocks.items():
         for piece in pieces:
-            if piece.param not in params:
-                raise ValueError(
-                    f"Family({family.layer!r}): block {block!r} names parameter {piece.param!r}, "
-                    "which the model does not have"
-                )
-            if piece.param in seen:
-                raise ValueError(
-                    f"Family({family.layer!r}): parameter {piece.param!r} appears in two slices; "
-                    "each parameter may be named once per family"
-                )
-            seen.add(piece.param)
             tensor = params[piece.param]
             if piece.view == "T" and tensor.ndim != 2:
                 raise ValueError(
                     f"Family({family.layer!r}): view 'T' needs a matrix, {piece.param} has "
                     f"shape {tuple(tensor.shape)}"
                 )
-            if isinstance(piece.view, tuple) and tensor.numel() != torch.Size(piece.view).numel():
+            if (
+                isinstance(piece.view, tuple)
+                and not _is_strided(piece.view)
+                and tensor.numel() != torch.Size(piece.view).numel()
+            ):
                 raise ValueError(
                     f"Family({family.layer!r}): view {piece.view} does not fit "
                     f"{piece.param} of shape {tuple(tensor.shape)}"
@@ -273,6 +299,49 @@ def validate_family(family: Family, params: Mapping[str, Tensor]) -> None:
                 )
 
 
+def _check_disjoint(family: Family, params: Mapping[str, Tensor]) -> None:
+    """Every parameter is named once, or only by strided views on disjoint entries."""
+    where = f"Family({family.layer!r})"
+    taken: dict[str, Tensor | None] = {}
+    for block, pieces in family.blocks.items():
+        for piece in pieces:
+            if piece.param not in params:
+                raise ValueError(
+                    f"{where}: block {block!r} names parameter {piece.param!r}, "
+                    "which the model does not have"
+                )
+            tensor = params[piece.param]
+            index = None
+            if _is_strided(piece.view):
+                _, size, stride, offset = piece.view
+                last = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True))
+                if (
+                    len(size) != len(stride)
+                    or min(size) < 1
+                    or offset < 0
+                    or last >= tensor.numel()
+                ):
+                    raise ValueError(
+                        f"{where}: view {piece.view} does not fit {piece.param} of shape "
+                        f"{tuple(tensor.shape)} ({tensor.numel()} entries)"
+                    )
+                index = _strided_index(tensor, piece.view).reshape(-1)
+                if index.unique().numel() != index.numel():
+                    raise ValueError(
+                        f"{where}: view {piece.view} of {piece.param} reads an entry twice"
+                    )
+            if piece.param in taken:
+                before = taken[piece.param]
+                if before is None or index is None or torch.isin(index, before).any():
+                    raise ValueError(
+                        f"{where}: parameter {piece.param!r} appears in two slices that overlap; "
+                        "a parameter may be named once per family, or by strided views of "
+                        "disjoint entries"
+                    )
+                index = torch.cat([before, index])
+            taken[piece.param] = index
+
+
 def identity(family: Family, like: Tensor) -> Tensor:
     """The identity element e of the spec, one per group, with the dtype and device of ``like``."""
     value = spec_action(family).identity
@@ -290,8 +359,14 @@ def _groups(tensor: Tensor, piece: BlockSlice, vector: bool) -> Tensor:
 
 
 def _ungroup(moved: Tensor, tensor: Tensor, piece: BlockSlice) -> Tensor:
-    """Inverse of :func:`_groups`: the moved groups back in the parameter's own shape."""
+    """Inverse of :func:`_groups`: the moved groups back in the parameter's own shape (for a
+    strided view, written into ``tensor``'s other entries, out of place)."""
     viewed = slice_view(tensor, piece)
+    if _is_strided(piece.view):
+        index = _strided_index(tensor, piece.view)
+        per_index = index.unsqueeze(0) if piece.dim is None else index.movedim(piece.dim, 0)
+        flat = tensor.reshape(-1).scatter(0, per_index.reshape(-1), moved.reshape(-1))
+        return flat.reshape(tensor.shape)
     per = viewed.unsqueeze(0) if piece.dim is None else viewed.movedim(piece.dim, 0)
     back = moved.reshape(per.shape)
     back = back.squeeze(0) if piece.dim is None else back.movedim(0, piece.dim)
@@ -325,7 +400,7 @@ def apply_action(params: Mapping[str, Tensor], family: Family, alpha: Tensor) ->
     out = dict(params)
     for block, image in images.items():
         for piece, part in zip(family.blocks[block], image.split(rows[block], dim=1), strict=True):
-            out[piece.param] = _ungroup(part, params[piece.param], piece)
+            out[piece.param] = _ungroup(part, out[piece.param], piece)
     return out
 
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from . import transformer
 from .actions import (
     BlockSlice,
     DetectionResult,
@@ -71,7 +72,9 @@ _MODULE_KINDS: list[tuple[tuple[type[nn.Module], ...], str]] = [
     ((nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity), "pass"),
     ((nn.Flatten,), "flatten"),
     ((nn.Softmax, nn.LogSoftmax), "softmax"),
+    ((nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Mish, nn.ELU, nn.Softplus), "nonhom"),
 ]
+_NONHOM_FUNCS = {F.gelu, F.silu, torch.tanh, F.tanh, torch.sigmoid, F.sigmoid, F.mish, F.elu}
 _POOLS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd)
 _ADAPTIVE = (nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
 _ACT_FUNCS = {F.relu, F.relu_, torch.relu, torch.relu_, F.leaky_relu, F.leaky_relu_, F.prelu}
@@ -118,6 +121,8 @@ def _function_kind(node: fx.Node) -> tuple[str, dict[str, Any]]:
         return "meta", {}
     if fn in _ACT_FUNCS:
         return "act", {}
+    if fn in _NONHOM_FUNCS or (node.op == "call_method" and fn in ("tanh", "sigmoid")):
+        return "nonhom", {}
     if fn in _POOL_FUNCS:
         return "pool", {"spatial": int(fn.__name__[-2])}
     if fn in _PASS_FUNCS:
@@ -164,10 +169,24 @@ def _shape(value: Any) -> tuple[int, ...] | None:
     return tuple(int(s) for s in shape) if shape is not None else None
 
 
-def _fx_graph(model: nn.Module, example_input: Any) -> list[_Op]:
+class _Recorder(ShapeProp):
+    """ShapeProp that keeps every node's value (the transformer rules replay index operations)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        self.values[n] = result
+        return result
+
+
+def _fx_graph(model: nn.Module, example_input: Any) -> tuple[list[_Op], transformer.Trace]:
     gm = fx.symbolic_trace(model)
+    recorder = _Recorder(gm)
     with _side_effect_free(model):
-        ShapeProp(gm).propagate(*_as_tuple(example_input))
+        recorder.propagate(*_as_tuple(example_input))
     ops: dict[fx.Node, _Op] = {}
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -192,7 +211,7 @@ def _fx_graph(model: nn.Module, example_input: Any) -> list[_Op]:
         op.shared = op.module is not None and calls.get(op.name, 0) > 1
         if op.kind == "reshape":
             _as_flatten(op)
-    return list(ops.values())
+    return list(ops.values()), transformer.Trace(gm, recorder.values)
 
 
 def _as_flatten(op: _Op) -> None:
@@ -419,7 +438,27 @@ def _rescale(op: _Op, fams: list[Family], notes: list[str]) -> None:
     )
 
 
-def _families(ops: list[_Op], notes: list[str]) -> list[Family]:
+def _nonhomogeneous(ops: list[_Op], notes: list[str]) -> None:
+    """Say why a layer → GELU/SiLU/tanh → layer chain has no rescale family."""
+    for op in ops:
+        if op.kind != "nonhom" or not op.inputs or _next(op.inputs[0]) is not op:
+            continue
+        after = _next(op)
+        while after is not None and after.kind == "pass":
+            after = _next(after)
+        if (
+            op.inputs[0].kind in ("linear", "conv")
+            and after is not None
+            and after.kind in ("linear", "conv")
+        ):
+            what = type(op.module).__name__ if op.module is not None else op.name
+            _note(notes, f"no rescale across {op.inputs[0].name} → {op.name} → {after.name}: "
+                         f"{what} is not positively homogeneous (f(αx) ≠ α f(x) for α > 0)")  # fmt: skip
+
+
+def _families(
+    ops: list[_Op], notes: list[str], trace: transformer.Trace | None = None
+) -> list[Family]:
     fams: list[Family] = []
     _translation(ops, fams)
     for op in ops:
@@ -428,6 +467,15 @@ def _families(ops: list[_Op], notes: list[str]) -> list[Family]:
     for op in ops:
         if op.kind in ("linear", "conv", "bn", "gn", "ln") and not op.shared:
             _rescale(op, fams, notes)
+    _nonhomogeneous(ops, notes)
+    if trace is not None:
+
+        def note(message: str) -> None:
+            _note(notes, message)
+
+        fams += transformer.norm_rescale_families(trace)
+        fams += transformer.attention_families(trace, note)
+        fams += transformer.leaf_families(trace, note)
     return fams
 
 
@@ -441,11 +489,12 @@ def _note(notes: list[str], message: str) -> None:
 
 def _read_graph(
     model: nn.Module, example_input: Any, notes: list[str]
-) -> tuple[list[_Op] | None, str]:
+) -> tuple[list[_Op] | None, str, transformer.Trace | None]:
     """The graph by torch.fx, else by recorded module calls (with a warning), else None."""
     name = type(model).__name__
     try:
-        return _fx_graph(model, example_input), "fx"
+        ops, trace = _fx_graph(model, example_input)
+        return ops, "fx", trace
     except Exception as exc:  # noqa: BLE001 - any tracing failure falls back
         reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}"
     try:
@@ -456,7 +505,7 @@ def _read_graph(
             f"detect({name}): the model could not be run on example_input "
             f"({type(exc).__name__}: {exc}); no symmetry detected",
         )
-        return None, "none"
+        return None, "none", None
     _note(
         notes,
         f"detect({name}): torch.fx.symbolic_trace failed ({reason}); fell back to recording "
@@ -464,7 +513,7 @@ def _read_graph(
         "modules (residual additions, torch.* calls), so confirm the families on a batch "
         "(confirm_batch=...)",
     )
-    return ops, "modules"
+    return ops, "modules", None
 
 
 def detect(
@@ -484,10 +533,10 @@ def detect(
     raised: the result's ``path`` says how the graph was read and ``notes`` what was left out.
     """
     notes: list[str] = []
-    ops, path = _read_graph(model, example_input, notes)
+    ops, path, trace = _read_graph(model, example_input, notes)
     if ops is None:
         return DetectionResult([], path, notes)
-    families = _families(ops, notes)
+    families = _families(ops, notes, trace)
     if not families:
         _note(
             notes,

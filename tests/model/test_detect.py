@@ -154,12 +154,21 @@ def test_resnet18_small_is_confirmed() -> None:
 def test_transformer_block() -> None:
     # Pre-LN block: embed → +pos → x + attn(ln1(x)) → x + fc2(relu(fc1(ln2(x)))) → ln_final →
     # mean → head. Every Linear output before a LayerNorm goes through an add: no S. ln1 feeds
-    # q, k and v (branching): no R. fc1 (32→64) → relu → fc2: R 64. head (32 → 10): T 32 + 1.
-    # (Attention's own symmetries — q/k per head, v/out_proj — are outside these rules.)
+    # q, k and v (branching): no R, but norm_rescale of its 32 features against the columns of
+    # q, k and v; ln2 → fc1: norm_rescale 32; ln_final → mean over tokens → head: norm_rescale 32.
+    # fc1 (32→64) → relu → fc2: R 64. head (32 → 10): T 32 + 1. Attention: 4 heads of r = 8,
+    # one family per entry i ≤ j of the 8×8 charge matrix (8·9/2 = 36), 4 groups (heads) each,
+    # for q/k and for v/out.
     model = transformer_block()
     x, y = digits(n=4)
     fams = detect(model, x, confirm_batch=(x, y))
-    assert counts(fams) == {"translation": (2, 33), "rescale": (1, 64)}
+    assert counts(fams) == {
+        "translation": (2, 33),
+        "rescale": (1, 64),
+        "norm_rescale": (3, 96),
+        "attention_qk": (36, 144),
+        "attention_vo": (36, 144),
+    }
     assert all(f.confirmed for f in fams)
 
 

@@ -149,13 +149,15 @@ def test_family_errors_quote_the_family() -> None:
 
 def test_check_on_scaled_dot_product_attention_on_cpu() -> None:
     # F.scaled_dot_product_attention's CPU flash kernel has no double backward; check runs the
-    # math kernel. Families: head columns 8 + bias 1 (T), fc1 → relu → fc2 16 units (R).
+    # math kernel. Families: head columns 8 + bias 1 (T), fc1 → relu → fc2 16 units (R),
+    # ln1 / ln2 / ln_final against what they feed, 8 features each (norm_rescale), and for the
+    # 2 heads of r = 4 one family per entry i ≤ j of the 4×4 charge matrix (10) for q/k and v/out.
     torch.manual_seed(0)
     model = tiny_vit()
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)
     rows = check(model, (x, y))
-    assert sorted((r["symmetry"], r["groups"]) for r in rows) == [
-        ("rescale", 16), ("translation", 1), ("translation", 8)
-    ]  # fmt: skip
+    expected = [("attention_qk", 2)] * 10 + [("attention_vo", 2)] * 10 + [("norm_rescale", 8)] * 3
+    expected += [("rescale", 16), ("translation", 1), ("translation", 8)]
+    assert sorted((r["symmetry"], r["groups"]) for r in rows) == expected
     assert_exact(rows)
