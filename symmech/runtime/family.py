@@ -182,6 +182,28 @@ class Family:
             return None
         return _read_hyper(groups[0])
 
+    # -- checkpoints -------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """What the family carries between steps (see :meth:`Tracker.state_dict`)."""
+        return {
+            "symmetry": self.symmetry,
+            "layer": self.layer,
+            "n_groups": self.n_groups,
+            "status": self.status,
+            "note": self.note,
+            "q0": None if self.q0 is None else self.q0.detach().clone(),
+            "xi_known": self._xi_known,
+            "restart": self._restart,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.status, self.note = state["status"], state["note"]
+        q0 = state["q0"]
+        like = self.binding.tensors[0]
+        self.q0 = None if q0 is None else q0.to(like.device)
+        self._xi_known, self._restart = bool(state["xi_known"]), state["restart"]
+        self._pending = None
+
     # -- status ------------------------------------------------------------------------
     def stop(self, note: str) -> None:
         """Stop predicting (observed only from now on), with the reason; warns once."""

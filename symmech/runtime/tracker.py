@@ -17,6 +17,7 @@ History is copied to the host only when :meth:`Tracker.records` is called.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -302,6 +303,49 @@ class Tracker:
             h.remove()
         self._handles = []
         self.detached = True
+
+    # -- checkpoints -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue in another process: step, every law's state, each
+        family's status and the history (save it with ``torch.save``)."""
+        return {
+            "version": 1,
+            "step": self.step,
+            "families": [f.state_dict() for f in self.families],
+            "banks": [None if b.laws is None else b.laws.state_dict() for b in (self.banks or [])],
+            "history": copy.deepcopy(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of a tracker with the same families (bindings or
+        detection on the same model). Load model and optimizer state first, this last."""
+        call = "Tracker.load_state_dict(state)"
+        if not isinstance(state, dict) or state.get("version") != 1:
+            raise BindingError(explain(call, "state is not a Tracker.state_dict()"))
+        mine = [(f.symmetry, f.layer, f.n_groups) for f in self.families]
+        theirs = [(f["symmetry"], f["layer"], f["n_groups"]) for f in state["families"]]
+        if mine != theirs:
+            raise BindingError(
+                explain(
+                    call,
+                    f"the saved tracker has the families {theirs}, this one {mine}",
+                    "track the same symmetries of the same model before loading",
+                )
+            )
+        for f, saved in zip(self.families, state["families"]):
+            f.load_state_dict(saved)
+        self._detect = None
+        self._make_banks()
+        assert self.banks is not None
+        if len(self.banks) != len(state["banks"]):  # pragma: no cover - same families, same banks
+            raise BindingError(explain(call, "the saved laws do not match this tracker's banks"))
+        for bank, laws in zip(self.banks, state["banks"]):
+            bank.start()
+            if laws is not None:
+                assert bank.laws is not None
+                bank.laws.load_state_dict(laws)
+        self.step = int(state["step"])
+        self.history = copy.deepcopy(state["history"])
 
     def summary(self) -> str:
         lines = [f"{'symmetry':20s} {'layer':40s} {'groups':>6s}  status"]

@@ -485,3 +485,88 @@ def test_low_precision_is_approximate_and_says_how_much(dtype):
     )
     assert err <= 8 * eps * max(scale)  # what the status promises
     assert_same_training(net.model, twin.model, opt, opt_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracker.state_dict / load_state_dict: a resumed run in a new process continues exactly
+# ---------------------------------------------------------------------------------------------
+
+_RESUME = """
+import json, sys, torch
+from support.training import make_net
+import symmech
+
+net = make_net("rescale")
+opt = torch.optim.SGD(net.model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+saved = torch.load(sys.argv[1], weights_only=False)
+net.model.load_state_dict(saved["model"])
+opt.load_state_dict(saved["opt"])
+tracker = symmech.track(net.model, opt, net.bindings())
+tracker.load_state_dict(saved["tracker"])
+for _ in range(6):
+    opt.zero_grad(); net.loss().backward(); opt.step()
+json.dump(tracker.records(), open(sys.argv[2], "w"))
+"""
+
+
+def _resumable():
+    net = make_net("rescale")
+    opt = torch.optim.SGD(net.model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    return net, opt
+
+
+def test_state_dict_resumes_exactly_in_a_new_process(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    net, opt = _resumable()
+    for _ in range(3):  # buffers exist before tracking starts
+        _step(net, opt)
+    tracker = symmech.track(net.model, opt, net.bindings())
+    for _ in range(6):
+        _step(net, opt)
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save(
+        {"model": net.model.state_dict(), "opt": opt.state_dict(), "tracker": tracker.state_dict()},
+        ckpt,
+    )
+    for _ in range(6):
+        _step(net, opt)
+    want = tracker.records()
+    out = tmp_path / "resumed.json"
+    tests = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent)])}
+    subprocess.run(
+        [sys.executable, "-c", _RESUME, str(ckpt), str(out)], check=True, env=env, timeout=300
+    )
+    got = json.loads(out.read_text())
+    assert len(got) == len(want) and {r["step"] for r in got} == set(range(13))
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        for k, v in b.items():
+            if isinstance(v, float):
+                assert abs(a[k] - v) <= 1e-12 * max(1.0, abs(v)), (k, a, b)
+            else:
+                assert a[k] == v, (k, a, b)
+    again, opt2 = _resumable()
+    for _ in range(3):
+        _step(again, opt2)
+    charges = [hand_charges(again)]  # the laws are exact across the resume too
+    for _ in range(12):
+        _step(again, opt2)
+        charges.append(hand_charges(again))
+    assert law_error(got, charges) < EXACT
+
+
+def test_load_state_dict_of_other_families_is_refused():
+    net, opt = _resumable()
+    tracker = symmech.track(net.model, opt, net.bindings())
+    _step(net, opt)
+    state = tracker.state_dict()
+    other = make_net("translation")
+    opt2 = torch.optim.SGD(other.model.parameters(), lr=0.1)
+    with pytest.raises(symmech.BindingError, match=r"the saved tracker has the families"):
+        symmech.track(other.model, opt2, other.bindings()).load_state_dict(state)
