@@ -18,7 +18,6 @@ History is copied to the host only when :meth:`Tracker.records` is called.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,10 +26,10 @@ import torch
 
 from symmech.derive.closure import unsupported_optimizer_reason
 from symmech.errors import BindingError, explain
-from symmech.laws.names import PREDICTIONS
 
 from .bank import Bank
 from .binding import Binding
+from .evidence import judge_residuals, mark_non_finite
 from .family import Family, TrackerWarning
 from .history import History, Snapshot
 from .reductions import ReductionCache
@@ -284,7 +283,8 @@ class Tracker:
             extra = History()
             extra.add(self._final_state())
             rows += extra.rows()
-        _mark_non_finite(rows)
+        mark_non_finite(rows)
+        judge_residuals(rows, self.families)
         return rows
 
     def to_csv(self, path) -> None:
@@ -354,38 +354,3 @@ class Tracker:
                 f"{f.symmetry:20s} {f.layer:40s} {f.n_groups:6d}  {f.status}{': ' + f.note if f.note else ''}"
             )
         return "\n".join(lines)
-
-
-_NUMERIC = ("observed", "residual", *(n for n in PREDICTIONS if n != "gradient_flow"))
-
-
-def _mark_non_finite(rows: list[dict[str, Any]]) -> None:
-    """Note every row with a NaN/inf value, and warn once with what was non-finite first."""
-    first: tuple[dict[str, Any], str] | None = None
-    for r in rows:
-        bad = [k for k in _NUMERIC if r[k] is not None and not math.isfinite(r[k])]
-        if not bad:
-            continue
-        if math.isfinite(r["observed"]):
-            why = (
-                f"the gradients were non-finite (rₖ = {r['residual']})"
-                if "residual" in bad
-                else f"the laws' values overflowed ({', '.join(bad)})"
-            )
-        elif math.isnan(r["observed"]):
-            why = "the parameters were NaN"
-        else:
-            why = "the charge Q overflowed (the parameters were inf or too large to reduce)"
-        note = f"non-finite at this step: {why}; the laws restart after a checkpoint is loaded"
-        r["note"] = f"{r['note']}; {note}" if r["note"] else note
-        if first is None or r["step"] < first[0]["step"]:
-            first = (r, why)
-    if first is not None:
-        r, why = first
-        warnings.warn(
-            f"symmech: non-finite values from step {r['step']} on ({r['symmetry']} on "
-            f"{r['layer']}): {why}; predictions are not meaningful until the laws restart "
-            "(they do when model or optimizer state is loaded)",
-            TrackerWarning,
-            stacklevel=3,
-        )

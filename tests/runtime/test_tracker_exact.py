@@ -468,7 +468,7 @@ def test_low_precision_is_approximate_and_says_how_much(dtype):
     ref = net.families[0].reference()
     charges, scale = [hand_charges(net)], []
     for _ in range(8):
-        scale.append(float(ref.charge_abs(net.params()).max()))
+        scale.append(float(ref.charge_abs({k: v.detach() for k, v in net.params().items()}).max()))
         _step(net, opt), _step(twin, opt_t)
         charges.append(hand_charges(net))
     eps = torch.finfo(dtype).eps
@@ -570,3 +570,66 @@ def test_load_state_dict_of_other_families_is_refused():
     opt2 = torch.optim.SGD(other.model.parameters(), lr=0.1)
     with pytest.raises(symmech.BindingError, match=r"the saved tracker has the families"):
         symmech.track(other.model, opt2, other.bindings()).load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. A symmetry the loss does not have: the measured residual is the evidence
+# ---------------------------------------------------------------------------------------------
+
+
+def _bce_setup():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    m = m.to(DTYPE)
+    x = torch.randn(32, 4, dtype=DTYPE)
+    y = torch.nn.functional.one_hot(torch.randint(0, 3, (32,)), 3).to(DTYPE)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    return m, x, y, opt
+
+
+def test_broken_symmetry_is_approximate_with_the_measured_residual():
+    """Translation of the logits is a symmetry of cross-entropy, not of BCE: the default
+    confirmation (cross-entropy) passes it, training with BCE breaks it, and the rows say so."""
+    (m, x, y, opt), (m2, _, _, opt2) = _bce_setup(), _bce_setup()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    tracker = symmech.track(m, opt, example_input=(x, y))
+    charges = [_output_layer_charges(m)]
+    for _ in range(10):
+        for model, o in ((m, opt), (m2, opt2)):
+            o.zero_grad()
+            bce(model(x), y).backward()
+            o.step()
+        charges.append(_output_layer_charges(m))
+    with pytest.warns(
+        symmech.TrackerWarning, match=r"approximate: \|r\| = .*does not have this symmetry"
+    ):
+        rows = tracker.records()
+    translation = [r for r in rows if r["symmetry"] == "translation"]
+    assert translation and all(r["status"].startswith("approximate: |r| = ") for r in translation)
+    assert _output_layer_error(rows, charges) > 0.1  # the pure law is wrong, and says so
+    exact = [{**r, "discrete": r["discrete_residual"]} for r in translation]
+    assert _output_layer_error(exact, charges) < EXACT  # the law fed the measured rₖ is exact
+    by_symmetry = {f.symmetry: f.status for f in tracker.families}
+    assert by_symmetry["rescale"] == "tracked"  # ReLU rescaling is a symmetry of any loss
+    assert_same_training(m, m2, opt, opt2)
+
+
+def test_confirmation_with_the_users_loss_skips_the_broken_symmetry():
+    m, x, y, opt = _bce_setup()
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    with pytest.warns(symmech.TrackerWarning, match=r"translation on .* not tracked: loss changed"):
+        tracker = symmech.track(m, opt, example_input=(x, y), loss_fn=bce)
+    assert {f.symmetry for f in tracker.families} == {"rescale"}
+
+
+def test_exact_symmetries_stay_tracked_over_a_long_float32_run():
+    """No false alarm: round-off residuals of real symmetries in float32 stay 'tracked'."""
+    net = make_net("conv_flatten", dtype=torch.float32)
+    opt = torch.optim.SGD(net.model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    tracker = symmech.track(net.model, opt, net.bindings(), log_every=10)
+    for _ in range(300):
+        _step(net, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = tracker.records()
+    assert {r["status"] for r in rows} == {"tracked"}
