@@ -221,6 +221,8 @@ class Laws:
         key = (lr, beta, stiffness)
         if key not in self._cache:
             a, b = ((1.0 - beta) / mass, stiffness / mass) if lr > 0.0 else (0.0, 0.0)
+            if len(self._cache) >= 64:  # bounded: a schedule gives a new lr every step
+                self._cache.pop(next(iter(self._cache)))
             self._cache[key] = _m2_coefficients(lr, a, b)
         (p00, p01, p10, p11), (g0, g1) = self._cache[key]
         q, qd = self.second_order, self.second_order_rate
