@@ -16,6 +16,7 @@ import torch
 from symmech.errors import BindingError, explain
 
 from .binding import Binding, BoundSlice, bind
+from .distributed import FSDP, ZERO, attach, split_mode, unwrap
 from .tracker import Schedule, Tracker, TrackerWarning
 
 
@@ -68,7 +69,7 @@ def bindings_from_families(model: torch.nn.Module, families: Sequence[Any]) -> l
 def track(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    symmetries: Sequence[Binding] | None = None,
+    symmetries: Sequence[Binding] | Any | None = None,
     log_every: int = 1,
     example_input: Any = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
@@ -77,7 +78,8 @@ def track(
 ) -> Tracker:
     """Attach the laws of every symmetry to ``optimizer``; the training loop stays as it is.
 
-    ``symmetries``: bindings from :func:`symmech.bind`; when None they are detected from
+    ``symmetries``: bindings from :func:`symmech.bind` (or the result of :func:`symmech.detect`);
+    when None they are detected from
     the model's graph using ``example_input`` (an input tensor, or an ``(x, y)`` batch, which
     also confirms each family numerically with ``loss_fn``, default cross-entropy). Without
     either, the first forward input is captured and the graph is read right before the first
@@ -86,9 +88,15 @@ def track(
     replaces it with any rule. ``residuals=False`` skips the per-step symmetry residual
     rₖ = ⟨ξ, g⟩ (one reduction of θ·g per tensor) and with it the residual-corrected law;
     rₖ is then still measured at logged steps.
+
+    Under torch.distributed (:mod:`.distributed`): a ``DistributedDataParallel`` model is
+    tracked through ``model.module``; with FSDP2 or ``ZeroRedundancyOptimizer`` each rank
+    computes its share and ``records()`` (collective) sums them; only rank 0 writes files.
     """
+    model = unwrap(model)
+    mode = split_mode(model, optimizer)
     if isinstance(symmetries, Binding) or not (
-        symmetries is None or isinstance(symmetries, (list, tuple))
+        symmetries is None or isinstance(symmetries, (list, tuple)) or hasattr(symmetries, "path")
     ):
         raise BindingError(
             explain(
@@ -97,7 +105,24 @@ def track(
                 "pass [symmech.bind(...)], or leave it out to detect them",
             )
         )
+    if symmetries is None and mode == FSDP:
+        raise BindingError(
+            explain(
+                "track(fully_sharded_model, optimizer)",
+                "symmetries cannot be detected on a model whose parameters are sharded DTensors",
+                "detect before fully_shard (families = symmech.detect(model, x)) and pass "
+                "track(model, optimizer, families) after it, or give bindings",
+            )
+        )
     if symmetries is None and example_input is None:
+        if mode == ZERO:
+            raise BindingError(
+                explain(
+                    "track(model, ZeroRedundancyOptimizer)",
+                    "detection on the first step is not available under ZeRO",
+                    "give example_input=(x, y) or bindings",
+                )
+            )
         return _track_detecting_on_first_step(
             model, optimizer, log_every, loss_fn, schedule, residuals
         )
@@ -110,8 +135,12 @@ def track(
             else None
         )
         x = batch[0] if batch is not None else example_input
-        result = detect(model, x, loss_fn=loss_fn, confirm_batch=batch)
-        symmetries = bindings_from_families(model, list(result))
+        symmetries = detect(model, x, loss_fn=loss_fn, confirm_batch=batch)
+    if not all(isinstance(b, Binding) for b in symmetries):
+        families = [b for b in symmetries if not isinstance(b, Binding)]
+        if all(hasattr(f, "blocks") and hasattr(f, "symmetry") for f in families):
+            symmetries = [b for b in symmetries if isinstance(b, Binding)]
+            symmetries += bindings_from_families(model, families)
     for b in symmetries:
         if not isinstance(b, Binding):
             raise BindingError(
@@ -121,7 +150,7 @@ def track(
                     "make one with symmech.bind(...)",
                 )
             )
-    return Tracker(
+    return attach(
         model,
         optimizer,
         list(symmetries),

@@ -28,6 +28,7 @@ from symmech.spec.declare import Symmetry
 from symmech.spec.library import BUILTIN
 
 from .modules import generated_module
+from .shards import probe
 
 View = tuple[int, ...] | str | None
 
@@ -61,7 +62,7 @@ class BoundSlice:
 
     @property
     def n_groups(self) -> int:
-        x = self.shaped(self.tensor.detach())
+        x = self.shaped(probe(self.tensor))  # the global shape, also of a sharded DTensor
         return 1 if self.dim is None else int(x.shape[self.dim])
 
 
@@ -160,7 +161,7 @@ def _slice(call: str, block: str, item: Any, position: int) -> BoundSlice:
         getattr(tensor, "_symmech_name", ""),
     )
     try:
-        shaped = bound.shaped(tensor.detach())
+        shaped = bound.shaped(probe(tensor))
     except RuntimeError as err:
         raise BindingError(
             explain(
@@ -223,7 +224,7 @@ def bind(
             raise BindingError(explain(call, f"block '{name}' has no slices"))
         bound[name] = [_slice(call, name, it, i) for i, it in enumerate(items)]
     counts = {
-        f"{n}[{i}] (shape {tuple(s.shaped(s.tensor.detach()).shape)}, dim={s.dim})": s.n_groups
+        f"{n}[{i}] (shape {tuple(s.shaped(probe(s.tensor)).shape)}, dim={s.dim})": s.n_groups
         for n, sl in bound.items()
         for i, s in enumerate(sl)
     }
@@ -256,13 +257,23 @@ def bind(
 
 def _dry_run(call: str, binding: Binding) -> None:
     """Evaluate the generated Q and forms once on θ, so that a constant or a slice that does
-    not fit fails here, at the call, and not in the middle of training."""
+    not fit fails here, at the call, and not in the middle of training (on meta tensors of
+    the global shape when a slice is a sharded DTensor: no communication)."""
     module = binding.module
+    probes = {
+        id(s.tensor): probe(s.tensor) for s in (x for v in binding.blocks.values() for x in v)
+    }
+    on_meta = any(t.device.type == "meta" for t in probes.values())
+    if on_meta:  # one meta evaluation for the whole family
+        probes = {k: v.to("meta") for k, v in probes.items()}
     views = {
-        block: [s.prepare(s.tensor.detach()) for s in slices]
+        block: [s.prepare(probes[id(s.tensor)]) for s in slices]
         for block, slices in binding.blocks.items()
     }
-    const = (binding.constants,) if module.CONSTANTS else ()
+    constants = binding.constants
+    if on_meta:
+        constants = {k: v.to("meta") for k, v in constants.items()}
+    const = (constants,) if module.CONSTANTS else ()
     try:
         with torch.no_grad():
             module.charge(views, *const)

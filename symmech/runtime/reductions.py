@@ -6,6 +6,11 @@ x ∘ y, so the tracker forms each product once per hook call and each family re
 the axis it needs with long contiguous reductions (row sums for dim 0, a matrix-vector
 product with 𝟙 for other dims); squared norms over dim 0 need no product at all. Generated helpers (``_sq``, ``_dot``, ``_sum``) use these objects when given
 them, and plain ``(tensor, reduce_dims)`` pairs otherwise.
+
+Under torch.distributed a slice reduces only what this rank holds (:mod:`.distributed`): the
+local shard of an FSDP2 DTensor (:mod:`.shards`), a group on this rank only getting its value
+here and zero elsewhere, or nothing at all for a tensor whose optimizer state lives on another
+rank (ZeRO, ``ReductionCache.absent``); the sum over ranks is the global value.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from .binding import BoundSlice
+from .shards import LocalPart, is_sharded, local_part
 
 
 class ReductionCache:
@@ -22,6 +28,8 @@ class ReductionCache:
         self.grids: dict[tuple, torch.Tensor] = {}
         #: gradients to read instead of ``.grad`` (unscaled ones under a GradScaler), by id
         self.grads: dict[int, torch.Tensor] = {}
+        #: ids of bound tensors whose terms another rank computes (ZeRO: not owned here)
+        self.absent: set[int] = set()
         self._alive: list[torch.Tensor] = []  # temporaries, kept so no storage is reused
 
     def keep(self, t: torch.Tensor) -> torch.Tensor:
@@ -42,16 +50,23 @@ def _key(x: torch.Tensor) -> tuple:
 class GridSlice:
     """One bound slice of θ, g or b, with cached fused reductions."""
 
-    __slots__ = ("value", "spec", "cache")
+    __slots__ = ("value", "spec", "cache", "part", "absent")
 
     def __init__(self, raw: torch.Tensor, spec: BoundSlice, cache: ReductionCache) -> None:
+        #: this rank's share of a sharded slice (None: the whole slice is here)
+        self.part: LocalPart | None = None
+        #: another rank computes this slice's terms (every reduction is zero here)
+        self.absent = id(spec.tensor) in cache.absent
+        if is_sharded(raw):
+            self.part = local_part(raw, spec)
+            raw = cache.keep(self.part.value)
         if raw.dtype in (torch.float16, torch.bfloat16):  # reduce in float32 at least
             key = ("float32", _key(raw))
             wide = cache.grids.get(key)
             if wide is None:
                 wide = cache.grids[key] = raw.float()
             raw = wide
-        self.value = spec.shaped(raw)
+        self.value = raw if self.part is not None else spec.shaped(raw)
         self.spec = spec
         self.cache = cache
 
@@ -65,6 +80,18 @@ class GridSlice:
             prod = x.square() if y is x else x * y
             self.cache.grids[key] = prod
         return prod
+
+    def _share(self, groups: torch.Tensor) -> torch.Tensor:
+        """This rank's per-group values: local groups of a sharded slice placed among all."""
+        part = self.part
+        if part is None or self.spec.dim is None:
+            return groups
+        if self.spec.dim % len(part.shape) != part.axis:  # every group, partial sums
+            return groups
+        return part.place(groups, self.spec.n_groups)
+
+    def _none(self) -> torch.Tensor:
+        return self.value.new_zeros(self.spec.n_groups)
 
     def _groups(self, p: torch.Tensor) -> torch.Tensor:
         """Sum ``p`` over every dimension but the group dimension, with long contiguous
@@ -91,6 +118,8 @@ class GridSlice:
         return p2.sum(dim=1) if p2.shape[1] > 1 else p2.reshape(groups)
 
     def sq(self) -> torch.Tensor:
+        if self.absent:
+            return self._none()
         x = self.value
         if (
             self.spec.dim is not None
@@ -98,15 +127,32 @@ class GridSlice:
             and x.is_contiguous()
             and x.ndim > 1
         ):
-            return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
-        return self._groups(self._product(None))
+            return self._share(torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square())
+        return self._share(self._groups(self._product(None)))
 
     def dot(self, other: GridSlice) -> torch.Tensor:
-        return self._groups(self._product(other))
+        if self.absent or other.absent:
+            return self._none()
+        return self._share(self._groups(self._product(other)))
 
     def sum(self) -> torch.Tensor:
-        return self._groups(self.value)
+        if self.absent:
+            return self._none()
+        return self._share(self._groups(self.value))
 
     def pair(self) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """The plain (tensor, reduce_dims) form, for whole-matrix products."""
-        return self.value, self.spec.reduce_dims(self.value.ndim)
+        """The plain (tensor, reduce_dims) form, for whole-matrix products.
+
+        A sharded slice gives its local entries where that keeps every group and every row of
+        the last axis whole (a constant matrix multiplies that axis), else the global shape
+        with zeros outside this rank's entries; an absent slice gives zeros (no memory).
+        """
+        x, part = self.value, self.part
+        if self.absent:
+            x = x.new_zeros(()).expand(x.shape)
+        elif part is not None:
+            last = part.axis == len(part.shape) - 1
+            grouped = self.spec.dim is not None and self.spec.dim % len(part.shape) == part.axis
+            if last or grouped:
+                x = self.cache.keep(part.embed())
+        return x, self.spec.reduce_dims(x.ndim)
