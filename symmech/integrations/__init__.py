@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from symmech.errors import BindingError, explain
+from symmech.runtime.attach import bindings_from_families
 from symmech.runtime.sinks import write_records
+
+if TYPE_CHECKING:  # torch comes with the runtime; imported here only for the type hints
+    import torch
+
+    from symmech.runtime.binding import Binding
 
 #: The values ``log_to`` may take in the callbacks (``None``: log nothing while training).
 LOG_TO = ("logger", "self.log", None)
@@ -25,6 +32,26 @@ def check_log_every(call: str, log_every: Any) -> int:
     if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
         raise BindingError(explain(call, f"log_every must be an int ≥ 1, got {log_every!r}"))
     return log_every
+
+
+def detect_bindings(
+    model: torch.nn.Module,
+    example: Any,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    prefix: str = "",
+) -> list[Binding]:
+    """Bindings of the symmetries :func:`symmech.detect` finds in ``model`` on ``example`` (an
+    input, or an ``(x, y)`` batch that confirms each family with ``loss_fn``). ``prefix`` is
+    taken off the layer labels (a wrapper's attribute name)."""
+    from symmech.model.detect import detect
+
+    batch = example if isinstance(example, (tuple, list)) and len(example) == 2 else None
+    x = batch[0] if batch is not None else example
+    found = list(detect(model, x, loss_fn=loss_fn, confirm_batch=batch))
+    bindings = bindings_from_families(model, found)
+    for b in bindings:
+        b.layer = b.layer.removeprefix(prefix)
+    return bindings
 
 
 def write_run(tracker: Any, out_dir: str | Path) -> list[Path]:

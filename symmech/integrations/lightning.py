@@ -25,13 +25,13 @@ import lightning.pytorch as pl
 import torch
 
 from symmech.errors import BindingError, explain
-from symmech.runtime.attach import bindings_from_families, track
+from symmech.runtime.attach import track
 from symmech.runtime.binding import Binding
 from symmech.runtime.error_scale import merge_scales, term_scales
 from symmech.runtime.sinks import layer_summaries
 from symmech.runtime.tracker import Tracker
 
-from . import LOG_TO, check_log_every, write_run
+from . import LOG_TO, check_log_every, detect_bindings, write_run
 
 __all__ = ["SymmechCallback"]
 
@@ -87,13 +87,7 @@ class SymmechCallback(pl.Callback):
         if self.symmetries is not None:
             found = self.symmetries(module) if callable(self.symmetries) else self.symmetries
             return list(found)
-        from symmech.model.detect import detect
-
-        batch = example if isinstance(example, (tuple, list)) and len(example) == 2 else None
-        x = batch[0] if batch is not None else example
-        return bindings_from_families(
-            module, list(detect(module, x, loss_fn=self.loss_fn, confirm_batch=batch))
-        )
+        return detect_bindings(module, example, self.loss_fn)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for tracker in self.trackers:

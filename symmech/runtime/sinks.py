@@ -112,7 +112,7 @@ def records_to_dataframe(
     frame = pd.DataFrame(data, columns=columns)
     for c in columns:
         if c in _TEXT:
-            frame[c] = frame[c].astype(object).where(frame[c].notna(), "")
+            frame[c] = frame[c].fillna("")  # pandas' text dtype (str from pandas 3)
         elif frame[c].dtype == object and all(v is None or _is_number(v) for v in data[c]):
             frame[c] = frame[c].astype("float64")  # a law that no row has: all NaN
     return frame

@@ -32,19 +32,24 @@ def kind(symmetry: str, layer: str) -> str:
     raise AssertionError(f"unexpected family {symmetry} on {layer}")
 
 
+def translation_charges(last: nn.Linear) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The output layer's translation families: (Q per group, M per group), float64 NumPy."""
+    w2 = last.weight.detach().double().numpy()
+    b2 = last.bias.detach().double().numpy()
+    return {
+        "translation_weight": (w2.sum(0), np.abs(w2).sum(0)),
+        "translation_bias": (np.array([b2.sum()]), np.array([np.abs(b2).sum()])),
+    }
+
+
 def hand_charges(first: nn.Linear, last: nn.Linear) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per family kind: (Q per group, M per group) at the current parameters, float64 NumPy."""
     w1 = first.weight.detach().double().numpy()
     b1 = first.bias.detach().double().numpy()
     w2 = last.weight.detach().double().numpy()
-    b2 = last.bias.detach().double().numpy()
     incoming = 0.5 * ((w1**2).sum(1) + b1**2)
     outgoing = 0.5 * (w2**2).sum(0)
-    return {
-        "translation_weight": (w2.sum(0), np.abs(w2).sum(0)),
-        "translation_bias": (np.array([b2.sum()]), np.array([np.abs(b2).sum()])),
-        "rescale": (incoming - outgoing, incoming + outgoing),
-    }
+    return {**translation_charges(last), "rescale": (incoming - outgoing, incoming + outgoing)}
 
 
 def errors_against_hand(
