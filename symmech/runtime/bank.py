@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .family import Family
-from .stepper import Laws, StepData
+from .stepper import General, Laws, StepData
 
 
 class Bank:
@@ -37,21 +37,27 @@ class Bank:
         self.laws = Laws(self.families[0].module.KAPPA, torch.cat(parts))
 
     def _column(self, data: list[StepData | None], field: str) -> torch.Tensor | None:
-        """One field of every family's data, concatenated; a family without data gives NaN.
+        """One field of every family's data, concatenated (see :meth:`_stack`)."""
+        values = [None if d is None else getattr(d, field) for d in data]
+        return self._stack(values, [d is not None for d in data], field)
 
-        ``residual`` and ``gJg`` may be None (zero), ``xi_b`` and ``restart`` None (NaN: carry
-        on): None for the bank when every family's is.
+    def _stack(
+        self, values: list[torch.Tensor | None], live: list[bool], field: str
+    ) -> torch.Tensor | None:
+        """Per-family values over the bank's groups; a family without data gives NaN.
+
+        ``residual``, ``gJg`` and ``mixed`` may be None (zero), ``xi_b``, ``restart`` and ``dJd``
+        None (NaN: carry on, or not measured): None for the bank when every family's is.
         """
         assert self.laws is not None
-        zero_fill = field in ("residual", "gJg")
-        optional = zero_fill or field in ("xi_b", "restart")
-        values = [None if d is None else getattr(d, field) for d in data]
+        zero_fill = field in ("residual", "gJg", "mixed")
+        optional = zero_fill or field in ("xi_b", "restart", "dJd")
         if optional and all(v is None for v in values):
             return None
         parts = []
-        for f, d, value in zip(self.families, data, values):
+        for f, alive, value in zip(self.families, live, values):
             if value is None:
-                fill = 0.0 if (d is not None and zero_fill) else float("nan")
+                fill = 0.0 if (alive and zero_fill) else float("nan")
                 value = torch.full(
                     (f.n_groups,), fill, dtype=torch.float64, device=self.laws.q0.device
                 )
@@ -82,6 +88,10 @@ class Bank:
         hyper = live[0].hyper
         if any(d.hyper != hyper for d in live[1:]):  # pragma: no cover - one param group a bank
             raise RuntimeError("families of one bank disagree in hyperparameters")
+        general = [d.general for d in live]
+        if any(g is not None for g in general):
+            self.laws.step(self._general(data, hyper, live))
+            return
         uju, ujb = self._column(data, "uJu"), self._column(data, "uJb")
         assert uju is not None and ujb is not None
         self.laws.step(
@@ -95,7 +105,36 @@ class Bank:
                 fresh=self._flags(data, "fresh"),
                 restart=self._column(data, "restart"),
                 idle=self._flags(data, "idle"),
+                rotation_eq=live[0].rotation_eq,
             )
+        )
+
+    def _general(self, data: list[StepData | None], hyper, live: list[StepData]) -> StepData:
+        """One general step for the bank: every live family's measured terms, concatenated."""
+        shrinks = {d.general.shrink for d in live if d.general is not None}
+        if len(shrinks) != 1 or any(
+            d.general is None and d.idle is False for d in live
+        ):  # pragma: no cover
+            raise RuntimeError("families of one bank disagree in the kind of step")
+        parts = [None if d is None else d.general for d in data]
+        alive = [g is not None for g in parts]
+
+        def stack(name: str) -> torch.Tensor | None:
+            return self._stack(
+                [None if g is None else getattr(g, name) for g in parts], alive, name
+            )
+
+        xi_a, aJa = stack("xi_a"), stack("aJa")
+        assert xi_a is not None and aJa is not None
+        return StepData(
+            hyper,
+            None,
+            None,
+            residual=self._column(data, "residual"),
+            restart=self._column(data, "restart"),
+            idle=self._flags(data, "idle"),
+            general=General(shrinks.pop(), xi_a, aJa, stack("mixed"), stack("dJd")),
+            rotation_eq=live[0].rotation_eq,
         )
 
     def restart_now(self) -> None:

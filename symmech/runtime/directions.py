@@ -54,6 +54,8 @@ __all__ = [
     "UnsupportedOptimizerError",
     "direction",
     "directions",
+    "modelled",
+    "not_modelled_reason",
 ]
 
 Group = Mapping[str, Any]
@@ -106,9 +108,8 @@ def _check(group: Group, param: torch.Tensor, call: str, scalars: tuple[str, ...
         raise _unsupported(call, "sparse gradients are not modelled")
 
 
-def _grad(group: Group, param: torch.Tensor) -> torch.Tensor:
-    assert param.grad is not None
-    g = param.grad.detach()
+def _grad(group: Group, param: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+    g = (param.grad if grad is None else grad).detach()
     return -g if group["maximize"] else g
 
 
@@ -124,9 +125,11 @@ def _state_tensor(
     return state[key]
 
 
-def _sgd(opt: torch.optim.Optimizer, group: Group, p: torch.Tensor, call: str) -> Direction:
+def _sgd(
+    opt: torch.optim.Optimizer, group: Group, p: torch.Tensor, call: str, grad: torch.Tensor | None
+) -> Direction:
     _check(group, p, call, ("lr", "weight_decay"))
-    grad = _grad(group, p)
+    grad = _grad(group, p, grad)
     if group["weight_decay"] != 0:
         grad = grad.add(p, alpha=group["weight_decay"])
     momentum = group["momentum"]
@@ -146,12 +149,14 @@ def _adam_foreach(group: Group, params: list[torch.Tensor]) -> bool:
     return bool(group["foreach"]) and not group["fused"]
 
 
-def _adam(opt: torch.optim.Optimizer, group: Group, p: torch.Tensor, call: str) -> Direction:
+def _adam(
+    opt: torch.optim.Optimizer, group: Group, p: torch.Tensor, call: str, grad: torch.Tensor | None
+) -> Direction:
     _check(group, p, call, ("lr", "betas", "weight_decay"))
     state = opt.state.get(p, {})
     lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
     beta1, beta2 = group["betas"]
-    grad, shrink = _grad(group, p), 1.0
+    grad, shrink = _grad(group, p, grad), 1.0
     if wd != 0:
         if group.get("decoupled_weight_decay", False):
             shrink = 1 - lr * wd
@@ -190,11 +195,13 @@ def _adam(opt: torch.optim.Optimizer, group: Group, p: torch.Tensor, call: str) 
     return Direction(shrink, eta, (m / denom).div_(-eta))
 
 
-def _rmsprop(opt: torch.optim.Optimizer, group: Group, p: torch.Tensor, call: str) -> Direction:
+def _rmsprop(
+    opt: torch.optim.Optimizer, group: Group, p: torch.Tensor, call: str, grad: torch.Tensor | None
+) -> Direction:
     _check(group, p, call, ("lr", "weight_decay"))
     state = opt.state.get(p, {})
     alpha = group["alpha"]
-    grad = _grad(group, p)
+    grad = _grad(group, p, grad)
     if group["weight_decay"] != 0:
         grad = grad.add(p, alpha=group["weight_decay"])
     sq = (
@@ -212,10 +219,12 @@ def _rmsprop(opt: torch.optim.Optimizer, group: Group, p: torch.Tensor, call: st
     return Direction(1.0, float(group["lr"]), grad / avg)
 
 
-def _adagrad(opt: torch.optim.Optimizer, group: Group, p: torch.Tensor, call: str) -> Direction:
+def _adagrad(
+    opt: torch.optim.Optimizer, group: Group, p: torch.Tensor, call: str, grad: torch.Tensor | None
+) -> Direction:
     _check(group, p, call, ("lr", "weight_decay"))
     state = opt.state.get(p, {})
-    grad = _grad(group, p)
+    grad = _grad(group, p, grad)
     if group["weight_decay"] != 0:
         grad = grad.add(p, alpha=group["weight_decay"])
     # A state created lazily by torch takes the optimizer's default, not the group's, value.
@@ -237,13 +246,18 @@ _MODELS = {
 
 @torch.no_grad()
 def direction(
-    optimizer: torch.optim.Optimizer, group: int | Group, param: torch.Tensor
+    optimizer: torch.optim.Optimizer,
+    group: int | Group,
+    param: torch.Tensor,
+    grad: torch.Tensor | None = None,
 ) -> Direction:
     """The (sₖ, ηₖ, aₖ) that ``optimizer.step()`` will apply to ``param``; reads, never writes.
 
     ``group`` is the index of the parameter's group in ``optimizer.param_groups`` or the group
     itself. Call it after the gradients are final and before the step. A parameter without a
     gradient is not moved by torch: its direction is zero (shrink 1, eta the group's lr).
+    ``grad`` replaces ``param.grad`` (e.g. the unscaled gradient a fused step will use under a
+    GradScaler).
     """
     call = f"direction({type(optimizer).__name__}, group={group if isinstance(group, int) else '{...}'}, param)"
     model = _MODELS.get(type(optimizer))
@@ -258,7 +272,23 @@ def direction(
         raise ValueError(explain(call, f"parameter of shape {tuple(param.shape)} is not in group"))
     if param.grad is None:
         return Direction(1.0, _value(found["lr"]), torch.zeros_like(param))
-    return model(optimizer, found, param, call)
+    return model(optimizer, found, param, call, grad)
+
+
+def modelled(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether :func:`direction` models this optimizer's class (subclasses are not)."""
+    return type(optimizer) in _MODELS
+
+
+def not_modelled_reason(optimizer: torch.optim.Optimizer) -> str:
+    """Why the charges of a run with this optimizer are observed only."""
+    cls = type(optimizer)
+    return (
+        f"{cls.__module__}.{cls.__qualname__} is not modelled (modelled: "
+        f"{', '.join(sorted(c.__name__ for c in _MODELS))}), so its update direction is unknown "
+        "before the step; MeasuredDirection (symmech.runtime.directions) recovers it from the "
+        "step at the cost of one copy of the tracked parameters"
+    )
 
 
 def directions(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, Direction]:

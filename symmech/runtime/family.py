@@ -2,24 +2,30 @@
 
 Before ``optimizer.step()`` a family reads θₖ, gₖ and bₖ₋₁ through its generated module
 (Q, rₖ and the forms ⟨x, J y⟩) and the param group's settings; after the step it hands the
-step's :class:`~.stepper.StepData` to its bank. When it cannot follow the optimizer it
-:meth:`~Family.stop`\\ s with a reason and is observed only; training is never affected.
+step's :class:`~.stepper.StepData` to its bank. Under ``torch.optim.SGD`` with one setting for
+every bound tensor that is all the law needs; under Adam, AdamW, RMSprop, Adagrad, per-tensor
+settings or ``maximize`` it reads each tensor's coming step sθ − ηa (:mod:`.directions`) and
+measures ⟨ξ(Sθ), ηa⟩ and ⟨ηa, J ηa⟩ instead (the general law). When it cannot follow the
+optimizer it :meth:`~Family.stop`\\ s with a reason and is observed only; training is never
+affected.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from symmech.derive.closure import optimizer_closure
-from symmech.errors import BindingError, explain
+from symmech.errors import BindingError, SymmechError, explain
+from symmech.reference.any_optimizer import angular_equilibrium
 
 from .binding import Binding
+from .directions import Direction, direction
 from .reductions import GridSlice, ReductionCache
-from .stepper import Hyper, StepData, update_forms
+from .stepper import General, Hyper, StepData, update_forms
 
 Which = Literal["theta", "grad", "buffer"]
 TRACKED, OBSERVED_ONLY, APPROXIMATE = "tracked", "observed only", "approximate"
@@ -43,6 +49,8 @@ class _Pending:
     fresh: bool = False  # torch creates the buffer in this step
     restart: torch.Tensor | None = None  # the observed Qₖ the laws start anew from
     idle: bool = False  # no gradient: the optimizer skips the group
+    general: General | None = None  # the measured terms of a step sθ − ηa
+    rotation_eq: float | None = None
 
 
 def _read_hyper(group: dict) -> Hyper:
@@ -65,8 +73,15 @@ class Family:
         names: dict[int, str],
         cache: ReductionCache,
         residuals: bool = True,
+        step_cache: dict | None = None,
     ) -> None:
         self.binding = binding
+        #: per hook call, shared by the tracker's families: each tensor's direction and temporaries
+        self.step_cache: dict = {} if step_cache is None else step_cache
+        #: whether the last step used the general law (the continuous models do not apply)
+        self.general = False
+        #: whether the charge is ½|θ|² per group, so the rotation of θ is reported
+        self.rotation = binding.name == "scale"
         self.cache = cache
         self.module = binding.module
         self.optimizer = optimizer
@@ -128,17 +143,21 @@ class Family:
     # -- reading -----------------------------------------------------------------------
     def views(self, which: Which) -> dict[str, list[GridSlice]] | None:
         """θ, g or b (torch's momentum buffer) of every block as slices; None when absent."""
+        if which == "theta":
+            return self.views_of(lambda p: p.detach())
+        if which == "grad":
+            return self.views_of(lambda p: self.cache.grads.get(id(p), p.grad))
+        return self.views_of(lambda p: self.optimizer.state.get(p, {}).get("momentum_buffer"))
+
+    def views_of(
+        self, read: Callable[[torch.Tensor], torch.Tensor | None]
+    ) -> dict[str, list[GridSlice]] | None:
+        """``read(parameter)`` (a tensor of the parameter's shape) of every block as slices."""
         out = {}
         for block, slices in self.binding.blocks.items():
             items = []
             for s in slices:
-                p = s.tensor
-                if which == "theta":
-                    t = p.detach()
-                elif which == "grad":
-                    t = self.cache.grads.get(id(p), p.grad)
-                else:
-                    t = self.optimizer.state.get(p, {}).get("momentum_buffer")
+                t = read(s.tensor)
                 if t is None:
                     return None
                 items.append(GridSlice(t.detach(), s, self.cache))
@@ -155,32 +174,19 @@ class Family:
             return Hyper(lr=0.0)
         return _read_hyper(self.optimizer.param_groups[self.group_indices[0]])
 
-    def hyper(self) -> Hyper | None:
-        """The settings every bound tensor is updated with; None (and stopped) when they differ."""
+    def hyper(self) -> tuple[Hyper, bool]:
+        """The settings of the first bound tensor's group, and whether the step needs the
+        general law: an optimizer other than SGD, settings that differ between the bound
+        tensors' groups, or ``maximize``."""
         groups = [self.optimizer.param_groups[i] for i in dict.fromkeys(self.group_indices)]
-        if len(groups) > 1:
-            keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
-            per_tensor = {
-                k: {
-                    n: float(self.optimizer.param_groups[i].get(k, 0.0))
-                    for n, i in zip(self.names, self.group_indices)
-                }
-                for k in keys
-            }
-            if any(len(set(v.values())) > 1 for v in per_tensor.values()):
-                verdict = optimizer_closure(
-                    self.binding.derivation.dynamics.structural,
-                    self.binding.derivation.geometry,
-                    "SGD",
-                    per_tensor["weight_decay"],
-                    per_tensor["lr"],
-                )
-                self.stop(verdict.why or "the group's parameters have different optimizer settings")
-                return None
-        if bool(groups[0].get("maximize", False)):
-            self.stop("maximize=True flips the update's sign; the laws assume minimisation")
-            return None
-        return _read_hyper(groups[0])
+        keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
+        mixed = any(any(g.get(k, 0.0) != groups[0].get(k, 0.0) for k in keys) for g in groups[1:])
+        general = (
+            type(self.optimizer) is not torch.optim.SGD
+            or mixed
+            or any(bool(g.get("maximize", False)) for g in groups)
+        )
+        return _read_hyper(groups[0]), general
 
     # -- checkpoints -------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -243,9 +249,10 @@ class Family:
         first_q = self.q0 is None
         restart = self._restart is not None and self.tracked and not first_q
         need_q = log or first_q or restart
+        hyper, general = self.hyper() if self.tracked else (Hyper(lr=0.0), False)
         th = (
             self.views("theta")
-            if (need_q or self.residuals or not self.tracked or not self._xi_known)
+            if (need_q or self.residuals or not self.tracked or not self._xi_known or general)
             else None
         )
         observed = m.charge(th, *const) if need_q else None
@@ -255,17 +262,18 @@ class Family:
         self.residual = None
         if not self.tracked:
             return observed
-        hyper = self.hyper()
-        if hyper is None:
-            return observed
         grads = [self.cache.grads.get(id(t), t.grad) for t in self.binding.tensors]
-        if all(g is None for g in grads):  # torch.optim.SGD skips them: nothing moves
+        if all(g is None for g in grads):  # torch's optimizers skip them: nothing moves
             self._pending = _Pending(hyper, None, idle=True)
             return observed
-        if any(g is None for g in grads):
+        if any(g is None for g in grads) and not general:
             bare = [n for n, g in zip(self.names, grads) if g is None]
             self.restart(f"{bare} had no gradient at step {step} while the rest of the group did")
             return observed
+        rotation_eq = self._rotation_eq(hyper) if self.rotation else None
+        if general:
+            return self._before_general(step, log, hyper, th, observed, restart, rotation_eq)
+        self.general = False
         state = self.optimizer.state
         buffers = [
             state.get(t, {}).get("momentum_buffer") is not None for t in self.binding.tensors
@@ -281,11 +289,13 @@ class Family:
         if self.residuals or log:
             self.residual = m.residual(th, gr, *const)
         residual = self.residual if self.residuals else None
-        self._pending = _Pending(hyper, residual, fresh=hyper.momentum != 0.0 and first_step)
-        if restart:
-            self._pending.restart = observed
-            self.note = f"laws restarted at step {step}: {self._restart}"
-            self._restart = None
+        self._pending = _Pending(
+            hyper,
+            residual,
+            fresh=hyper.momentum != 0.0 and first_step,
+            rotation_eq=rotation_eq,
+        )
+        self._mark_restart(step, restart, observed)
         bf = self.views("buffer") if not first_step else None
         if bf is not None and not self._xi_known:
             self._pending.xi_b = m.residual(th, bf, *const)
@@ -295,6 +305,88 @@ class Family:
             forms = m.forms(th, gr, bf, *const)
             self._pending.uJu, self._pending.uJb = update_forms(case, hyper, forms)
             self._pending.gJg = forms.gg if hyper.momentum == 0.0 else None
+        return observed
+
+    def _mark_restart(self, step: int, restart: bool, observed: torch.Tensor | None) -> None:
+        if restart and self._pending is not None:
+            self._pending.restart = observed
+            self.note = f"laws restarted at step {step}: {self._restart}"
+            self._restart = None
+
+    def _rotation_eq(self, hyper: Hyper) -> float | None:
+        """The random-walk equilibrium angle for this step's settings (None: no model)."""
+        name = type(self.optimizer).__name__
+        group = self.optimizer.param_groups[self.group_indices[0]]
+        if name == "Adam" and group.get("decoupled_weight_decay", False):
+            name = "AdamW"
+        value, _ = angular_equilibrium(name, hyper.lr, hyper.weight_decay, hyper.momentum)
+        return value
+
+    def _direction(self, tensor: torch.Tensor, group: int) -> Direction:
+        """The tensor's coming step, computed once per hook call for every family."""
+        key = ("direction", id(tensor))
+        if key not in self.step_cache:
+            grad = self.cache.grads.get(id(tensor))
+            self.step_cache[key] = direction(self.optimizer, group, tensor, grad=grad)
+        return self.step_cache[key]
+
+    def _temporary(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key not in self.step_cache:
+            self.step_cache[key] = make()
+        return self.step_cache[key]
+
+    def _before_general(self, step, log, hyper, th, observed, restart, rotation_eq):
+        """The general law's data: ⟨ξ(Sθ), ηa⟩, ⟨ηa, J ηa⟩ and what per-tensor shrinks add."""
+        m, const = self.module, self.const
+        self.general = True
+        self._xi_known = False  # SGD's law re-reads the buffer if it resumes
+        try:
+            found = {
+                id(t): self._direction(t, g)
+                for t, g in zip(self.binding.tensors, self.group_indices)
+            }
+        except (SymmechError, ValueError, IndexError) as err:
+            self.stop(str(err))
+            return observed
+        dirs = list(found.values())
+        s0 = dirs[0].shrink
+        step_views = self.views_of(
+            lambda p: self._temporary(("eta_a", id(p)), lambda: found[id(p)].a * found[id(p)].eta)
+        )
+        if self.residuals or log:
+            self.residual = m.residual(th, self.views("grad"), *const)
+        kappa = float(m.KAPPA)
+        mixed = dJd = None
+        if all(d.shrink == s0 for d in dirs):
+            xi_a = m.residual(th, step_views, *const) * s0 ** (kappa - 1.0)
+        else:
+            shrunk = self.views_of(
+                lambda p: self._temporary(
+                    ("shrunk", id(p)), lambda: p.detach() * found[id(p)].shrink
+                )
+            )
+            xi_a = m.residual(shrunk, step_views, *const)
+            q = observed if observed is not None else m.charge(th, *const)
+            mixed = m.charge(shrunk, *const) - s0**kappa * q
+            if self.rotation:
+                moved = self.views_of(
+                    lambda p: self._temporary(
+                        ("moved", id(p)),
+                        lambda: (
+                            p.detach() * (found[id(p)].shrink - 1.0)
+                            - found[id(p)].a * found[id(p)].eta
+                        ),
+                    )
+                )
+                dJd = m.quadratic(moved, *const)
+        general = General(s0, xi_a, m.quadratic(step_views, *const), mixed=mixed, dJd=dJd)
+        self._pending = _Pending(
+            hyper,
+            self.residual if self.residuals else None,
+            general=general,
+            rotation_eq=rotation_eq,
+        )
+        self._mark_restart(step, restart, observed)
         return observed
 
     def pending_restart(self) -> torch.Tensor | None:
@@ -311,8 +403,26 @@ class Family:
             assert q0 is not None
             zero = torch.zeros(self.n_groups, dtype=torch.float64, device=q0.device)
             return StepData(p.hyper, zero, zero, idle=True)
+        if p.general is not None:
+            return StepData(
+                p.hyper,
+                None,
+                None,
+                residual=p.residual,
+                restart=p.restart,
+                general=p.general,
+                rotation_eq=p.rotation_eq,
+            )
         if p.uJu is None or p.uJb is None:
             p.uJu = p.uJb = self.module.quadratic(self.views("buffer"), *self.const)
         return StepData(
-            p.hyper, p.uJu, p.uJb, p.gJg, p.residual, xi_b=p.xi_b, fresh=p.fresh, restart=p.restart
+            p.hyper,
+            p.uJu,
+            p.uJb,
+            p.gJg,
+            p.residual,
+            xi_b=p.xi_b,
+            fresh=p.fresh,
+            restart=p.restart,
+            rotation_eq=p.rotation_eq,
         )

@@ -38,12 +38,14 @@ import torch
 
 from symmech.errors import BindingError, explain
 from symmech.laws.names import (
+    ANATOMY,
     CONTINUOUS,
     CONTINUOUS_MODELS,
     DISCRETE_RESIDUAL,
     FIRST_ORDER,
     LAWS,
     PREDICTIONS,
+    ROTATION,
     SECOND_ORDER,
 )
 
@@ -60,11 +62,15 @@ COLUMNS = (
     *LAWS,
     *CONTINUOUS_MODELS,
     "residual",
+    *ANATOMY,
+    *ROTATION,
     "status",
     "note",
 )
 #: The keys of a record, in the order a record dict holds them.
-_KEYS = (*COLUMNS[:6], "residual", "status", "note", *PREDICTIONS, CONTINUOUS)
+_KEYS = (*COLUMNS[:6], "residual", "status", "note", *PREDICTIONS, CONTINUOUS, *ANATOMY, *ROTATION)
+#: What the laws store per group and logged step, after observed Q and rₖ.
+_STORED = (*PREDICTIONS, *ANATOMY, *ROTATION)
 _META = 4  # log index, step, t (NaN: None), settings code
 _TRACKED = "tracked"
 _APPROXIMATE = "approximate"  # "approximate: <measured reason>": predicted, and says how well
@@ -87,6 +93,8 @@ class Snapshot:
     status: str
     note: str
     residuals: bool  # rₖ fed to discrete_residual every step
+    continuous: bool = True  # the continuous models apply (torch.optim.SGD's own law)
+    rotation: bool = False  # a ½|θ|² charge: the rotation of θ is reported
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,8 @@ class _Code:
     residuals: bool
     nesterov: bool
     no_momentum: bool
+    continuous: bool
+    rotation: bool
 
 
 class _Chunk:
@@ -166,7 +176,7 @@ class _Series:
 
     @property
     def width(self) -> int:
-        return (2 + len(PREDICTIONS)) * self.groups
+        return (2 + len(_STORED)) * self.groups
 
     def last_index(self) -> float | None:
         for chunk in reversed(self.chunks):
@@ -195,7 +205,7 @@ class _Series:
         if s.residual is not None:
             row[g : 2 * g].copy_(s.residual.detach().reshape(-1))
         if laws is not None:
-            row[2 * g :].view(len(PREDICTIONS), g).copy_(laws[:, s.segment])
+            row[2 * g :].view(len(_STORED), g).copy_(laws[:, s.segment])
         chunk.meta[chunk.n] = meta
         chunk.n += 1
         return chunk
@@ -282,6 +292,8 @@ class History:
             s.residuals,
             s.nesterov,
             s.momentum == 0.0,
+            s.continuous,
+            s.rotation,
         )
         return self._codes.setdefault(code, len(self._codes))
 
@@ -301,7 +313,7 @@ class History:
             series = self._series.get(key)
             if series is None:
                 groups = s.observed.numel()
-                width = (2 + len(PREDICTIONS)) * groups
+                width = (2 + len(_STORED)) * groups
                 series = _Series(position, s.symmetry, s.layer, groups, self._rows(width))
                 self._series[key] = series
             last = series.last_index() if self.stride > 1 else None
@@ -311,7 +323,7 @@ class History:
             if s.laws is not None:
                 if id(s.laws) not in stacked:
                     stacked[id(s.laws)] = torch.stack(
-                        [s.laws[n].detach().reshape(-1).to(torch.float64) for n in PREDICTIONS]
+                        [s.laws[n].detach().reshape(-1).to(torch.float64) for n in _STORED]
                     )
                 laws = stacked[id(s.laws)]
             t = float("nan") if s.t is None else float(s.t)
@@ -371,6 +383,8 @@ class History:
         no_dres = np.array([not c.has_residual and not c.residuals for c in codes] or [False])
         nesterov = np.array([c.nesterov for c in codes] or [False])
         no_momentum = np.array([c.no_momentum for c in codes] or [False])
+        continuous = np.array([c.continuous for c in codes] or [False])
+        rotation = np.array([c.rotation for c in codes] or [False])
         parts: list[dict[str, np.ndarray]] = []
         names: list[tuple[str, str]] = []
         n_positions = 1 + max((s.position for s in self._series.values()), default=0)
@@ -391,7 +405,7 @@ class History:
                 "observed": data[:, :g].ravel(),
                 "residual": data[:, g : 2 * g].ravel(),
             }
-            for k, name in enumerate(PREDICTIONS):
+            for k, name in enumerate(_STORED):
                 cols[name] = data[:, (2 + k) * g : (3 + k) * g].ravel()
             parts.append(cols)
         if not parts:
@@ -419,11 +433,19 @@ class History:
             notes = [f"{n}; {extra}" if n else extra for n in notes]
         out["status"] = np.array([c.status for c in codes], dtype=object)[code].tolist()
         out["note"] = np.array(notes, dtype=object)[code].tolist()
+        cont = continuous[code]
         for name in PREDICTIONS:
             present = pred & ~no_dres[code] if name == DISCRETE_RESIDUAL else pred
+            if name in CONTINUOUS_MODELS:
+                present = present & cont
             out[name] = _with_none(col[name], present)
         model = np.where(no_momentum[code], col[FIRST_ORDER], col[SECOND_ORDER])
-        out[CONTINUOUS] = _with_none(model, pred & ~nesterov[code])
+        out[CONTINUOUS] = _with_none(model, pred & ~nesterov[code] & cont)
+        for name in ANATOMY:
+            out[name] = _with_none(col[name], pred & ~no_dres[code])
+        turning = pred & rotation[code]
+        for name in ROTATION:
+            out[name] = _with_none(col[name], turning & ~np.isnan(col[name]))
         return out
 
     def rows(self) -> list[dict[str, Any]]:

@@ -12,6 +12,16 @@ or d without momentum), :func:`update_forms` writes uᵀJu and uᵀJb in those f
 * ``first_order``        Q̇ + κλQ = (η/2) gᵀJg, forcing held over the step (exact exponential step);
 * ``second_order``       m Q̈ + (1−β)Q̇ + (1−τ)κλQ = m uᵀJu, m = η(1+β)/2, exact step propagator.
 
+Any other step θₖ₊₁ = sθₖ − ηₖaₖ (Adam, AdamW, RMSprop, Adagrad, or SGD with per-tensor settings;
+:mod:`.directions`) is advanced by the same exact law written for a measured direction:
+Qₖ₊₁ = s^κ Qₖ + Mₖ − Xₖ + ½Aₖ with Xₖ = ⟨ξ(Sθₖ), ηa⟩, Aₖ = ⟨ηa, J ηa⟩ and Mₖ the measured
+Q(Sθ) − s^κQ(θ) of tensors whose shrink differs (docs/theory.md, "Any optimizer"). There the
+continuous models do not close and are NaN.
+
+Beside the predictions, every step adds to the anatomy of the change (``dQ_decay``,
+``dQ_breaking``, ``dQ_step``, ``dQ_history``, which sum to ``discrete_residual`` − Q₀) and, for
+groups whose charge is ½|θ|², gives the angle between θₖ and θₖ₊₁ from the same terms.
+
 State is float64 on the parameters' device; hyperparameters are Python floats, so a step
 queues device work only and never waits for the device.
 
@@ -31,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from symmech.derive.data_terms import sgd_case
-from symmech.laws.names import PREDICTIONS
+from symmech.laws.names import ANATOMY, PREDICTIONS, ROTATION
 
 from .kernels import Forms
 
@@ -65,14 +75,34 @@ class StepData:
     """
 
     hyper: Hyper
-    uJu: torch.Tensor
-    uJb: torch.Tensor
+    uJu: torch.Tensor | None
+    uJb: torch.Tensor | None
     gJg: torch.Tensor | None = None
     residual: torch.Tensor | None = None
     xi_b: torch.Tensor | None = None
     fresh: torch.Tensor | bool | None = None  # None: on the laws' first step only
     restart: torch.Tensor | None = None
     idle: torch.Tensor | bool = False
+    #: the general step θₖ₊₁ = sθₖ − ηa (None: torch.optim.SGD's law from uJu and uJb)
+    general: General | None = None
+    #: the random-walk equilibrium angle of the step's settings (None: no model applies)
+    rotation_eq: float | None = None
+
+
+@dataclass
+class General:
+    """Measured terms of a step θₖ₊₁ = Sθₖ − ηa (S: each tensor's shrink, ``shrink`` the first's).
+
+    ``xi_a`` = ⟨ξ(Sθₖ), ηa⟩, ``aJa`` = ⟨ηa, J ηa⟩, ``mixed`` = Q(Sθₖ) − s^κ Q(θₖ) (None: every
+    tensor shrinks alike), ``dJd`` = ⟨δ, J δ⟩ of the whole displacement δ = θₖ₊₁ − θₖ, measured only
+    where shrinks differ (None: computed from the others).
+    """
+
+    shrink: float
+    xi_a: torch.Tensor
+    aJa: torch.Tensor
+    mixed: torch.Tensor | None = None
+    dJd: torch.Tensor | None = None
 
 
 def update_forms(case: str, hyper: Hyper, B: Forms) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,7 +154,15 @@ _STATE = (
     "second_order_rate",
     "xi_b",
     "xi_b_residual",
+    *ANATOMY,
+    *ROTATION,
+    "xi_b_decay",
+    "xi_b_breaking",
+    "xi_b_step",
+    "xi_b_history",
 )
+#: The momentum share ⟨ξ, b⟩ split by where it came from, one per part of the anatomy.
+_SPLIT = dict(zip(ANATOMY, ("xi_b_decay", "xi_b_breaking", "xi_b_step", "xi_b_history")))
 
 
 class Laws:
@@ -142,6 +180,10 @@ class Laws:
         #: ⟨ξ(θₖ), bₖ₋₁⟩ of the pure law and of the law fed rₖ (zero before any buffer)
         self.xi_b = torch.zeros_like(q0)
         self.xi_b_residual = torch.zeros_like(q0)
+        for name in (*ANATOMY, *_SPLIT.values()):
+            setattr(self, name, torch.zeros_like(q0))
+        for name in ROTATION:
+            setattr(self, name, torch.full_like(q0, float("nan")))
         self.t = 0.0
         self.steps = 0
         self._cache: dict[tuple[float, float, float], tuple] = {}
@@ -152,7 +194,7 @@ class Laws:
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A copy of every prediction, keyed by law name (device tensors, nothing synced)."""
-        return {name: getattr(self, name).clone() for name in PREDICTIONS}
+        return {name: getattr(self, name).clone() for name in (*PREDICTIONS, *ANATOMY, *ROTATION)}
 
     def state_dict(self) -> dict:
         """Everything the laws carry, to continue exactly in another process."""
@@ -174,43 +216,90 @@ class Laws:
         mask = ~torch.isnan(q)
         for name in ("q0", "discrete", "discrete_residual", "first_order", "second_order"):
             setattr(self, name, torch.where(mask, q, getattr(self, name)))
+        for name in ANATOMY:
+            setattr(self, name, torch.where(mask, 0.0, getattr(self, name)))
         return mask
 
     def step(self, data: StepData) -> None:
-        """Advance every law by one ``torch.optim.SGD`` step with these settings and data."""
-        h = data.hyper
-        lr, beta, tau = h.lr, h.momentum, h.dampening
-        kl = self.kappa * h.weight_decay
+        """Advance every law by one optimizer step with these settings and data."""
         before = {name: getattr(self, name) for name in _STATE}
         start = self.steps == 0
         if data.restart is not None:
             start = self.restart(data.restart.to(torch.float64)) | start
+        q_before = self.discrete_residual
+        if data.general is None:
+            dq, delta_sq = self._sgd_step(data, start)
+        else:
+            dq, delta_sq = self._general_step(data.general)
+        self._rotation(data, q_before, dq, delta_sq)
+        if not (isinstance(data.idle, bool) and not data.idle):  # skipped groups keep their state
+            idle = torch.as_tensor(data.idle, device=self.discrete.device)
+            for name, old in before.items():
+                setattr(self, name, torch.where(idle, old, getattr(self, name)))
+        self.t += data.hyper.lr
+        self.steps += 1
+
+    def _sgd_step(self, data: StepData, start: torch.Tensor | bool):
+        """``torch.optim.SGD``'s exact law and both continuous models; returns the step's change
+        of ``discrete_residual`` and ⟨δ, Jδ⟩ of the displacement δ = −ηu."""
+        h = data.hyper
+        lr, beta, tau = h.lr, h.momentum, h.dampening
+        kl = self.kappa * h.weight_decay
         zero = torch.zeros_like(self.discrete)
         r = zero if data.residual is None else data.residual.to(torch.float64)
         gJg = zero if data.gJg is None else data.gJg.to(torch.float64)
+        assert data.uJu is not None and data.uJb is not None
         uJu = data.uJu.to(torch.float64)
         uJb = data.uJb.to(torch.float64)
         xi_b, xi_b_res = self.xi_b, self.xi_b_residual
+        split = {part: getattr(self, name) for part, name in _SPLIT.items()}
         if data.xi_b is not None:  # a buffer the law has not followed: its measured share
             measured = data.xi_b.to(torch.float64)
             known = torch.isnan(measured)
             xi_b = torch.where(known, xi_b, measured)
             xi_b_res = torch.where(known, xi_b_res, measured)
-        p, p_res = kl * self.discrete, r + kl * self.discrete_residual
+            for part in split:  # what the buffer held when tracking began is history
+                new = measured if part == "dQ_history" else zero
+                split[part] = torch.where(known, split[part], new)
+        q_res = self.discrete_residual
+        p, p_res = kl * self.discrete, r + kl * q_res
+        parts = {"dQ_decay": kl * q_res, "dQ_breaking": r, "dQ_step": zero, "dQ_history": zero}
         if beta == 0.0:
-            v, v_res = p, p_res
+            v, v_res, vs = p, p_res, parts
             m, m_res = xi_b, xi_b_res  # the buffer stays; the law re-reads it when β returns
+            ms = split
         else:
             fresh = torch.as_tensor(self.steps == 0 if data.fresh is None else data.fresh)
             m = torch.where(fresh, p, beta * xi_b + (1.0 - tau) * p)
             m_res = torch.where(fresh, p_res, beta * xi_b_res + (1.0 - tau) * p_res)
-            v, v_res = (p + beta * m, p_res + beta * m_res) if h.nesterov else (m, m_res)
+            ms = {
+                k: torch.where(fresh, parts[k], beta * split[k] + (1.0 - tau) * parts[k])
+                for k in parts
+            }
+            if h.nesterov:
+                v, v_res = p + beta * m, p_res + beta * m_res
+                vs = {k: parts[k] + beta * ms[k] for k in parts}
+            else:
+                v, v_res, vs = m, m_res, ms
         half_lr2 = 0.5 * lr * lr
         self.second_order_rate = torch.where(torch.as_tensor(start), -v, self.second_order_rate)
         self.discrete = self.discrete - lr * v + half_lr2 * uJu
-        self.discrete_residual = self.discrete_residual - lr * v_res + half_lr2 * uJu
+        self.discrete_residual = q_res - lr * v_res + half_lr2 * uJu
+        for k in parts:
+            setattr(self, k, getattr(self, k) - lr * vs[k])
+        self.dQ_step = self.dQ_step + half_lr2 * uJu
         if beta != 0.0:  # ⟨ξ(θₖ₊₁), bₖ⟩ = mₖ − ηₖ⟨uₖ, J bₖ⟩
             self.xi_b, self.xi_b_residual = m - lr * uJb, m_res - lr * uJb
+            ms = {**ms, "dQ_step": ms["dQ_step"] - lr * uJb}
+        for part, name in _SPLIT.items():
+            setattr(self, name, ms[part])
+        # the equilibrium of the exact law under stationary forcing (heavy ball or plain SGD)
+        if kl > 0.0 and lr > 0.0 and not h.nesterov:
+            self.equilibrium = ((1.0 - beta) * 0.5 * lr * uJu + beta * lr * uJb) / (
+                (1.0 - tau if beta > 0.0 else 1.0) * kl
+            )
+        else:
+            self.equilibrium = torch.full_like(zero, float("nan"))
         # first-order modified flow, forcing held over the step (exact exponential update)
         decay = math.exp(-kl * lr)
         phi = -math.expm1(-kl * lr) / kl if kl > 0.0 else lr
@@ -228,9 +317,46 @@ class Laws:
         q, qd = self.second_order, self.second_order_rate
         self.second_order = p00 * q + p01 * qd + g0 * uJu
         self.second_order_rate = p10 * q + p11 * qd + g1 * uJu
-        if not (isinstance(data.idle, bool) and not data.idle):  # skipped groups keep their state
-            idle = torch.as_tensor(data.idle, device=self.discrete.device)
-            for name, old in before.items():
-                setattr(self, name, torch.where(idle, old, getattr(self, name)))
-        self.t += lr
-        self.steps += 1
+        return self.discrete_residual - q_res, lr * lr * uJu
+
+    def _general_step(self, g: General):
+        """The exact law of θₖ₊₁ = Sθₖ − ηa from measured terms; the continuous models do not
+        close here (NaN). Returns the change of ``discrete_residual`` and ⟨δ, Jδ⟩."""
+        s, k = g.shrink, self.kappa
+        sk = s**k
+        X = g.xi_a.to(torch.float64)
+        A = g.aJa.to(torch.float64)
+        mixed = torch.zeros_like(X) if g.mixed is None else g.mixed.to(torch.float64)
+        q_res = self.discrete_residual
+        self.discrete = sk * self.discrete + mixed - X + 0.5 * A
+        self.discrete_residual = sk * q_res + mixed - X + 0.5 * A
+        self.dQ_decay = self.dQ_decay + (sk - 1.0) * q_res + mixed
+        self.dQ_breaking = self.dQ_breaking - X
+        self.dQ_step = self.dQ_step + 0.5 * A
+        nan = torch.full_like(X, float("nan"))
+        self.first_order = self.second_order = self.second_order_rate = nan
+        # the SGD buffer share is not followed in this mode: re-measured when SGD's law resumes
+        self.equilibrium = (0.5 * A - X) / (1.0 - sk) if sk < 1.0 else nan
+        if g.dJd is not None:
+            delta_sq = g.dJd.to(torch.float64)
+        elif s != 0.0:  # δ = (s − 1)θ − ηa and ⟨ξ(θ), ηa⟩ = X / s for a ½|θ|² charge
+            delta_sq = (s - 1.0) ** 2 * 2.0 * q_res - 2.0 * (s - 1.0) * X / s + A
+        else:
+            delta_sq = nan
+        return self.discrete_residual - q_res, delta_sq
+
+    def _rotation(self, data: StepData, q_before, dq, delta_sq) -> None:
+        """The angle between θₖ and θₖ₊₁ of a group whose charge is Q = ½|θ|² (NaN elsewhere).
+
+        With a = |θₖ|, b = |θₖ₊₁|, c = |θₖ₊₁ − θₖ|: 1 − cos∠ = (c² − (a − b)²)/(2ab) and
+        a − b = −2ΔQ/(a + b), free of the cancellation in ⟨θₖ, θₖ₊₁⟩/(ab) for small angles.
+        """
+        q_after = self.discrete_residual
+        a = torch.sqrt(2.0 * q_before)
+        b = torch.sqrt(2.0 * q_after)
+        diff = -2.0 * dq / (a + b)
+        one_minus_cos = (delta_sq - diff * diff) / (2.0 * a * b)
+        half = torch.clamp(one_minus_cos / 2.0, min=0.0, max=1.0)
+        self.angular_update = 2.0 * torch.asin(torch.sqrt(half))
+        eq = float("nan") if data.rotation_eq is None else float(data.rotation_eq)
+        self.angular_equilibrium = torch.full_like(q_after, eq)

@@ -24,11 +24,11 @@ from typing import Any
 
 import torch
 
-from symmech.derive.closure import unsupported_optimizer_reason
 from symmech.errors import BindingError, explain
 
 from .bank import Bank
 from .binding import Binding
+from .directions import modelled, not_modelled_reason
 from .evidence import judge_residuals, mark_non_finite
 from .family import Family, TrackerWarning
 from .history import History, Snapshot
@@ -76,6 +76,7 @@ class Tracker:
         self.step = 0
         self.detached = False
         self._bank_of: dict[int, Bank] = {}  # id(family) -> its bank
+        self._step_cache: dict = {}  # per hook call: each tensor's coming step, temporaries
         self._measured = False  # this step's data was read (after the closure, if any)
         self._skipped = False  # a step the optimizer skips (GradScaler found inf)
         self._adopt(bindings)
@@ -99,10 +100,18 @@ class Tracker:
             {id(p): n for n, p in self.model.named_parameters()} if self.model is not None else {}
         )
         families = [
-            Family(b, self.optimizer, names, self.cache, residuals=self.residuals) for b in bindings
+            Family(
+                b,
+                self.optimizer,
+                names,
+                self.cache,
+                residuals=self.residuals,
+                step_cache=self._step_cache,
+            )
+            for b in bindings
         ]
-        if type(self.optimizer) is not torch.optim.SGD:
-            why = unsupported_optimizer_reason(type(self.optimizer).__name__)
+        if not modelled(self.optimizer):
+            why = not_modelled_reason(self.optimizer)
             for f in families:
                 f.stop(why)
         low = sorted({f.precision() for f in families if f.precision()})
@@ -183,6 +192,8 @@ class Tracker:
                     status=f.status,
                     note=f.note,
                     residuals=f.residuals,
+                    continuous=not f.general,
+                    rotation=f.rotation,
                 )
             )
         return out
@@ -245,6 +256,7 @@ class Tracker:
         if log:
             self.history.add(self._snapshots(observed))
         self.cache.clear()
+        self._step_cache.clear()
 
     @torch.no_grad()
     def _after(self, optimizer, args, kwargs) -> None:

@@ -52,6 +52,13 @@ def reference_rows(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
                 row["discrete_residual"] = None
             model = "first_order" if s.momentum == 0.0 else "second_order"
             row["continuous"] = None if s.nesterov else row[model]
+            if not s.continuous:
+                row["first_order"] = row["second_order"] = row["continuous"] = None
+            for name in ("dQ_decay", "dQ_breaking", "dQ_step", "dQ_history"):
+                row[name] = laws[name][j] if row["discrete_residual"] is not None else None
+            for name in ("angular_update", "angular_equilibrium", "equilibrium"):
+                value = laws[name][j] if predicted and s.rotation else None
+                row[name] = None if value is None or math.isnan(value) else value
             rows.append(row)
     return rows
 

@@ -479,7 +479,9 @@ def test_csv_and_summary(tmp_path):
     assert len(back) == len(rows)
     assert list(back[0]) == [
         "step", "t", "symmetry", "layer", "group", "observed", "gradient_flow", "continuous",
-        "discrete", "discrete_residual", "first_order", "second_order", "residual", "status", "note",
+        "discrete", "discrete_residual", "first_order", "second_order", "residual",
+        "dQ_decay", "dQ_breaking", "dQ_step", "dQ_history", "angular_update",
+        "angular_equilibrium", "equilibrium", "status", "note",
     ]  # fmt: skip
     assert float(back[-1]["discrete"]) == rows[-1]["discrete"]
     assert sorted({r["step"] for r in rows}) == [0, 2, 4, 5]
