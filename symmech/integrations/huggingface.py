@@ -1,7 +1,7 @@
 """``SymmechTrainerCallback``: the laws of a model's symmetries, tracked by ``transformers.Trainer``.
 
 >>> from symmech.integrations.huggingface import SymmechTrainerCallback   # doctest: +SKIP
->>> trainer = transformers.Trainer(model, args, train_dataset=data,
+>>> trainer = transformers.Trainer(model, args, train_dataset=data,  # doctest: +SKIP
 ...                                callbacks=[SymmechTrainerCallback(example_input=batch)])
 
 On ``on_train_begin`` the Trainer hands every callback ``model`` (the unwrapped model) and
