@@ -302,10 +302,49 @@ class Tracker:
     def to_csv(self, path) -> None:
         self.history.to_csv(self.records(), path)
 
+    def to_dataframe(self):
+        """The records as a long pandas DataFrame (one row per logged step × group; extra
+        ``frames``)."""
+        from .sinks import records_to_dataframe
+
+        return records_to_dataframe(self.records())
+
+    def to_parquet(self, path):
+        """Write the records as Parquet (pyarrow, extra ``frames``); returns the path."""
+        from .sinks import write_parquet
+
+        return write_parquet(self.records(), path)
+
+    def log_to(self, writer, *, per_group: bool = False, since_step: int | None = None) -> int:
+        """Per-layer scalars (observed, each law, the error relative to the family's scale) to a
+        TensorBoard ``SummaryWriter``; returns how many were written."""
+        from .error_scale import term_scales
+        from .sinks import log_to_tensorboard
+
+        return log_to_tensorboard(
+            self.records(),
+            writer,
+            per_group=per_group,
+            since_step=since_step,
+            terms=term_scales(self.families),
+        )
+
     def plot(self, path, title: str | None = None):
         from symmech.viz.plots import plot_records
 
         return plot_records(self.records(), path, title=title)
+
+    def plot_anatomy(self, path, title: str | None = None):
+        """Stacked parts of each layer's Q − Q₀: weight decay, breaking, finite step."""
+        from symmech.viz.anatomy import plot_anatomy
+
+        return plot_anatomy(self.records(), path, title=title)
+
+    def plot_rotation(self, path, title: str | None = None):
+        """Angular updates of every scale layer against their random-walk equilibrium."""
+        from symmech.viz.anatomy import plot_rotation
+
+        return plot_rotation(self.records(), path, title=title)
 
     def detach(self) -> None:
         """Remove the hooks; the optimizer is as it was before :func:`track`."""
@@ -360,9 +399,17 @@ class Tracker:
         self.history = copy.deepcopy(state["history"])
 
     def summary(self) -> str:
-        lines = [f"{'symmetry':20s} {'layer':40s} {'groups':>6s}  status"]
+        """One line per family: groups, the exact law's largest error relative to the family's
+        scale (see :mod:`.error_scale`), status and note."""
+        from .error_scale import max_errors, term_scales
+
+        errors = max_errors(self.records(), term_scales(self.families)) if self.step else {}
+        lines = [f"{'symmetry':20s} {'layer':40s} {'groups':>6s} {'discrete err':>12s}  status"]
         for f in self.families:
+            err = errors.get((f.symmetry, f.layer), {}).get("discrete")
+            shown = "-" if err is None else f"{err:.1e}"
             lines.append(
-                f"{f.symmetry:20s} {f.layer:40s} {f.n_groups:6d}  {f.status}{': ' + f.note if f.note else ''}"
+                f"{f.symmetry:20s} {f.layer:40s} {f.n_groups:6d} {shown:>12s}  "
+                f"{f.status}{': ' + f.note if f.note else ''}"
             )
         return "\n".join(lines)
