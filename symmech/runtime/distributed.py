@@ -10,13 +10,14 @@ In the two split modes every per-step term is a sum over entries, and every law 
 those terms with coefficients that are the same on every rank (η, β, τ, λ, κ, the step's
 update case), so each rank advances its laws on partial sums and the global value is the sum
 over ranks: nothing is communicated per step; :meth:`DistributedTracker.records` sums once
-(one ``all_reduce``, one small ``all_gather_object`` of the statuses). ``records()``,
+(one ``all_reduce``, and one ``all_gather_object`` of the statuses, run-length coded). ``records()``,
 ``to_csv`` and ``plot`` are therefore collective calls: every rank must make them; only the
 writer (:func:`is_writer`) writes files.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -207,10 +208,58 @@ def check_couplings(binding: Binding) -> None:
                 f"the constants {sorted(binding.constants)} couple entries that lie on different "
                 f"ranks ({', '.join(sharded)} are sharded on dim 0 of the parameter), so the "
                 "per-rank sums miss the cross terms",
-                "bind the layout in which the constant mixes entries within a parameter row "
+                "Bind the layout in which the constant mixes entries within a parameter row "
                 "(e.g. drop the transpose), or track this family without sharding",
             )
         )
+
+
+# -- what goes over the wire ------------------------------------------------------------
+class _Counter:
+    """Collectives seen, and the bytes of the tensors handed to them."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.bytes = 0
+
+
+def _tensors(x: Any) -> Iterator[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, (list, tuple)):
+        for item in x:
+            yield from _tensors(item)
+
+
+@contextlib.contextmanager
+def count_communication() -> Iterator[_Counter]:
+    """Count every collective run inside the block: those called by hand, by DDP's reducer,
+    by FSDP2, and those a DTensor runs inside its own operations (a dispatch mode that lets
+    DTensor handle its ops first, so their collectives on local tensors are seen)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from .shards import dtensor_type
+
+    counter = _Counter()
+    dtensor = dtensor_type()
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if dtensor is not None and any(issubclass(t, dtensor) for t in types):
+                return NotImplemented
+            space = func.namespace
+            if space in ("c10d", "_c10d_functional") and not func.__name__.startswith(
+                ("wait", "_wrap")
+            ):
+                counter.calls.append(str(func))
+                counter.bytes += sum(
+                    t.numel() * t.element_size()
+                    for t in _tensors([*args, *(kwargs or {}).values()])
+                )
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        yield counter
 
 
 # -- records -------------------------------------------------------------------------------
@@ -230,9 +279,13 @@ def _expand(runs: list[tuple[int, tuple[str, str]]], n: int) -> list[tuple[str, 
     return out
 
 
-def _agree_on_status(rows: list[dict[str, Any]], world: int) -> None:
-    """Give every rank the same status and note per row: a family stopped on one rank (a
-    tracker error there) is stopped everywhere, with the rank's reason."""
+def agree_on_status(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give every rank the same status and note per row (collective): a family stopped on one
+    rank (a tracker error there) or judged approximate there is so everywhere, with the rank
+    that said so."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return rows
     texts = [(r["status"], r["note"]) for r in rows]
     gathered: list[Any] = [None] * world
     torch.distributed.all_gather_object(gathered, _runs(texts))
@@ -243,6 +296,7 @@ def _agree_on_status(rows: list[dict[str, Any]], world: int) -> None:
             continue
         worst = next((k for k, v in enumerate(seen) if v[0] != "tracked"), 0)
         r["status"], r["note"] = seen[worst][0], f"rank {worst}: {seen[worst][1]}"
+    return rows
 
 
 def global_rows(rows: list[dict[str, Any]], split: bool = True) -> list[dict[str, Any]]:
@@ -250,7 +304,7 @@ def global_rows(rows: list[dict[str, Any]], split: bool = True) -> list[dict[str
 
     Columns in :data:`SUMMED` are added; a value missing (None) on every rank stays None, on
     some ranks only becomes NaN. Other numeric columns are not sums over entries and are NaN
-    with a note. With ``split=False`` (replicated terms) only statuses are made to agree.
+    with a note. With ``split=False`` (replicated terms) the rows are already global.
     """
     rank, world = rank_and_world()
     if world == 1 or not rows:
@@ -262,17 +316,19 @@ def global_rows(rows: list[dict[str, Any]], split: bool = True) -> list[dict[str
             for k, v in rows[0].items()
             if k not in SUMMED and k not in SHARED and (v is None or isinstance(v, float))
         ]
-        n, c = len(rows), len(cols)
-        buf = torch.zeros(n, 2 * c + 2, dtype=torch.float64)
+        n, c, o = len(rows), len(cols), len(other)
+        buf = torch.zeros(n, 2 * c + o + 2, dtype=torch.float64)
         for i, r in enumerate(rows):
             for j, k in enumerate(cols):
                 v = r[k]
                 if v is not None:
                     buf[i, j], buf[i, c + j] = v, 1.0
-            buf[i, 2 * c], buf[i, 2 * c + 1] = float(r["step"]), float(r["group"])
-        local_keys = buf[:, 2 * c :].clone()
+            for j, k in enumerate(other):
+                buf[i, 2 * c + j] = float(r[k] is not None)
+            buf[i, -2], buf[i, -1] = float(r["step"]), float(r["group"])
+        local_keys = buf[:, -2:].clone()
         torch.distributed.all_reduce(buf)
-        if not torch.equal(buf[:, 2 * c :], world * local_keys):
+        if not torch.equal(buf[:, -2:], world * local_keys):
             raise RuntimeError(
                 explain(
                     f"records() on rank {rank}",
@@ -282,17 +338,18 @@ def global_rows(rows: list[dict[str, Any]], split: bool = True) -> list[dict[str
             )
         values = buf[:, :c].tolist()
         present = buf[:, c : 2 * c].tolist()
-        for r, vals, pres in zip(rows, values, present):
+        elsewhere = buf[:, 2 * c : 2 * c + o].tolist()
+        for r, vals, pres, seen in zip(rows, values, present, elsewhere):
             for k, v, p in zip(cols, vals, pres):
                 r[k] = v if p == world else (None if p == 0 else float("nan"))
+            gone = [k for k, p in zip(other, seen) if p > 0]
             for k in other:
-                if r[k] is not None:
-                    r[k] = float("nan")
-        if other:
-            note = f"{', '.join(other)}: not a sum over entries, unavailable when terms are split"
-            for r in rows:
+                r[k] = float("nan") if k in gone else None
+            if gone:
+                note = (
+                    f"{', '.join(gone)}: not a sum over entries, unavailable when terms are split"
+                )
                 r["note"] = f"{r['note']}; {note}" if r["note"] else note
-    _agree_on_status(rows, world)
     return rows
 
 
@@ -327,7 +384,7 @@ class DistributedTracker(Tracker):
         rows = global_rows(rows, split=self.split)
         mark_non_finite(rows)
         judge_residuals(rows, self.families)
-        return rows
+        return agree_on_status(rows)
 
     def to_csv(self, path) -> None:
         rows = self.records()
