@@ -54,12 +54,15 @@ def detect_bindings(
     return bindings
 
 
-def write_run(tracker: Any, out_dir: str | Path) -> list[Path]:
-    """The tracker's records (``records.parquet`` when pyarrow is installed, else
-    ``records.csv``) and, when matplotlib is installed, ``theory_vs_observed.png``."""
+def write_run(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """Write a tracker's records (``records.parquet`` when pyarrow is installed, else
+    ``records.csv``) and, when matplotlib is installed, ``theory_vs_observed.png``.
+
+    Under ``torch.distributed`` ``tracker.records()`` is a collective call: every rank makes it,
+    then only the writing rank calls this.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = tracker.records()
     frames = all(importlib.util.find_spec(m) is not None for m in ("pandas", "pyarrow"))
     written = [write_records(rows, out / ("records.parquet" if frames else "records.csv"))]
     if importlib.util.find_spec("matplotlib") is None:

@@ -190,5 +190,8 @@ class SymmechTrainerCallback(TrainerCallback):
             state.log_history[-1].update(latest)
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.out_dir is not None and self.tracker is not None and state.is_world_process_zero:
-            self.written = write_run(self.tracker, self.out_dir)
+        if self.out_dir is None or self.tracker is None:
+            return
+        rows = self.tracker.records()  # on every process: collective under torch.distributed
+        if state.is_world_process_zero:
+            self.written = write_run(rows, self.out_dir)

@@ -171,10 +171,12 @@ class SymmechCallback(pl.Callback):
             self._log(trainer, pl_module)  # the state after the last step
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.out_dir is None or not trainer.is_global_zero:
+        if self.out_dir is None:
             return
         several = len(self.trackers) > 1
         self.written = []
         for i, tracker in enumerate(self.trackers):
-            where = self.out_dir / f"optimizer{i}" if several else self.out_dir
-            self.written += write_run(tracker, where)
+            rows = tracker.records()  # on every rank: a collective call under torch.distributed
+            if trainer.is_global_zero:
+                where = self.out_dir / f"optimizer{i}" if several else self.out_dir
+                self.written += write_run(rows, where)

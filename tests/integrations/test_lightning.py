@@ -14,15 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 pl = pytest.importorskip("lightning.pytorch")
 
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
-from support.mlp_charges import errors_against_hand, hand_charges, mlp  # noqa: E402
+from support.lightning_nets import Classifier, loader  # noqa: E402
+from support.mlp_charges import errors_against_hand, hand_charges  # noqa: E402
 
 from symmech.errors import BindingError  # noqa: E402
 from symmech.integrations.lightning import SymmechCallback  # noqa: E402
+from symmech.runtime.error_scale import max_errors  # noqa: E402
 from symmech.runtime.sinks import tag_part  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -37,24 +38,6 @@ def float64() -> Iterator[None]:
     torch.set_default_dtype(old)
 
 
-class Classifier(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = mlp(seed=0)
-        g = torch.Generator().manual_seed(1)
-        self.example_input_array = torch.randn(16, 8, generator=g)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return F.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
-
-
 class Charges(pl.Callback):
     """Q and M by hand at θₖ (before step k) and after the last step."""
 
@@ -66,12 +49,6 @@ class Charges(pl.Callback):
 
     def on_train_end(self, trainer, module) -> None:
         self.at[trainer.global_step] = hand_charges(module.net[0], module.net[2])
-
-
-def _loader() -> torch.utils.data.DataLoader:
-    g = torch.Generator().manual_seed(2)
-    x, y = torch.randn(160, 8, generator=g), torch.randint(0, 4, (160,), generator=g)
-    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
 
 
 def _fit(tmp_path: Path, callback: SymmechCallback) -> tuple[Charges, Path]:
@@ -88,7 +65,7 @@ def _fit(tmp_path: Path, callback: SymmechCallback) -> tuple[Charges, Path]:
         enable_model_summary=False,
         log_every_n_steps=1,
     )
-    trainer.fit(Classifier(), _loader())
+    trainer.fit(Classifier(), loader())
     return charges, Path(logger.log_dir) / "metrics.csv"
 
 
@@ -152,3 +129,39 @@ def test_self_log_reaches_the_logger_and_bad_arguments_are_refused(tmp_path: Pat
         SymmechCallback(log_every=0)
     with pytest.raises(BindingError, match=r"log_to must be one of .* got 'wandb'"):
         SymmechCallback(log_to="wandb")
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_writes_once_and_holds_the_exact_law(tmp_path: Path) -> None:
+    """``strategy="ddp_spawn"`` (DDP started by torch.multiprocessing; plain ``"ddp"`` relaunches
+    the command line, i.e. pytest itself): records are a collective call, files come from rank 0."""
+    callback = SymmechCallback(log_every=10, out_dir=tmp_path / "symmech")
+    trainer = pl.Trainer(
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=CSVLogger(tmp_path, name="run", version=0),
+        callbacks=[callback],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Classifier(), loader(n=320))
+    out = sorted(p.name for p in (tmp_path / "symmech").iterdir())
+    assert out == ["records.parquet", "theory_vs_observed.png"]
+    pd = pytest.importorskip("pandas")
+    frame = pd.read_parquet(tmp_path / "symmech" / "records.parquet")
+    rows = frame.astype(object).where(frame.notna(), None).to_dict("records")
+    assert sorted(set(frame["step"])) == list(range(0, STEPS + 1, 10))
+    errors = max_errors(rows)
+    print("lightning ddp_spawn exact-law error:", {k: v["discrete"] for k, v in errors.items()})
+    assert len(errors) == 3 and max(v["discrete"] for v in errors.values()) <= 1e-9
+    assert max(v["gradient_flow"] for v in errors.values()) > 1e-3  # Q moved: not vacuous
+    with (tmp_path / "run" / "version_0" / "metrics.csv").open() as fh:
+        logged = list(csv.DictReader(fh))
+    tags = [k for k in logged[0] if k.endswith("/rel_error/discrete")]
+    assert len(tags) == 3
+    steps = sorted({int(r["step"]) for r in logged if r[tags[0]]})
+    assert steps == list(range(0, STEPS + 1, 10))
+    assert max(float(r[t]) for r in logged for t in tags if r[t]) <= 1e-9
