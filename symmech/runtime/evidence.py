@@ -60,19 +60,23 @@ def _precision(family: Family) -> float:
 
 
 def _magnitude(family: Family) -> float:
-    """max(Σ|θ|, Σθ²) over the bound tensors: the size round-off in Q is measured against
-    (Q itself may be near zero; one host read, when records are read)."""
+    """The largest size M of the terms that make up one group's Q (``error_scale``): what
+    round-off in Q is measured against (Q itself may be near zero; one host read, when records
+    are read). Per group, not the family's total: a residual that moves one channel's charge
+    by 1e-5 of its size is not hidden by the size of the whole layer."""
+    from .error_scale import charge_terms
+
     with torch.no_grad():
-        ts = [t.detach().double() for t in family.binding.tensors]
-        return max(float(sum(t.abs().sum() for t in ts)), float(sum(t.square().sum() for t in ts)))
+        return float(charge_terms(family.binding).max())
 
 
 def judge_residuals(rows: list[dict[str, Any]], families: Sequence[Family]) -> None:
     """Mark families whose measured residual visibly moves Q ``approximate: |r| = …``.
 
     The residual's effect is |discrete_residual − discrete| (the same law with and without the
-    measured rₖ); it is negligible below √ε times the largest of max|Q| plus how far Q moved,
-    Σ|θ| and Σθ². Rows still ``tracked`` take the family's new status.
+    measured rₖ); it is negligible below √ε times the larger of max|Q| plus how far Q moved
+    and the largest term size M of one group's Q. Rows still ``tracked`` take the family's new
+    status.
     """
     mine: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
