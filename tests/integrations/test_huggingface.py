@@ -67,9 +67,11 @@ def _bert() -> torch.nn.Module:
     return transformers.BertForSequenceClassification(config).double()
 
 
-def _train(tmp_path: Path, sgd: bool) -> tuple[SymmechTrainerCallback, Charges, object]:
+def _train(
+    tmp_path: Path, sgd: bool, example: bool = True
+) -> tuple[SymmechTrainerCallback, Charges, object]:
     model, data = _bert(), Tokens()
-    batch = {"input_ids": data.ids[:16], "labels": data.labels[:16]}
+    batch = {"input_ids": data.ids[:16], "labels": data.labels[:16]} if example else None
     callback = SymmechTrainerCallback(example_input=batch, out_dir=tmp_path / "symmech")
     charges = Charges()
     args = transformers.TrainingArguments(
@@ -142,6 +144,19 @@ def test_trainer_default_adamw_is_exact_or_says_which_optimizer(tmp_path: Path) 
         else:
             assert f.status == "observed only", f.status
             assert optimizer in f.note, f.note
+
+
+def test_without_example_input_detects_on_the_first_training_batch(tmp_path: Path) -> None:
+    callback, charges, _ = _train(tmp_path, sgd=True, example=False)
+    tracker = callback.tracker
+    assert tracker is not None and not tracker.detection_pending
+    assert sorted(f.layer for f in tracker.families) == [
+        "classifier (output layer) bias",
+        "classifier (output layer) weight columns",
+    ]
+    errors = errors_against_hand(tracker.records(), charges.at)
+    assert set(errors) == {"translation_weight", "translation_bias"}
+    assert max(errors.values()) <= 1e-9
 
 
 def test_bad_arguments_are_refused() -> None:
