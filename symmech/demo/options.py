@@ -15,7 +15,15 @@ import argparse
 from symmech.demo.data import DATASET_NAMES
 from symmech.demo.models import MODEL_NAMES
 
-__all__ = ["DEFAULT_MODELS", "DEFAULT_STEPS", "add_demo_arguments", "parse_models"]
+__all__ = [
+    "DEFAULT_LR",
+    "DEFAULT_MODELS",
+    "DEFAULT_STEPS",
+    "OPTIMIZER_NAMES",
+    "add_demo_arguments",
+    "learning_rate",
+    "parse_models",
+]
 
 #: Models the demo trains when ``--model`` is not given.
 DEFAULT_MODELS: tuple[str, ...] = ("vgg-tiny-bn", "vgg-tiny")
@@ -23,6 +31,17 @@ DEFAULT_MODELS: tuple[str, ...] = ("vgg-tiny-bn", "vgg-tiny")
 #: whole default demo (float64, tracker on every step, both models, files and plots) takes
 #: 30-40 s wall on two CPU cores shared with other work (load 5-6), 17-18 s of CPU time.
 DEFAULT_STEPS = 300
+
+
+#: Optimizers the demo trains with (``--optimizer``), each tracked by the exact law.
+OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
+#: The learning rate when ``--lr`` is not given, per optimizer.
+DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3, "rmsprop": 1e-4, "adagrad": 1e-2}
+
+
+def learning_rate(args: argparse.Namespace) -> float:
+    """``--lr``, or the optimizer's default learning rate when it was not given."""
+    return DEFAULT_LR[args.optimizer] if args.lr is None else float(args.lr)
 
 
 def parse_models(text: str) -> list[str]:
@@ -76,7 +95,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     data.add_argument("--image-size", type=_positive_int, default=32,
                       help="side images are resized to, for --dataset folder (default 32)")  # fmt: skip
 
-    model = parser.add_argument_group("model and optimiser (torch.optim.SGD)")
+    model = parser.add_argument_group("model and optimiser")
     model.add_argument("--model", type=parse_models, default=None, metavar="NAME[,NAME...]",
                        help=f"model(s) to train, from {', '.join(MODEL_NAMES)}; default: "
                             f"{' and '.join(DEFAULT_MODELS)} (scale, rescale and translation "
@@ -85,8 +104,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                        help=f"optimizer steps per model (default {DEFAULT_STEPS})")  # fmt: skip
     model.add_argument("--batch-size", type=_positive_int, default=64,
                        help="mini-batch size (default 64)")  # fmt: skip
-    model.add_argument("--lr", type=_non_negative_float, default=0.05,
-                       help="learning rate η (default 0.05)")  # fmt: skip
+    model.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="sgd",
+                       help="torch.optim optimiser (default sgd); --momentum is SGD's and "
+                            "RMSprop's, --dampening and --nesterov SGD's only")  # fmt: skip
+    model.add_argument("--lr", type=_non_negative_float, default=None,
+                       help="learning rate η (default: " + ", ".join(
+                           f"{k} {v:g}" for k, v in DEFAULT_LR.items()) + ")")  # fmt: skip
     model.add_argument("--momentum", type=_non_negative_float, default=0.9,
                        help="momentum β (default 0.9)")  # fmt: skip
     model.add_argument("--weight-decay", type=_non_negative_float, default=5e-4,

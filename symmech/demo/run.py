@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from symmech.demo.data import Dataset, get_dataset, make_loader
 from symmech.demo.models import build_model
-from symmech.demo.options import DEFAULT_MODELS, add_demo_arguments, parse_models
+from symmech.demo.options import DEFAULT_MODELS, add_demo_arguments, learning_rate, parse_models
 from symmech.demo.progress import ProgressBar, format_progress  # noqa: F401 - re-exported
 from symmech.errors import SymmechError
 from symmech.laws.names import CONTINUOUS, DISCRETE, DISCRETE_RESIDUAL, GRADIENT_FLOW, LAWS
@@ -264,11 +264,28 @@ def accuracy(model: nn.Module, X: Tensor, y: Tensor, batch_size: int = 512) -> f
 
 
 def _check_optimizer_settings(args: argparse.Namespace) -> None:
+    if args.optimizer != "sgd" and (args.nesterov or args.dampening):
+        raise SymmechError(
+            f"symmech demo: --nesterov and --dampening are torch.optim.SGD's, got --optimizer "
+            f"{args.optimizer}"
+        )
     if args.nesterov and (args.momentum <= 0 or args.dampening != 0):
         raise SymmechError(
             f"symmech demo: --nesterov needs --momentum > 0 and --dampening 0, got momentum "
             f"{args.momentum} and dampening {args.dampening} (torch.optim.SGD's rule)"
         )
+
+
+def make_optimizer(params: Any, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """The ``--optimizer`` with the demo's settings (weight decay coupled, AdamW's decoupled)."""
+    lr, wd = learning_rate(args), args.weight_decay
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=args.momentum, dampening=args.dampening,
+                               weight_decay=wd, nesterov=args.nesterov)  # fmt: skip
+    if args.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, momentum=args.momentum, weight_decay=wd)
+    kinds = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad}
+    return kinds[args.optimizer](params, lr=lr, weight_decay=wd)
 
 
 def train_model(
@@ -278,9 +295,7 @@ def train_model(
     dtype, device = _dtype(args.dtype), _device(args.device)
     torch.manual_seed(args.seed)
     model = build_model(name, **model_kwargs(name, dataset)).to(device=device, dtype=dtype)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                dampening=args.dampening, weight_decay=args.weight_decay,
-                                nesterov=args.nesterov)  # fmt: skip
+    optimizer = make_optimizer(model.parameters(), args)
     loader = make_loader(dataset.X_train, dataset.y_train, args.batch_size, shuffle=True,
                          seed=args.seed)  # fmt: skip
     batches = _batches(loader)
@@ -330,6 +345,9 @@ def train_model(
         tracker.to_csv(output_dir / "records.csv")
         title = _title(name, args)
         tracker.plot(output_dir / "theory_vs_observed.png", title=title)
+        tracker.plot_anatomy(output_dir / "anatomy.png", title=title)
+        if any(f.rotation for f in tracker.families):
+            tracker.plot_rotation(output_dir / "rotation.png", title=title)
         plot_errors(result.histories, output_dir / "errors.png", title, scales=result.scales)
     return result
 
@@ -337,7 +355,10 @@ def train_model(
 def _settings(args: argparse.Namespace) -> str:
     extras = ", nesterov" if args.nesterov else ""
     extras += f", dampening {args.dampening:g}" if args.dampening else ""
-    return (f"SGD lr {args.lr:g}, momentum {args.momentum:g}, weight decay "
+    name = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop",
+            "adagrad": "Adagrad"}[args.optimizer]  # fmt: skip
+    momentum = f", momentum {args.momentum:g}" if args.optimizer in ("sgd", "rmsprop") else ""
+    return (f"{name} lr {learning_rate(args):g}{momentum}, weight decay "
             f"{args.weight_decay:g}{extras}, batch {args.batch_size}, {args.dtype}")  # fmt: skip
 
 
@@ -428,7 +449,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     (output / "summary.txt").write_text(table + "\n")
     print()
     for res in results:
-        print(f"wrote {res.output_dir}/records.csv, theory_vs_observed.png, errors.png")
+        print(f"wrote {res.output_dir}/records.csv, theory_vs_observed.png, errors.png, "
+              "anatomy.png" + (", rotation.png" if (res.output_dir / "rotation.png").exists()
+                               else ""))  # fmt: skip
     print(f"wrote {output}/summary.txt ({time.perf_counter() - started:.1f} s in all)")
     return 0
 

@@ -50,6 +50,8 @@ class Tracker:
         log_every: int = 1,
         schedule: Schedule | None = None,
         residuals: bool = True,
+        max_history: int | None = None,
+        spill_dir: str | None = None,
     ) -> None:
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
             raise BindingError(
@@ -72,7 +74,7 @@ class Tracker:
         self.residuals = residuals
         self.families: list[Family] = []
         self.banks: list[Bank] | None = None
-        self.history = History()
+        self.history = History(max_history=max_history, spill_dir=spill_dir)
         self.step = 0
         self.detached = False
         self._bank_of: dict[int, Bank] = {}  # id(family) -> its bank

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import pickle
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch import nn
 
 import symmech.demo.run as demo_run
 from symmech.cli import main
-from symmech.demo.options import DEFAULT_MODELS, add_demo_arguments, parse_models
+from symmech.demo.options import DEFAULT_MODELS, add_demo_arguments, learning_rate, parse_models
 from symmech.demo.run import (
     ERROR_DEFINITION,
     ModelResult,
@@ -197,7 +198,8 @@ def test_parse_models() -> None:
 def test_demo_defaults() -> None:
     args = add_demo_arguments(argparse.ArgumentParser()).parse_args([])
     assert (args.dataset, args.model, args.output) == ("digits", None, "demo_output")
-    assert (args.lr, args.momentum, args.weight_decay, args.dampening) == (0.05, 0.9, 5e-4, 0.0)
+    assert (args.lr, args.momentum, args.weight_decay, args.dampening) == (None, 0.9, 5e-4, 0.0)
+    assert args.optimizer == "sgd" and learning_rate(args) == 0.05
     assert not args.nesterov and not args.no_progress and args.log_every == 1
     assert DEFAULT_MODELS == ("vgg-tiny-bn", "vgg-tiny")
     assert demo_arguments({"steps": 7}).steps == 7
@@ -246,7 +248,9 @@ class _FakeTracker:
         self.bias = [m for m in model.modules() if isinstance(m, nn.Linear)][-1].bias
         self.lr = optimizer.param_groups[0]["lr"]
         self.rows: list[dict[str, Any]] = []
-        self.families = [argparse.Namespace(symmetry="translation", layer="fc bias", n_groups=1)]
+        self.families = [
+            argparse.Namespace(symmetry="translation", layer="fc bias", n_groups=1, rotation=False)
+        ]
         self.kw = kw
         self.steps = 0
         self._log()
@@ -271,6 +275,9 @@ class _FakeTracker:
         from symmech.viz.plots import plot_records
 
         plot_records(self.rows, path, title)
+
+    def plot_anatomy(self, path: Path, title: str | None = None) -> None:
+        Path(path).write_bytes(b"")
 
     def detach(self) -> None:
         self.handle.remove()
@@ -408,3 +415,30 @@ def test_plot_command_reads_a_tracker_csv(tmp_path):
         main(["plot", str(tmp_path / "records.csv"), "-o", str(out), "--errors", str(errors)]) == 0
     )
     assert out.stat().st_size > 1000 and errors.stat().st_size > 1000
+
+
+def test_demo_with_adamw_tracks_exactly_and_draws_the_anatomy(tmp_path: Path, capsys) -> None:
+    code = main(["demo", "--optimizer", "adamw", "--steps", "12", "--model", "vgg-tiny-bn",
+                 "--output", str(tmp_path), "--no-progress"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "AdamW lr 0.001, weight decay 0.0005" in out
+    folder = tmp_path / "vgg-tiny-bn"
+    assert (folder / "anatomy.png").stat().st_size > 0
+    assert (folder / "rotation.png").stat().st_size > 0
+    with (folder / "records.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    tracked = [r for r in rows if r["discrete"]]
+    assert tracked and all(r["continuous"] == "" for r in tracked)  # no continuous model
+    for r in tracked:
+        parts = sum(float(r[k]) for k in ("dQ_decay", "dQ_breaking", "dQ_step", "dQ_history"))
+        q, q0 = float(r["observed"]), float(r["gradient_flow"])
+        scale = max(1.0, abs(q))
+        assert abs(float(r["discrete"]) - q) <= 1e-9 * scale
+        assert abs(q0 + parts - q) <= 1e-9 * scale
+
+
+def test_demo_refuses_sgd_options_with_another_optimizer(tmp_path: Path, capsys) -> None:
+    code = main(["demo", "--optimizer", "adam", "--nesterov", "--output", str(tmp_path)])
+    assert code != 0
+    assert "--nesterov and --dampening are torch.optim.SGD's" in capsys.readouterr().err
