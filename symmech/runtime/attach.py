@@ -75,6 +75,10 @@ def track(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     schedule: Schedule | None = None,
     residuals: bool = True,
+    *,
+    max_history: int | None = None,
+    spill_dir: str | None = None,
+    measure_updates: bool = False,
 ) -> Tracker:
     """Attach the laws of every symmetry to ``optimizer``; the training loop stays as it is.
 
@@ -89,10 +93,17 @@ def track(
     rₖ = ⟨ξ, g⟩ (one reduction of θ·g per tensor) and with it the residual-corrected law;
     rₖ is then still measured at logged steps.
 
+    Long runs: ``max_history=N`` keeps at most N logged steps (thinned evenly over the run),
+    ``spill_dir=PATH`` writes full chunks of history to disk. ``measure_updates=True`` tracks
+    an optimizer symmech does not model (Lion, NAdam, your own) by measuring each step from a
+    copy of θₖ kept across it (memory: one copy of the tracked parameters); otherwise its
+    families are observed only.
+
     Under torch.distributed (:mod:`.distributed`): a ``DistributedDataParallel`` model is
     tracked through ``model.module``; with FSDP2 or ``ZeroRedundancyOptimizer`` each rank
     computes its share and ``records()`` (collective) sums them; only rank 0 writes files.
     """
+    options = dict(max_history=max_history, spill_dir=spill_dir, measure_updates=measure_updates)
     model = unwrap(model)
     mode = split_mode(model, optimizer)
     if isinstance(symmetries, Binding) or not (
@@ -124,7 +135,7 @@ def track(
                 )
             )
         return _track_detecting_on_first_step(
-            model, optimizer, log_every, loss_fn, schedule, residuals
+            model, optimizer, log_every, loss_fn, schedule, residuals, options
         )
     if symmetries is None:
         from symmech.model.detect import detect
@@ -157,14 +168,21 @@ def track(
         log_every=log_every,
         schedule=schedule,
         residuals=residuals,
+        **options,
     )
 
 
 def _track_detecting_on_first_step(
-    model, optimizer, log_every, loss_fn, schedule, residuals
+    model, optimizer, log_every, loss_fn, schedule, residuals, options
 ) -> Tracker:
     tracker = Tracker(
-        model, optimizer, [], log_every=log_every, schedule=schedule, residuals=residuals
+        model,
+        optimizer,
+        [],
+        log_every=log_every,
+        schedule=schedule,
+        residuals=residuals,
+        **options,
     )
     captured: dict[str, Any] = {}
 

@@ -23,7 +23,7 @@ from symmech.errors import BindingError, SymmechError, explain
 from symmech.reference.any_optimizer import angular_equilibrium
 
 from .binding import Binding
-from .directions import Direction, direction
+from .directions import Direction, direction, modelled
 from .reductions import GridSlice, ReductionCache
 from .stepper import General, Hyper, StepData, update_forms
 
@@ -50,6 +50,7 @@ class _Pending:
     restart: torch.Tensor | None = None  # the observed Qₖ the laws start anew from
     idle: bool = False  # no gradient: the optimizer skips the group
     general: General | None = None  # the measured terms of a step sθ − ηa
+    measured: bool = False  # the step is measured from a copy of θₖ after it was taken
     rotation_eq: float | None = None
 
 
@@ -74,10 +75,14 @@ class Family:
         cache: ReductionCache,
         residuals: bool = True,
         step_cache: dict | None = None,
+        copies: dict | None = None,
     ) -> None:
         self.binding = binding
         #: per hook call, shared by the tracker's families: each tensor's direction and temporaries
         self.step_cache: dict = {} if step_cache is None else step_cache
+        #: θₖ of every tensor, kept from before to after the step when the optimizer is not
+        #: modelled and the tracker measures updates (None: not measuring)
+        self.copies: dict | None = copies
         #: whether the last step used the general law (the continuous models do not apply)
         self.general = False
         #: whether the charge is ½|θ|² per group, so the rotation of θ is reported
@@ -340,6 +345,8 @@ class Family:
         m, const = self.module, self.const
         self.general = True
         self._xi_known = False  # SGD's law re-reads the buffer if it resumes
+        if self.copies is not None and not modelled(self.optimizer):
+            return self._before_measured(log, hyper, th, observed, step, restart, rotation_eq)
         try:
             found = {
                 id(t): self._direction(t, g)
@@ -393,6 +400,35 @@ class Family:
         """The observed Q the laws restart from at this step, if they do."""
         return None if self._pending is None else self._pending.restart
 
+    def _before_measured(self, log, hyper, th, observed, step, restart, rotation_eq):
+        """An optimizer that is not modelled: keep θₖ (one copy per tensor, shared by every
+        family) and measure the step once it is taken (:meth:`finish_step`)."""
+        assert self.copies is not None
+        for t in self.binding.tensors:
+            if id(t) not in self.copies:
+                self.copies[id(t)] = t.detach().clone()
+        if self.residuals or log:
+            self.residual = self.module.residual(th, self.views("grad"), *self.const)
+        self._pending = _Pending(
+            hyper,
+            self.residual if self.residuals else None,
+            measured=True,
+            rotation_eq=rotation_eq,
+        )
+        self._mark_restart(step, restart, observed)
+        return observed
+
+    def _measured_general(self) -> General:
+        """⟨ξ(θₖ), ηa⟩ and ⟨ηa, J ηa⟩ of the step just taken, with ηa = θₖ − θₖ₊₁."""
+        assert self.copies is not None
+        copies = self.copies
+        before = self.views_of(lambda p: copies[id(p)])
+        moved = self.views_of(
+            lambda p: self._temporary(("moved", id(p)), lambda: copies[id(p)] - p.detach())
+        )
+        m, const = self.module, self.const
+        return General(1.0, m.residual(before, moved, *const), m.quadratic(moved, *const))
+
     def finish_step(self) -> StepData | None:
         """After the optimizer step: the data of the step just taken (None: not predicted)."""
         p, self._pending = self._pending, None
@@ -403,6 +439,8 @@ class Family:
             assert q0 is not None
             zero = torch.zeros(self.n_groups, dtype=torch.float64, device=q0.device)
             return StepData(p.hyper, zero, zero, idle=True)
+        if p.measured:
+            p.general = self._measured_general()
         if p.general is not None:
             return StepData(
                 p.hyper,

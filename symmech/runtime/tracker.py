@@ -52,6 +52,7 @@ class Tracker:
         residuals: bool = True,
         max_history: int | None = None,
         spill_dir: str | None = None,
+        measure_updates: bool = False,
     ) -> None:
         if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every < 1:
             raise BindingError(
@@ -79,6 +80,8 @@ class Tracker:
         self.detached = False
         self._bank_of: dict[int, Bank] = {}  # id(family) -> its bank
         self._step_cache: dict = {}  # per hook call: each tensor's coming step, temporaries
+        #: θₖ kept across the step for an optimizer that is not modelled (measure_updates)
+        self._copies: dict | None = {} if measure_updates else None
         self._measured = False  # this step's data was read (after the closure, if any)
         self._skipped = False  # a step the optimizer skips (GradScaler found inf)
         self._adopt(bindings)
@@ -109,10 +112,11 @@ class Tracker:
                 self.cache,
                 residuals=self.residuals,
                 step_cache=self._step_cache,
+                copies=self._copies,
             )
             for b in bindings
         ]
-        if not modelled(self.optimizer):
+        if not modelled(self.optimizer) and self._copies is None:
             why = not_modelled_reason(self.optimizer)
             for f in families:
                 f.stop(why)
@@ -275,6 +279,9 @@ class Tracker:
                 for f in bank.families:
                     f.stop(f"tracker error after step {self.step}: {type(err).__name__}: {err}")
         self.cache.clear()
+        self._step_cache.clear()
+        if self._copies:
+            self._copies.clear()
         self.step += 1
 
     # -- results ---------------------------------------------------------------------

@@ -270,3 +270,55 @@ def test_fused_adamw_under_a_grad_scaler_reads_the_unscaled_gradients():
     for k, groups in got.items():
         for j, r in groups.items():
             assert abs(r["discrete"] - want[k, j]) <= 1e-9 * np.abs(want).max()
+
+
+class _SignDescent(torch.optim.Optimizer):
+    """A user's own optimizer (Lion-like sign step with decoupled decay): nothing symmech models."""
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+@pytest.mark.parametrize("kind", ["NAdam", "user's own"])
+def test_measured_updates_track_an_optimizer_symmech_does_not_model(kind):
+    def make(m):
+        if kind == "NAdam":
+            return torch.optim.NAdam(m.parameters(), lr=1e-2, weight_decay=1e-3)
+        return _SignDescent(m.parameters(), lr=1e-3, weight_decay=1e-2)
+
+    def run(tracked: bool):
+        net = make_net("rescale")
+        opt = make(net.model)
+        tracker = None
+        if tracked:
+            tracker = symmech.track(
+                net.model, opt, net.bindings(), measure_updates=True, max_history=16
+            )
+        snaps = [_params(net.model)]
+        for _ in range(40):
+            opt.zero_grad(set_to_none=True)
+            net.loss().backward()
+            opt.step()
+            snaps.append(_params(net.model))
+        return net, opt, tracker, snaps
+
+    net, opt, tracker, snaps = run(True)
+    plain, plain_opt, _, _ = run(False)
+    assert_same_training(net.model, plain.model, opt, plain_opt)
+    (fam,) = net.families
+    want = np.stack([fam.reference().charge(s).numpy() for s in snaps])
+    rows = _by_step(tracker.records(), "hidden")
+    assert len(rows) <= 17  # max_history thins the logged steps
+    for k, groups in rows.items():
+        for j, r in groups.items():
+            assert r["status"] == "tracked"
+            assert abs(r["discrete"] - want[k, j]) <= 1e-9 * np.abs(want).max()
+    assert not tracker._copies  # the copy of θₖ lives only across one step
