@@ -197,3 +197,32 @@ def test_check_leaves_model_unchanged() -> None:
     assert all(p.dtype == torch.float32 for p in model.parameters())
     with pytest.raises(ValueError, match="mode must be 'train' or 'as_is'"):
         check(model, batch(), mode="eval")
+
+
+class _EncoderClassifier(nn.Module):
+    """A ViT-like head on nn.TransformerEncoderLayer: attention runs through SDPA, whose fused
+    CPU kernel has no double backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x.reshape(x.shape[0], 8, 8))).mean(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_check_runs_through_sdpa_attention(dtype) -> None:
+    """check() needs Hessian-vector products; SDPA's fused kernel cannot give them, so check
+    runs attention with the math kernel (the issue: a ViT crashed on CPU)."""
+    torch.manual_seed(0)
+    model = _EncoderClassifier().to(dtype)
+    x, y = batch()
+    rows = check(model, (x.to(dtype), y))
+    assert rows and any(r["symmetry"] == "translation" for r in rows)
+    tol = ROUND_OFF if dtype == torch.float64 else 1e-4
+    for r in rows:
+        if r["symmetry"] == "translation":
+            assert r["g1"] < tol and r["g2"] < tol, format_check(rows)
