@@ -10,7 +10,9 @@ In the two split modes every per-step term is a sum over entries, and every law 
 those terms with coefficients that are the same on every rank (η, β, τ, λ, κ, the step's
 update case), so each rank advances its laws on partial sums and the global value is the sum
 over ranks: nothing is communicated per step; :meth:`DistributedTracker.records` sums once
-(one ``all_reduce``, and one ``all_gather_object`` of the statuses, run-length coded). ``records()``,
+(one ``all_reduce``, one ``all_gather_object`` of the statuses, run-length coded, and
+under FSDP2 one all-gather of each bound parameter, for the size of a group's terms that
+the residual is judged against). ``records()``,
 ``to_csv`` and ``plot`` are therefore collective calls: every rank must make them; only the
 writer (:func:`is_writer`) writes files.
 """
@@ -26,7 +28,7 @@ import torch
 from symmech.errors import BindingError, explain
 from symmech.laws import names
 
-from .binding import Binding
+from .binding import Binding, BoundSlice
 from .evidence import judge_residuals, mark_non_finite
 from .history import History
 from .shards import is_sharded, row_ranges, shard_rows
@@ -353,6 +355,41 @@ def global_rows(rows: list[dict[str, Any]], split: bool = True) -> list[dict[str
     return rows
 
 
+class _Whole:
+    """A family as :func:`judge_residuals` reads it, with its binding on whole parameters (the
+    size of a group's terms is a maximum, not a sum over ranks); everything else, status
+    changes included, is the family's own."""
+
+    def __init__(self, family: Any, binding: Binding) -> None:
+        self._family = family
+        self.binding = binding
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._family, name)
+
+
+def _whole_bindings(families: Sequence[Any]) -> list[Any]:
+    """Families on gathered parameters where FSDP2 shards them (collective: one all-gather per
+    sharded bound tensor, the same on every rank)."""
+    gathered: dict[int, torch.Tensor] = {}
+    out = []
+    for f in families:
+        b = f.binding
+        if not any(is_sharded(t) for t in b.tensors):
+            out.append(f)
+            continue
+        for t in b.tensors:
+            if is_sharded(t) and id(t) not in gathered:
+                gathered[id(t)] = t.detach().full_tensor()
+        blocks = {
+            k: [BoundSlice(gathered.get(id(s.tensor), s.tensor), s.dim, s.view, s.name) for s in v]
+            for k, v in b.blocks.items()
+        }
+        whole = Binding(b.derivation, blocks, b.constants, b.layer, b.detected)
+        out.append(_Whole(f, whole))
+    return out
+
+
 class DistributedTracker(Tracker):
     """A :class:`Tracker` on one rank of a distributed run (see the module docstring)."""
 
@@ -383,7 +420,8 @@ class DistributedTracker(Tracker):
             rows += extra.rows()
         rows = global_rows(rows, split=self.split)
         mark_non_finite(rows)
-        judge_residuals(rows, self.families)
+        families = _whole_bindings(self.families) if self.mode == FSDP else self.families
+        judge_residuals(rows, families)
         return agree_on_status(rows)
 
     def to_csv(self, path) -> None:
