@@ -31,8 +31,10 @@ def tied_names(model: torch.nn.Module) -> dict[str, list[str]]:
 def bindings_from_families(model: torch.nn.Module, families: Sequence[Any]) -> list[Binding]:
     """Turn detected families (parameter names and dims) into bindings on the model's tensors.
 
-    Families that failed confirmation, or that touch a tied Parameter (one tensor used by
-    several layers), are skipped with a warning that gives the reason.
+    Each binding gets the family's spec (or built-in name), its constants (moved to the
+    parameters' device) and its group labels. Families that failed confirmation, or that touch a
+    tied Parameter (one tensor used by several layers), are skipped with a warning that gives
+    the reason.
     """
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = tied_names(model)
@@ -60,7 +62,15 @@ def bindings_from_families(model: torch.nn.Module, families: Sequence[Any]) -> l
             name: [BoundSlice(params[s.param], s.dim, s.view, s.param) for s in slices]
             for name, slices in fam.blocks.items()
         }
-        binding = bind(fam.symmetry, layer=fam.layer, **blocks)
+        device = next(iter(blocks.values()))[0].tensor.device
+        constants = {k: v.to(device) for k, v in (getattr(fam, "constants", None) or {}).items()}
+        binding = bind(
+            getattr(fam, "spec", None) or fam.symmetry,
+            layer=fam.layer,
+            constants=constants,
+            labels=getattr(fam, "labels", None) or None,
+            **blocks,
+        )
         binding.detected = True
         out.append(binding)
     return out

@@ -3,7 +3,10 @@
 Each block is a list of ``(tensor, dim)`` pairs: group j of the family is slice j along
 ``dim`` of every listed tensor (``dim=None``: the whole tensor is one group). A third item
 may reshape the tensor first (a shape tuple, e.g. a Linear weight after Flatten viewed as
-``(out, C, H*W)``), or transpose it (``"T"``).
+``(out, C, H*W)``), or transpose it (``"T"``), or pick entries of the row-major tensor with a
+strided view ``("strided", size, stride, offset)`` (:func:`symmech.model.actions.strided`: one
+attention head's rows of a q/k/v weight, transposed), read as
+``t.as_strided(size, stride, t.storage_offset() + offset)`` of the contiguous tensor.
 
 >>> import torch, symmech
 >>> conv = torch.nn.Conv2d(1, 4, 3)
@@ -30,7 +33,22 @@ from symmech.spec.library import BUILTIN
 from .modules import generated_module
 from .shards import probe
 
-View = tuple[int, ...] | str | None
+View = tuple[Any, ...] | str | None
+
+
+def is_strided(view: object) -> bool:
+    """A view ``("strided", size, stride, offset)`` of the row-major tensor."""
+    return isinstance(view, tuple) and len(view) == 4 and view[0] == "strided"
+
+
+def _check_strided(view: tuple[Any, ...], numel: int) -> None:
+    """A strided view must stay inside the tensor (as_strided does not check it)."""
+    _, size, stride, offset = view
+    if len(size) != len(stride) or any(n < 0 for n in (*size, *stride, offset)):
+        raise RuntimeError(f"size {size} and stride {stride} do not match")
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True) if n > 0)
+    if last >= numel:
+        raise RuntimeError(f"it reads entry {last} of a tensor of {numel} entries")
 
 
 @dataclass(frozen=True)
@@ -48,6 +66,10 @@ class BoundSlice:
             return t
         if self.view == "T":
             return t.mT
+        if is_strided(self.view):
+            _, size, stride, offset = self.view
+            c = t if t.is_contiguous() else t.contiguous()
+            return c.as_strided(size, stride, c.storage_offset() + offset)
         return t.reshape(self.view)
 
     def reduce_dims(self, ndim: int) -> tuple[int, ...]:
@@ -76,6 +98,12 @@ class Binding:
     layer: str = ""
     #: found by :func:`symmech.detect` (a family on a frozen tensor is then observed, not refused)
     detected: bool = False
+    #: a name per group (e.g. ``h0[1,2]``: head 0, entry (1, 2) of its charge matrix), or empty
+    labels: tuple[str, ...] = ()
+
+    def label(self, group: int) -> str:
+        """The name of group ``group``: its label, else its number."""
+        return self.labels[group] if self.labels else str(group)
 
     @property
     def symmetry(self) -> Symmetry:
@@ -161,6 +189,8 @@ def _slice(call: str, block: str, item: Any, position: int) -> BoundSlice:
         getattr(tensor, "_symmech_name", ""),
     )
     try:
+        if is_strided(bound.view):
+            _check_strided(bound.view, tensor.numel())
         shaped = bound.shaped(probe(tensor))
     except RuntimeError as err:
         raise BindingError(
@@ -183,9 +213,12 @@ def bind(
     symmetry: Symmetry | Derivation | str,
     layer: str = "",
     constants: Mapping[str, torch.Tensor] | None = None,
+    labels: Sequence[str] | None = None,
     **blocks: Sequence[Any],
 ) -> Binding:
-    """Bind every block of a spec to parameter slices (see the module docstring)."""
+    """Bind every block of a spec to parameter slices (see the module docstring).
+
+    ``labels`` names the groups (one string per group, e.g. ``h0[1,2]``), kept on the binding."""
     d = as_derivation(symmetry)
     call = f"bind({d.name!r}, {', '.join(f'{k}=...' for k in blocks)})"
     names = [b.name for b in d.blocks]
@@ -250,7 +283,17 @@ def bind(
     bad = {k: type(v).__name__ for k, v in consts.items() if not isinstance(v, torch.Tensor)}
     if bad:
         raise BindingError(explain(call, f"constants {bad} are not tensors"))
-    binding = Binding(d, bound, consts, layer or d.name)
+    group_labels = tuple(str(x) for x in labels) if labels is not None else ()
+    n_groups = next(iter(counts.values()))
+    if labels is not None and (isinstance(labels, str) or len(group_labels) != n_groups):
+        raise BindingError(
+            explain(
+                call,
+                f"labels={labels!r} for {n_groups} groups",
+                "give one label per group, or none",
+            )
+        )
+    binding = Binding(d, bound, consts, layer or d.name, labels=group_labels)
     _dry_run(call, binding)
     return binding
 
