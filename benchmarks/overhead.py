@@ -1,13 +1,19 @@
-"""Tracker overhead on a VGG-style network: ratios measured in one run, printed.
+"""Tracker overhead on a VGG-style network: ratios measured in one run, printed as one table.
 
     python benchmarks/overhead.py [--model vgg11] [--image-size 16] [--width 0.5] [--steps 30]
+        [--optimizer sgd|adamw] [--reductions eager,compiled]
 
 For several tracker configurations (laws advanced every step in all of them), prints
 * (training step with the tracker) / (training step without)          target ≤ 1.05;
 * (tracker work per step) / (``optimizer.step()`` time)                target ≤ 0.5,
   where tracker work is the time the step hooks add to ``optimizer.step()``.
 Plain and tracked models are stepped in turn, so drift in machine load hits all alike; the
-median over steps is reported.
+median over steps is reported. ``--reductions`` lists the ways the tracker's products are
+reduced (:mod:`symmech.runtime.fused`: ``eager``, one reduction per product; ``compiled``, every
+product of a hook call in one compiled pass; ``auto``): one tracked copy per configuration and
+way, one row each. The compiled pass is built during the three warm-up steps (not timed).
+Run it with ``PYTHONPATH`` set to another checkout to time that one (a checkout without
+:mod:`symmech.runtime.fused` is timed as it is, in a row named ``as is``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,11 @@ import torch
 
 import symmech
 from symmech.demo.models import vgg
+
+try:
+    from symmech.runtime import fused
+except ImportError:  # a checkout from before the fused reductions
+    fused = None
 
 CONFIGS = {
     "log every step, residual every step": dict(log_every=1, residuals=True),
@@ -38,7 +49,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    parser.add_argument("--reductions", default="eager,compiled")
     args = parser.parse_args()
+    modes = args.reductions.split(",") if fused is not None else ["as is"]
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
@@ -52,6 +66,8 @@ def main() -> None:
             image_size=args.image_size,
             width_multiplier=args.width,
         ).to(device)
+        if args.optimizer == "adamw":
+            return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
         return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
@@ -62,10 +78,12 @@ def main() -> None:
             torch.cuda.synchronize()
 
     runs = {"plain": make()}
-    trackers = {}
-    for name, cfg in CONFIGS.items():
-        runs[name] = make()
-        trackers[name] = symmech.track(*runs[name], example_input=(x, y), **cfg)
+    trackers, mode_of = {}, {"plain": None}
+    for config, cfg in CONFIGS.items():
+        for mode in modes:
+            name = f"{config} | {mode}"
+            runs[name], mode_of[name] = make(), mode
+            trackers[name] = symmech.track(*runs[name], example_input=(x, y), **cfg)
 
     def timed(fn) -> float:
         sync()
@@ -82,6 +100,8 @@ def main() -> None:
     opt_times = {k: [] for k in runs}
     for i in range(args.steps + 3):
         for name, (model, opt) in runs.items():
+            if fused is not None and mode_of[name] is not None:
+                fused.MODE = mode_of[name]
             total = timed(lambda model=model, opt=opt: forward_backward(model, opt))
             t_opt = timed(opt.step)
             if i >= 3:  # warm-up, and the tracker's first step
@@ -94,18 +114,26 @@ def main() -> None:
         f"{args.model}{'' if args.no_bn else '-bn'} width {args.width}, {args.image_size}x{args.image_size} "
         f"images, batch {args.batch}, {device} ({torch.get_num_threads()} threads): "
         f"{sum(p.numel() for p in model.parameters())} parameters, {len(tracker.families)} families, "
-        f"{sum(f.n_groups for f in tracker.families)} groups; laws advanced every step"
+        f"{sum(f.n_groups for f in tracker.families)} groups; laws advanced every step; "
+        f"{type(runs['plain'][1]).__name__}"
     )
+    statuses: dict[str, int] = {}
+    for f in tracker.families:
+        statuses[f.status.split(":")[0]] = statuses.get(f.status.split(":")[0], 0) + 1
+    print(f"  family statuses: {statuses} (observed only: the tracker reads Q, advances no law)")
     plain_step, plain_opt = med(step_times["plain"]), med(opt_times["plain"])
     print(
         f"  plain: training step {plain_step * 1e3:.2f} ms, optimizer.step() {plain_opt * 1e3:.2f} ms"
     )
-    for name in CONFIGS:
+    print(f"  {'configuration':38s} {'reductions':10s} {'step ratio':>10s} {'work/opt.step':>13s}")
+    for name in trackers:
+        config, mode = name.split(" | ")
         work = max(med(opt_times[name]) - plain_opt, 0.0)
         print(
-            f"  {name:38s} step ratio {med(step_times[name]) / plain_step:6.3f} (target <= 1.05)   "
-            f"tracker work / optimizer.step() {work / plain_opt:6.3f} (target <= 0.5)"
+            f"  {config:38s} {mode:10s} {med(step_times[name]) / plain_step:10.3f} "
+            f"{work / plain_opt:13.3f}"
         )
+    print("  targets: step ratio <= 1.05, tracker work / optimizer.step() <= 0.5")
     for t in trackers.values():
         t.detach()
 

@@ -7,6 +7,9 @@ the axis it needs with long contiguous reductions (row sums for dim 0, a matrix-
 product with 𝟙 for other dims); squared norms over dim 0 need no product at all. Generated helpers (``_sq``, ``_dot``, ``_sum``) use these objects when given
 them, and plain ``(tensor, reduce_dims)`` pairs otherwise.
 
+Products among θₖ and gₖ can come from one compiled pass over every layout of the hook call
+(:mod:`.fused`, learned from the calls before); the rest are reduced here as asked.
+
 Under torch.distributed a slice reduces only what this rank holds (:mod:`.distributed`): the
 local shard of an FSDP2 DTensor (:mod:`.shards`), a group on this rank only getting its value
 here and zero elsewhere, or nothing at all for a tensor whose optimizer state lives on another
@@ -17,7 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from . import fused
 from .binding import BoundSlice
+from .fused import Plan
 from .shards import LocalPart, is_sharded, local_part
 
 
@@ -31,6 +36,8 @@ class ReductionCache:
         #: ids of bound tensors whose terms another rank computes (ZeRO: not owned here)
         self.absent: set[int] = set()
         self._alive: list[torch.Tensor] = []  # temporaries, kept so no storage is reused
+        #: the products among θ and g asked for per layout, computed in one pass (:mod:`.fused`)
+        self.plan = Plan()
 
     def keep(self, t: torch.Tensor) -> torch.Tensor:
         """Hold a temporary until :meth:`clear` (cache keys are storage addresses)."""
@@ -38,6 +45,7 @@ class ReductionCache:
         return t
 
     def clear(self) -> None:
+        self.plan.end_call()
         self.grids.clear()
         self.grads.clear()
         self._alive.clear()
@@ -117,9 +125,42 @@ class GridSlice:
             p2 = p3.reshape(groups, -1)
         return p2.sum(dim=1) if p2.shape[1] > 1 else p2.reshape(groups)
 
+    def _fused(self, other: GridSlice) -> torch.Tensor | None:
+        """⟨x, y⟩ per group from the hook call's fused pass when x and y are θ or g of the same
+        layout (None: reduce it here)."""
+        spec, o = self.spec, other.spec
+        if fused.MODE == "eager" or (self.cache.plan.off and fused.MODE == "auto"):
+            return None
+        if self.part is not None or other.part is not None or spec.dim is None:
+            return None
+        if o is not spec and (
+            o.tensor is not spec.tensor or o.dim != spec.dim or o.view != spec.view
+        ):
+            return None
+        p = spec.tensor
+        if p.dtype not in (torch.float32, torch.float64) or self.value.dtype != p.dtype:
+            return None
+        grads = self.cache.grads
+        grad = grads.get(id(p), p.grad)
+        roles: list[str | torch.Tensor] = []
+        for v in (self.value, other.value):
+            if v.data_ptr() == p.data_ptr():
+                roles.append("t")
+            elif grad is not None and v.data_ptr() == grad.data_ptr():
+                roles.append("g")
+            else:
+                roles.append(v)
+        layout = (id(p), spec.view, spec.dim % max(self.value.ndim, 1))
+        return self.cache.plan.lookup(
+            layout, spec, (roles[0], roles[1]), lambda t: grads.get(id(t), t.grad)
+        )
+
     def sq(self) -> torch.Tensor:
         if self.absent:
             return self._none()
+        fused = self._fused(self)
+        if fused is not None:
+            return fused
         x = self.value
         if (
             self.spec.dim is not None
@@ -133,6 +174,9 @@ class GridSlice:
     def dot(self, other: GridSlice) -> torch.Tensor:
         if self.absent or other.absent:
             return self._none()
+        fused = self._fused(other)
+        if fused is not None:
+            return fused
         return self._share(self._groups(self._product(other)))
 
     def sum(self) -> torch.Tensor:

@@ -1,0 +1,270 @@
+"""Every product among θ and g of one hook call in one compiled pass: the fused reductions.
+
+Each data term of a law is a per-group inner product among θ, g and the momentum buffer. The
+tracker asks for them family by family (:mod:`.reductions`), which on its own costs one or more
+reductions and several Python dispatches per product. :class:`Plan` learns which products among
+θₖ, gₖ and the momentum buffer the families ask for in a hook call (per *layout*: a parameter, its
+view and its group dimension), and from the next such call on computes all of them at the first
+request with one ``torch.compile``'d function per model layout: Inductor turns every layout's
+reductions into one loop that reads each tensor once, and the Python cost per step no longer grows
+with the families. Calls are told apart by their first request (before the step: θ and g; after
+it: the updated buffer), each with its own plan.
+
+Modes (:data:`MODE`, or the environment variable ``SYMMECH_REDUCTIONS``):
+
+* ``"eager"``: every product reduced when asked (no compilation);
+* ``"compiled"``: compile from the second hook call on;
+* ``"auto"`` (default): on CUDA, compile once the plan has been asked for on :data:`AUTO_AFTER`
+  hook calls and covers at least :data:`AUTO_MIN_ELEMENTS` entries (compiling takes seconds, so
+  short runs and small models stay eager); on the CPU stay eager, where the compiled pass was
+  measured to save little (``benchmarks/overhead.py``: the tracker's cost there is mostly Python
+  outside the reductions) while compiling costs seconds.
+
+If compilation fails, a warning says so once and every product is reduced eagerly from then on.
+A third tensor joins a layout's pass when it is asked for in two calls in a row at the same
+storage (torch's momentum buffer); temporaries (the general law's ηa) and sharded, absent or
+low-precision slices are always reduced eagerly. The fused values equal the eager ones
+to round-off (tests/runtime/test_fused.py); training is untouched and nothing waits for the device.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+#: "eager", "compiled" or "auto" (see the module docstring)
+MODE = os.environ.get("SYMMECH_REDUCTIONS", "auto")
+#: in "auto" mode: hook calls with the same plan before compiling, and the entries it must cover
+AUTO_AFTER = 50
+AUTO_MIN_ELEMENTS = 1_000_000
+#: compiled functions kept (one per model layout: shapes, strides, dtypes, group dims, products)
+MAX_COMPILED = 8
+
+_failed: str | None = None  # why compilation failed (then everything stays eager)
+_compiled: dict[tuple, Callable[..., list[torch.Tensor]]] = {}
+
+Structure = tuple[tuple[int, tuple[tuple[int, int], ...]], ...]
+
+
+def reduce_dims(ndim: int, dim: int) -> tuple[int, ...]:
+    return tuple(i for i in range(ndim) if i != dim % ndim)
+
+
+def layout_products(
+    members: list[torch.Tensor], dim: int, pairs: tuple[tuple[int, int], ...]
+) -> torch.Tensor:
+    """Σ over each group of members[i] · members[j] for every (i, j) in ``pairs``, stacked
+    (len(pairs), G): one pass over the members when compiled (Inductor fuses the reductions)."""
+    dims = reduce_dims(members[0].ndim, dim)
+    out = [(members[i] * members[j]).sum(dims) if dims else members[i] * members[j]
+           for i, j in pairs]  # fmt: skip
+    return torch.stack(out)
+
+
+def all_products(structure: Structure, members: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """:func:`layout_products` of every layout (``structure``: each layout's dim and pairs)."""
+    return [
+        layout_products(m, dim, pairs) for (dim, pairs), m in zip(structure, members, strict=True)
+    ]
+
+
+def _compile(structure: Structure) -> Callable[..., list[torch.Tensor]]:
+    def run(members: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        return all_products(structure, members)
+
+    return torch.compile(run, dynamic=False, fullgraph=True)
+
+
+def run_compiled(
+    structure: Structure, members: list[list[torch.Tensor]]
+) -> list[torch.Tensor] | None:
+    """Every layout's products by the compiled function of this model layout (None: failed)."""
+    global _failed
+    if _failed is not None:
+        return None
+    key = (structure, tuple((t.shape, t.stride(), t.dtype, t.device) for m in members for t in m))
+    fn = _compiled.get(key)
+    try:
+        if fn is None:
+            if len(_compiled) >= MAX_COMPILED:
+                _compiled.pop(next(iter(_compiled)))
+            fn = _compiled[key] = _compile(structure)
+        return fn(members)
+    except Exception as err:  # noqa: BLE001 - any compiler failure falls back to eager
+        _failed = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        warnings.warn(
+            f"symmech: torch.compile of the fused reductions failed ({_failed}); reducing every "
+            "product eagerly from now on (same values, slower)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+class _Layout:
+    """One layout's sources ("t": θ, "g": its gradient, or a kept tensor) and products asked."""
+
+    __slots__ = ("spec", "sources", "pairs", "seen")
+
+    def __init__(self, spec: Any) -> None:
+        self.spec = spec
+        self.sources: list[str | torch.Tensor] = []
+        self.pairs: set[tuple[int, int]] = set()
+        self.seen: tuple | None = None  # storage of a third tensor asked for once so far
+
+    def index(self, role: str | torch.Tensor, key: tuple) -> int | None:
+        for i, s in enumerate(self.sources):
+            if isinstance(s, str):
+                if isinstance(role, str) and s == role:
+                    return i
+            elif not isinstance(role, str) and _key(s) == key:
+                return i
+        return None
+
+    def add(self, role: str | torch.Tensor, key: tuple) -> int | None:
+        """Add a source (a kept tensor only when asked for at the same storage twice in a row)."""
+        if isinstance(role, str):
+            self.sources.append(role)
+            return len(self.sources) - 1
+        if self.seen != key:
+            self.seen = key
+            return None
+        self.sources = [s for s in self.sources if isinstance(s, str)] + [role]  # one kept tensor
+        self.pairs = {
+            (i, j) for i, j in self.pairs if i < len(self.sources) - 1 and j < len(self.sources) - 1
+        }
+        return len(self.sources) - 1
+
+    def members(self, read_grad) -> list[torch.Tensor] | None:
+        out = []
+        for s in self.sources:
+            if isinstance(s, torch.Tensor):
+                out.append(s)
+                continue
+            t = self.spec.tensor if s == "t" else read_grad(self.spec.tensor)
+            if t is None or t.dtype != self.spec.tensor.dtype:
+                return None
+            out.append(self.spec.shaped(t.detach()))
+        return out if len({(m.shape, m.dtype) for m in out}) == 1 else None
+
+    def version(self, read_grad) -> tuple:
+        """What identifies the sources' current values (in-place updates bump ``_version``)."""
+        grad = read_grad(self.spec.tensor)
+        kept = tuple(s._version for s in self.sources if isinstance(s, torch.Tensor))
+        return self.spec.tensor._version, None if grad is None else (id(grad), grad._version), kept
+
+
+def _key(x: torch.Tensor) -> tuple:
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+
+
+class _Phase:
+    """The layouts one kind of hook call asks for, and how many calls asked for no more."""
+
+    def __init__(self) -> None:
+        self.layouts: dict[tuple, _Layout] = {}
+        self.stable = 0
+
+
+class Plan:
+    """The products the families asked for, per kind of hook call and layout, learned across
+    calls; from the next call on every one of them comes from a single compiled pass."""
+
+    def __init__(self) -> None:
+        self.phases: dict[tuple, _Phase] = {}
+        self.phase: _Phase | None = None  # this call's (None: nothing asked for yet)
+        self._grew = False
+        self._computed = False
+        #: this call's products: layout → {pair: per-group values}
+        self.results: dict[tuple, dict[tuple[int, int], torch.Tensor]] = {}
+        self.versions: dict[tuple, tuple] = {}
+        #: "auto" found the model too small to be worth compiling: no more learning either
+        self.off = False
+
+    def end_call(self) -> None:
+        """A hook call ended: forget its values; count it if products were asked for."""
+        if self.phase is not None:
+            self.phase.stable = 0 if self._grew else self.phase.stable + 1
+            if MODE == "auto" and self.phase.stable >= 2:
+                elements = sum(lay.spec.tensor.numel() for lay in self.phase.layouts.values())
+                self.off = elements < AUTO_MIN_ELEMENTS
+        self.phase = None
+        self._grew = self._computed = False
+        self.results.clear()
+        self.versions.clear()
+
+    def _active(self, phase: _Phase) -> bool:
+        if _failed is not None or MODE == "eager":
+            return False
+        if MODE == "compiled":
+            return phase.stable >= 1
+        elements = sum(lay.spec.tensor.numel() for lay in phase.layouts.values())
+        return phase.stable >= AUTO_AFTER and elements >= AUTO_MIN_ELEMENTS
+
+    def lookup(
+        self,
+        layout: tuple,
+        spec: Any,
+        roles: tuple[str | torch.Tensor, str | torch.Tensor],
+        read_grad: Callable[[torch.Tensor], torch.Tensor | None],
+    ) -> torch.Tensor | None:
+        """The per-group product of the two ``roles`` ("t", "g" or a tensor) in ``layout`` from
+        this call's fused pass (None: not fused; the caller reduces it eagerly, and the plan
+        includes it from the next call)."""
+        if MODE == "eager" or _failed is not None:
+            return None
+        if MODE == "auto" and spec.tensor.device.type != "cuda":
+            self.off = True  # stays eager on the CPU
+            return None
+        keys = tuple(_key(r) if isinstance(r, torch.Tensor) else r for r in roles)
+        if self.phase is None:
+            self.phase = self.phases.setdefault((layout, keys), _Phase())
+        phase = self.phase
+        entry = phase.layouts.get(layout)
+        if entry is None:
+            entry = phase.layouts[layout] = _Layout(spec)
+        found = [entry.index(r, k) for r, k in zip(roles, keys)]
+        if None in found:
+            for n, (r, k) in enumerate(zip(roles, keys)):
+                if found[n] is None:
+                    found[n] = entry.index(r, k)
+                    found[n] = entry.add(r, k) if found[n] is None else found[n]
+            self._grew = True
+            if None not in found:
+                entry.pairs.add((min(found), max(found)))
+            return None
+        pair = (min(found), max(found))
+        if pair not in entry.pairs:
+            entry.pairs.add(pair)
+            self._grew = True
+            return None
+        if self._computed and self.versions.get(layout) != entry.version(read_grad):
+            self._computed = False  # a source changed since the pass (outside a hook call)
+            self.results.clear()
+        if not self._computed:
+            self._computed = True
+            if self._active(phase):
+                self._compute(phase, read_grad)
+        got = self.results.get(layout)
+        return None if got is None else got.get(pair)
+
+    def _compute(self, phase: _Phase, read_grad) -> None:
+        names, structure, members = [], [], []
+        for layout, entry in phase.layouts.items():
+            m = entry.members(read_grad)
+            if m is None or not entry.pairs:
+                continue
+            pairs = tuple(sorted(entry.pairs))
+            names.append((layout, pairs))
+            structure.append((layout[2], pairs))
+            members.append(m)
+        values = run_compiled(tuple(structure), members)
+        if values is None:
+            return
+        for (layout, pairs), v in zip(names, values, strict=True):
+            self.results[layout] = {p: v[i] for i, p in enumerate(pairs)}
+            self.versions[layout] = phase.layouts[layout].version(read_grad)
