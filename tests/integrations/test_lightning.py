@@ -131,6 +131,19 @@ def test_self_log_reaches_the_logger_and_bad_arguments_are_refused(tmp_path: Pat
         SymmechCallback(log_to="wandb")
 
 
+class ReleaseProcessGroup(pl.Callback):
+    """Destroy the gloo group at teardown, on every rank, after a last barrier.
+
+    ``ddp_spawn`` children leave through ``os._exit``, so Lightning's atexit handler that destroys
+    the group never runs there; on a loaded machine one rank then aborted at exit ("terminate
+    called without an active exception", SIGABRT) after the fit had finished."""
+
+    def teardown(self, trainer, module, stage) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_ddp_on_two_cpu_processes_writes_once_and_holds_the_exact_law(tmp_path: Path) -> None:
     """``strategy="ddp_spawn"`` (DDP started by torch.multiprocessing; plain ``"ddp"`` relaunches
@@ -142,7 +155,7 @@ def test_ddp_on_two_cpu_processes_writes_once_and_holds_the_exact_law(tmp_path: 
         devices=2,
         strategy="ddp_spawn",
         logger=CSVLogger(tmp_path, name="run", version=0),
-        callbacks=[callback],
+        callbacks=[callback, ReleaseProcessGroup()],
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
