@@ -1,0 +1,287 @@
+"""Attention heads: ``attention_qk`` / ``attention_vo`` families of every attention core.
+
+An attention core is ``F.scaled_dot_product_attention``, or softmax(q kᵀ · s) v written out, whose
+q, k, v come from Linear layers through index operations only (view, reshape, transpose, permute,
+contiguous, split, chunk, getitem, and multiplication by a number), and whose output reaches one
+Linear (the output projection) the same way. Which output features of the projections form head
+h is found by running those index operations on a tensor of feature numbers, so fused ``c_attn``
+layouts and separate q/k/v layers read alike. One family per entry (i ≤ j) of the head's r×r
+charge matrix (E = eᵢeⱼᵀ + eⱼeᵢᵀ, or eᵢeᵢᵀ), the heads as its groups: the runtime tracks one
+constant E per family.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from .actions import BlockSlice, Family, strided
+from .trace import (
+    DROPOUTS,
+    MATMULS,
+    SOFTMAXES,
+    Trace,
+    is_index,
+    is_meta,
+    is_scalar_scale,
+    is_transpose_last_two,
+    tensor_arg,
+)
+
+__all__ = ["MAX_FULL_HEAD_DIM", "attention_families", "entry_families", "transposed_rows"]
+
+#: heads up to this size get a family for every entry (i ≤ j) of their charge matrix; larger
+#: heads only the diagonal entries (r families instead of r(r+1)/2; a note says so)
+MAX_FULL_HEAD_DIM = 8
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def _back_to_linear(
+    trace: Trace, start: fx.Node
+) -> tuple[fx.Node | None, set[fx.Node], fx.Node | None]:
+    """Walk from a core input back through index operations to a Linear: (linear, chain, blocker)."""
+    chain: set[fx.Node] = set()
+    node = start
+    while True:
+        module = trace.module(node)
+        if isinstance(module, nn.Linear):
+            return node, chain, None
+        if is_scalar_scale(node, trace.values):
+            chain.add(node)
+            node = tensor_arg(node, trace.values)
+            continue
+        if not is_index(node) or not isinstance(node.args[0], fx.Node):
+            return None, chain, node
+        chain.add(node)
+        node = node.args[0]
+
+
+def _forward_to_linear(trace: Trace, start: fx.Node) -> tuple[fx.Node | None, set[fx.Node]]:
+    """Walk from a core output through index operations to the one Linear that reads it."""
+    chain: set[fx.Node] = set()
+    node = start
+    while True:
+        users = [u for u in node.users if not is_meta(u)]
+        if len(users) != 1 or users[0].all_input_nodes[:1] != [node]:
+            return None, chain
+        user = users[0]
+        if isinstance(trace.module(user), nn.Linear):
+            return user, chain
+        if not is_index(user):
+            return None, chain
+        chain.add(user)
+        node = user
+
+
+def _cores(trace: Trace) -> list[tuple[fx.Node, fx.Node, fx.Node, fx.Node]]:
+    """(q, k, v, output) of every attention core of the graph."""
+    found = []
+    for node in trace.gm.graph.nodes:
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            q, k, v = (node.args[i] if len(node.args) > i else node.kwargs.get(n)
+                       for i, n in enumerate(("query", "key", "value")))  # fmt: skip
+            found.append((q, k, v, node))
+        elif node.target in SOFTMAXES and node.op != "call_module":
+            core = _explicit_core(trace, node)
+            if core is not None:
+                found.append(core)
+    return found
+
+
+def _explicit_core(trace: Trace, softmax: fx.Node) -> tuple[fx.Node, ...] | None:
+    rank = trace.rank(softmax)
+    dim = softmax.args[1] if len(softmax.args) > 1 else softmax.kwargs.get("dim")
+    if rank is None or dim is None or dim % rank != rank - 1:
+        return None
+    node = softmax.args[0]
+    while isinstance(node, fx.Node) and node.target not in MATMULS:
+        if is_scalar_scale(node, trace.values):
+            node = tensor_arg(node, trace.values)
+        elif node.target in ("masked_fill", torch.masked_fill):
+            node = node.args[0]
+        elif node.target in (operator.add, torch.add, "add") and isinstance(node.args[0], fx.Node):
+            node = node.args[0]  # an additive mask
+        else:
+            return None
+    if not isinstance(node, fx.Node) or len(node.args) != 2:
+        return None
+    q, kt = node.args
+    if not isinstance(kt, fx.Node) or not is_transpose_last_two(kt, trace.rank(kt)):
+        return None
+    out = softmax
+    while True:
+        users = list(out.users)
+        if len(users) != 1:
+            return None
+        out = users[0]
+        if out.target in MATMULS and out.args[0] is not None and len(out.args) == 2:
+            break
+        if out.target not in DROPOUTS and not isinstance(trace.module(out), nn.Dropout):
+            return None
+    return q, kt.args[0], out.args[1], out
+
+
+def _rows_per_head(index: Tensor) -> list[tuple[int, ...]] | None:
+    """The feature numbers of each position of a (..., T, r) index tensor; None if they vary in T."""
+    if index.ndim < 2 or not torch.equal(index, index[..., :1, :].expand_as(index)):
+        return None
+    return [tuple(int(f) for f in row) for row in index[..., 0, :].reshape(-1, index.shape[-1])]
+
+
+def _progression(rows: list[tuple[int, ...]]) -> tuple[int, int, int] | None:
+    """(first, head step, column step) when row h column c is first + h·step_h + c·step_c."""
+    first = rows[0][0]
+    step_c = rows[0][1] - first if len(rows[0]) > 1 else 1
+    step_h = rows[1][0] - first if len(rows) > 1 else len(rows[0]) * step_c
+    for h, row in enumerate(rows):
+        for c, f in enumerate(row):
+            if f != first + h * step_h + c * step_c:
+                return None
+    return first, step_h, step_c
+
+
+def _head_slices(
+    linear: nn.Linear, name: str, rows: list[tuple[int, ...]]
+) -> list[BlockSlice] | None:
+    """Head h's rows of a Linear, transposed, with its bias as a last row: (heads, n + 1, r)."""
+    prog = _progression(rows)
+    if prog is None:
+        return None
+    bias = f"{name}.bias" if linear.bias is not None else None
+    return transposed_rows(
+        f"{name}.weight", bias, linear.in_features, len(rows), len(rows[0]), *prog
+    )
+
+
+def transposed_rows(weight: str, bias: str | None, n: int, heads: int, r: int, first: int,
+                     step_h: int = 0, step_c: int = 1) -> list[BlockSlice]:  # fmt: skip
+    step_h = step_h or r * step_c
+    pieces = [BlockSlice(weight, 0, strided((heads, n, r), (step_h * n, 1, step_c * n), first * n))]
+    if bias is not None:
+        pieces.append(BlockSlice(bias, 0, strided((heads, 1, r), (step_h, 1, step_c), first)))
+    return pieces
+
+
+def _column_slices(
+    linear: nn.Linear, name: str, cols: list[tuple[int, ...]]
+) -> list[BlockSlice] | None:
+    """Head h's columns W_O[:, h] of the output projection: (heads, out, r)."""
+    prog = _progression(cols)
+    if prog is None:
+        return None
+    first, step_h, step_c = prog
+    heads, r, n = len(cols), len(cols[0]), linear.in_features
+    view = strided((heads, linear.out_features, r), (step_h, n, step_c), first)
+    return [BlockSlice(f"{name}.weight", 0, view)]
+
+
+def _entries(r: int) -> list[tuple[int, int]]:
+    if r <= MAX_FULL_HEAD_DIM:
+        return [(i, j) for i in range(r) for j in range(i, r)]
+    return [(i, i) for i in range(r)]
+
+
+def entry_families(symmetry: str, layer: str, blocks: dict[str, list[BlockSlice]], heads: int,
+                    r: int) -> list[Family]:  # fmt: skip
+    out = []
+    for i, j in _entries(r):
+        e = torch.zeros(r, r, dtype=torch.float64)
+        e[i, j] = e[j, i] = 1.0
+        labels = tuple(f"h{h}[{i},{j}]" for h in range(heads))
+        out.append(Family(symmetry, layer, blocks, heads, constants={"E": e}, labels=labels))
+    return out
+
+
+def _layer_name(*names: str) -> str:
+    parts = [n.split(".") for n in names]
+    common = []
+    for items in zip(*parts, strict=False):
+        if len(set(items)) != 1:
+            break
+        common.append(items[0])
+    return ".".join(common) or names[0]
+
+
+def attention_families(trace: Trace, note: Callable[[str], None]) -> list[Family]:
+    """``attention_qk`` and ``attention_vo`` families of every attention core of the graph."""
+    fams: list[Family] = []
+    for q, k, v, out in _cores(trace):
+        walked = {side: _back_to_linear(trace, node) for side, node in zip("qkv", (q, k, v))}
+        ends = {side: w[0] for side, w in walked.items()}
+        if any(
+            isinstance(trace.module(e), nn.Linear) and e in trace.shared for e in ends.values() if e
+        ):
+            continue
+        chains = set().union(*(w[1] for w in walked.values()))
+        seeds = {}
+        for node in {e for e in ends.values() if e is not None}:
+            width = trace.module(node).out_features
+            value = trace.values[node]
+            seeds[node] = torch.arange(width, dtype=torch.float64).expand(value.shape).clone()
+        index = {s: trace.replay(n, chains, seeds) if ends[s] is not None else None
+                 for s, n in zip("qkv", (q, k, v))}  # fmt: skip
+        rows = {s: _rows_per_head(t) if isinstance(t, Tensor) else None for s, t in index.items()}
+        r = next((len(x[0]) for x in rows.values() if x), None)
+        if r is None:
+            continue
+        layer = _layer_name(*[e.target for e in ends.values() if e is not None])
+        for side in "qk":
+            if ends[side] is None:
+                blocker = walked[side][2]
+                note(f"attention_qk not detected at {layer}: the {side} path has {blocker.name} "
+                     f"({blocker.target if isinstance(blocker.target, str) else getattr(blocker.target, '__name__', blocker.target)}) between "
+                     "the projection and the scores (a rotary position embedding, for instance, "
+                     "keeps only the E that commute with the rotation); those heads are not tracked")  # fmt: skip
+                break
+        heads_q = _unique(rows["q"])
+        if ends["q"] is not None and ends["k"] is not None and rows["k"]:
+            pairs = dict(zip(rows["q"], rows["k"], strict=False))
+            if len(pairs) == len(heads_q) and all(
+                pairs[a] == b for a, b in zip(rows["q"], rows["k"], strict=False)
+            ):
+                Q = _head_slices(trace.module(ends["q"]), ends["q"].target, heads_q)
+                K = _head_slices(
+                    trace.module(ends["k"]), ends["k"].target, [pairs[h] for h in heads_q]
+                )
+                if Q and K:
+                    fams += entry_families("attention_qk", layer, {"Q": Q, "K": K}, len(heads_q), r)
+        fams += _vo_families(trace, out, ends["v"], rows["v"], chains, layer)
+    return fams
+
+
+def _unique(rows: list[tuple[int, ...]] | None) -> list[tuple[int, ...]]:
+    return sorted(set(rows or ()))
+
+
+def _vo_families(trace: Trace, out: fx.Node, v_end: fx.Node | None,
+                 v_rows: list[tuple[int, ...]] | None, chains: set[fx.Node], layer: str) -> list[Family]:  # fmt: skip
+    if v_end is None or not v_rows:
+        return []
+    proj, forward = _forward_to_linear(trace, out)
+    if proj is None or proj in trace.shared:
+        return []
+    heads = _unique(v_rows)
+    head_of = {row: h for h, row in enumerate(heads)}
+    r = len(heads[0])
+    value = trace.values[out]
+    codes = torch.tensor([head_of[row] * r for row in v_rows], dtype=torch.float64)
+    seed = codes.reshape(value.shape[:-2] + (1, 1)) + torch.arange(r, dtype=torch.float64)
+    seed = seed.expand(value.shape).clone()
+    at_proj = trace.replay(proj.args[0], forward, {out: seed})
+    flat = at_proj.reshape(-1, at_proj.shape[-1])
+    if not torch.equal(flat, flat[:1].expand_as(flat)):
+        return []
+    col_of = {int(code): j for j, code in enumerate(flat[0])}
+    cols = [tuple(col_of[h * r + c] for c in range(r)) for h in range(len(heads))]
+    V = _head_slices(trace.module(v_end), v_end.target, heads)
+    O = _column_slices(trace.module(proj), proj.target, cols)
+    if not V or not O:
+        return []
+    return entry_families("attention_vo", _layer_name(v_end.target, proj.target), {"V": V, "O": O},
+                           len(heads), r)  # fmt: skip

@@ -1,0 +1,94 @@
+"""``norm_rescale``: a LayerNorm / BatchNorm / GroupNorm / RMSNorm with an affine whose output
+reaches only Linear / conv layers (or a self-attention's input projection) through dropout,
+identity or a mean over other axes: its affine scaled by α per channel, the readers' input
+columns by 1/α.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, fx, nn
+
+from .actions import BlockSlice, Family
+from .trace import DROPOUTS, Trace, is_meta
+
+__all__ = ["norm_rescale_families"]
+
+_NORMS = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+def _reads_channels(
+    trace: Trace, user: fx.Node, node: fx.Node, axis_last: bool, n: int
+) -> str | None:
+    """The parameter whose input column i reads channel i of ``node``'s output, or None."""
+    module = trace.module(user)
+    if user in trace.shared or module is None:
+        return None
+    if isinstance(module, nn.Linear) and axis_last and module.in_features == n:
+        return f"{user.target}.weight" if user.args[:1] == (node,) else None
+    if isinstance(module, nn.modules.conv._ConvNd) and not axis_last:
+        ok = module.groups == 1 and module.in_channels == n and user.args[:1] == (node,)
+        return f"{user.target}.weight" if ok else None
+    if isinstance(module, nn.MultiheadAttention) and axis_last and module.embed_dim == n:
+        qkv = list(user.args[:3]) + [user.kwargs.get(k) for k in ("query", "key", "value")]
+        ok = [a for a in qkv if a is not None] == [node] * 3 and module.in_proj_weight is not None
+        return f"{user.target}.in_proj_weight" if ok else None
+    return None
+
+
+def _passes_channels(trace: Trace, user: fx.Node, axis_last: bool) -> bool:
+    """Dropout, identity, or (channels last) a mean over other axes."""
+    if isinstance(trace.module(user), (nn.Dropout, nn.Identity)) or user.target in DROPOUTS:
+        return True
+    if axis_last and user.target in ("mean", torch.mean):
+        rank = trace.rank(user.args[0])
+        dims = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
+        dims = dims if isinstance(dims, (list, tuple)) else (dims,)
+        return rank is not None and None not in dims and all(d % rank != rank - 1 for d in dims)
+    return False
+
+
+def norm_rescale_families(trace: Trace) -> list[Family]:
+    """``norm_rescale`` for every affine normalisation read only by linear layers."""
+    fams = []
+    for node in trace.gm.graph.nodes:
+        norm = trace.module(node)
+        if (
+            not isinstance(norm, _NORMS)
+            or node in trace.shared
+            or getattr(norm, "weight", None) is None
+        ):
+            continue
+        if isinstance(norm, (nn.LayerNorm,)) or type(norm).__name__ == "RMSNorm":
+            shape = tuple(norm.normalized_shape)
+            if len(shape) != 1:
+                continue
+            n, axis_last = shape[0], True
+        else:
+            n, axis_last = norm.weight.numel(), False
+        readers, frontier, ok = [], [node], True
+        while frontier and ok:
+            current = frontier.pop()
+            for user in current.users:
+                if is_meta(user):
+                    continue
+                param = _reads_channels(trace, user, current, axis_last, n)
+                if param is not None:
+                    readers.append((user.target, param))
+                elif _passes_channels(trace, user, axis_last):
+                    frontier.append(user)
+                else:
+                    ok = False
+        if not ok or not readers or len({p for _, p in readers}) != len(readers):
+            continue
+        theta_1 = [BlockSlice(f"{node.target}.{w}", 0) for w in ("weight", "bias")
+                   if isinstance(getattr(norm, w, None), Tensor)]  # fmt: skip
+        label = f"{node.target} → " + ", ".join(t for t, _ in readers)
+        theta_2 = [BlockSlice(p, 1) for _, p in readers]
+        fams.append(Family("norm_rescale", label, {"theta_1": theta_1, "theta_2": theta_2}, n))
+    return fams
