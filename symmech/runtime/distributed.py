@@ -20,6 +20,7 @@ writer (:func:`is_writer`) writes files.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -49,7 +50,7 @@ SUMMED = frozenset(
 )
 #: Record columns that every rank computes alike (checked, never added).
 SHARED = frozenset(
-    {"step", "t", "symmetry", "layer", "group", "status", "note", "angular_equilibrium"}
+    {"step", "t", "symmetry", "layer", "group", "label", "status", "note", "angular_equilibrium"}
 )
 
 
@@ -79,11 +80,11 @@ def unwrap(model: torch.nn.Module | None) -> torch.nn.Module | None:
 
 
 def _zero_type() -> type | None:
-    if not torch.distributed.is_available():
-        return None
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    return ZeroRedundancyOptimizer
+    """``ZeroRedundancyOptimizer`` if its module was imported (an optimizer of that class
+    implies it was): importing ``torch.distributed.optim`` ourselves would run its
+    ``torch.jit.script`` decorators, which warn on every plain run."""
+    module = sys.modules.get("torch.distributed.optim.zero_redundancy_optimizer")
+    return getattr(module, "ZeroRedundancyOptimizer", None)
 
 
 def split_mode(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer) -> str | None:

@@ -58,6 +58,7 @@ COLUMNS = (
     "symmetry",
     "layer",
     "group",
+    "label",
     "observed",
     *LAWS,
     *CONTINUOUS_MODELS,
@@ -68,7 +69,7 @@ COLUMNS = (
     "note",
 )
 #: The keys of a record, in the order a record dict holds them.
-_KEYS = (*COLUMNS[:6], "residual", "status", "note", *PREDICTIONS, CONTINUOUS, *ANATOMY, *ROTATION)
+_KEYS = (*COLUMNS[:7], "residual", "status", "note", *PREDICTIONS, CONTINUOUS, *ANATOMY, *ROTATION)
 #: What the laws store per group and logged step, after observed Q and rₖ.
 _STORED = (*PREDICTIONS, *ANATOMY, *ROTATION)
 _META = 4  # log index, step, t (NaN: None), settings code
@@ -95,6 +96,7 @@ class Snapshot:
     residuals: bool  # rₖ fed to discrete_residual every step
     continuous: bool = True  # the continuous models apply (torch.optim.SGD's own law)
     rotation: bool = False  # a ½|θ|² charge: the rotation of θ is reported
+    labels: tuple[str, ...] = ()  # the groups' names (e.g. ``h0[1,2]``); () = their indices
 
 
 @dataclass(frozen=True)
@@ -163,14 +165,29 @@ class _Chunk:
         return self.meta[: self.n], self.data[: self.n].cpu().numpy()
 
 
+def _labels(series: _Series) -> tuple[str, ...]:
+    """The series' group names (histories saved before labels existed: the group indices)."""
+    labels = getattr(series, "labels", ())
+    return labels if len(labels) == series.groups else tuple(str(g) for g in range(series.groups))
+
+
 class _Series:
     """The rows of one family (one position in the tracker's list of families)."""
 
-    def __init__(self, position: int, symmetry: str, layer: str, groups: int, rows: int) -> None:
+    def __init__(
+        self,
+        position: int,
+        symmetry: str,
+        layer: str,
+        groups: int,
+        rows: int,
+        labels: tuple[str, ...] = (),
+    ) -> None:
         self.position = position
         self.symmetry = symmetry
         self.layer = layer
         self.groups = groups
+        self.labels = labels if len(labels) == groups else tuple(str(g) for g in range(groups))
         self.rows = rows
         self.chunks: list[_Chunk] = []
 
@@ -314,7 +331,7 @@ class History:
             if series is None:
                 groups = s.observed.numel()
                 width = (2 + len(_STORED)) * groups
-                series = _Series(position, s.symmetry, s.layer, groups, self._rows(width))
+                series = _Series(position, s.symmetry, s.layer, groups, self._rows(width), s.labels)
                 self._series[key] = series
             last = series.last_index() if self.stride > 1 else None
             if last is not None and last % self.stride != 0:
@@ -401,6 +418,7 @@ class History:
                 "step": np.repeat(meta[:, 1], g),
                 "t": np.repeat(meta[:, 2], g),
                 "group": np.tile(np.arange(g), n),
+                "label": np.tile(np.asarray(_labels(series), dtype=object), n),
                 "code": np.repeat(code, g),
                 "observed": data[:, :g].ravel(),
                 "residual": data[:, g : 2 * g].ravel(),
@@ -421,6 +439,7 @@ class History:
             "symmetry": np.array([s for s, _ in names], dtype=object)[col["series"]].tolist(),
             "layer": np.array([layer for _, layer in names], dtype=object)[col["series"]].tolist(),
             "group": col["group"].tolist(),
+            "label": col["label"].tolist(),
             "observed": col["observed"].tolist(),
             "residual": _with_none(col["residual"], has_res[code]),
         }

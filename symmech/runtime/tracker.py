@@ -200,6 +200,7 @@ class Tracker:
                     residuals=f.residuals,
                     continuous=not f.general,
                     rotation=f.rotation,
+                    labels=f.binding.labels,
                 )
             )
         return out

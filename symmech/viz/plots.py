@@ -151,7 +151,7 @@ def _column(recs: Sequence[Mapping[str, Any]], key: str) -> np.ndarray:
 def _history(symmetry: str, layer: str, recs: Sequence[Mapping[str, Any]]) -> GroupHistory:
     step_values = _column(recs, "step")
     steps, row = np.unique(step_values, return_inverse=True)
-    keys = [_group_key(r.get("group", 0)) for r in recs]
+    keys = [_group_key(_group_name(r)) for r in recs]
     groups = list(dict.fromkeys(keys))
     index = {g: j for j, g in enumerate(groups)}
     col = np.fromiter((index[k] for k in keys), dtype=np.intp, count=len(keys))
@@ -177,6 +177,14 @@ def _history(symmetry: str, layer: str, recs: Sequence[Mapping[str, Any]]) -> Gr
     )
 
 
+def _group_name(rec: Mapping[str, Any]) -> Any:
+    """A group's name within its (symmetry, layer): its label where records carry one (several
+    families can share a layer, e.g. one attention module's heads, each counting groups from 0),
+    else its index."""
+    label = rec.get("label")
+    return rec.get("group", 0) if label is None or label == "" else label
+
+
 def _group_key(value: Any) -> Any:
     if type(value) is int:
         return value
@@ -184,7 +192,7 @@ def _group_key(value: Any) -> Any:
     return int(number) if math.isfinite(number) and number == int(number) else str(value)
 
 
-_TEXT_COLUMNS = frozenset({"symmetry", "layer", "status", "note"})
+_TEXT_COLUMNS = frozenset({"symmetry", "layer", "label", "status", "note"})
 
 
 def read_records_csv(path: str | Path) -> list[dict[str, Any]]:

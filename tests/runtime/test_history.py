@@ -42,7 +42,7 @@ def reference_rows(snapshots: list[Snapshot]) -> list[dict[str, Any]]:
         predicted = laws is not None and s.status == "tracked"
         for j, value in enumerate(observed):
             row = {"step": s.step, "t": s.t, "symmetry": s.symmetry, "layer": s.layer,
-                   "group": j, "observed": value,
+                   "group": j, "label": s.labels[j] if s.labels else str(j), "observed": value,
                    "residual": None if residual is None else residual[j],
                    "status": s.status, "note": s.note}  # fmt: skip
             for name in ("gradient_flow", "discrete", "discrete_residual", "first_order",

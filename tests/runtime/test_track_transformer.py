@@ -126,8 +126,11 @@ def _run(model, steps, charges):
             assert len(binding.labels) == binding.n_groups
             truth = expected[(fam.symmetry, fam.layer)]
             for g, row in enumerate(final):
-                assert abs(row["observed"] - truth[binding.labels[g]]) <= 1e-12 * scale
+                assert row["label"] == binding.labels[g]  # records name each entry
+                assert abs(row["observed"] - truth[row["label"]]) <= 1e-12 * scale
                 checked += 1
+        else:
+            assert [row["label"] for row in final] == [str(g) for g in range(fam.n_groups)]
     assert all(e <= 1e-9 for e in worst.values()), worst
     n_attention = sum(f.n_groups for f in families if f.symmetry.startswith("attention"))
     assert checked == n_attention

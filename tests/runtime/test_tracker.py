@@ -478,7 +478,7 @@ def test_csv_and_summary(tmp_path):
         back = list(csv.DictReader(fh))
     assert len(back) == len(rows)
     assert list(back[0]) == [
-        "step", "t", "symmetry", "layer", "group", "observed", "gradient_flow", "continuous",
+        "step", "t", "symmetry", "layer", "group", "label", "observed", "gradient_flow", "continuous",
         "discrete", "discrete_residual", "first_order", "second_order", "residual",
         "dQ_decay", "dQ_breaking", "dQ_step", "dQ_history", "angular_update",
         "angular_equilibrium", "equilibrium", "status", "note",
