@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .actions import BlockSlice, Family, strided
+from .layout import in_features, is_linear, is_transposed, out_features
 from .trace import (
     DROPOUTS,
     MATMULS,
@@ -50,7 +51,7 @@ def _back_to_linear(
     node = start
     while True:
         module = trace.module(node)
-        if isinstance(module, nn.Linear):
+        if is_linear(module):
             return node, chain, None
         if is_scalar_scale(node, trace.values):
             chain.add(node)
@@ -71,7 +72,7 @@ def _forward_to_linear(trace: Trace, start: fx.Node) -> tuple[fx.Node | None, se
         if len(users) != 1 or users[0].all_input_nodes[:1] != [node]:
             return None, chain
         user = users[0]
-        if isinstance(trace.module(user), nn.Linear):
+        if is_linear(trace.module(user)):
             return user, chain
         if not is_index(user):
             return None, chain
@@ -147,16 +148,23 @@ def _progression(rows: list[tuple[int, ...]]) -> tuple[int, int, int] | None:
 
 
 def _head_slices(
-    linear: nn.Linear, name: str, rows: list[tuple[int, ...]]
+    linear: nn.Module, name: str, rows: list[tuple[int, ...]]
 ) -> list[BlockSlice] | None:
-    """Head h's rows of a Linear, transposed, with its bias as a last row: (heads, n + 1, r)."""
+    """Head h's rows of a Linear, transposed, with its bias as a last row: (heads, n + 1, r).
+    For a Conv1D, whose weight is (in, out), head h's output features are columns."""
     prog = _progression(rows)
     if prog is None:
         return None
     bias = f"{name}.bias" if linear.bias is not None else None
-    return transposed_rows(
-        f"{name}.weight", bias, linear.in_features, len(rows), len(rows[0]), *prog
-    )
+    n, heads, r = in_features(linear), len(rows), len(rows[0])
+    if not is_transposed(linear):
+        return transposed_rows(f"{name}.weight", bias, n, heads, r, *prog)
+    first, step_h, step_c = prog
+    m = out_features(linear)
+    pieces = [BlockSlice(f"{name}.weight", 0, strided((heads, n, r), (step_h, m, step_c), first))]
+    if bias is not None:
+        pieces.append(BlockSlice(bias, 0, strided((heads, 1, r), (step_h, 1, step_c), first)))
+    return pieces
 
 
 def transposed_rows(weight: str, bias: str | None, n: int, heads: int, r: int, first: int,
@@ -169,15 +177,19 @@ def transposed_rows(weight: str, bias: str | None, n: int, heads: int, r: int, f
 
 
 def _column_slices(
-    linear: nn.Linear, name: str, cols: list[tuple[int, ...]]
+    linear: nn.Module, name: str, cols: list[tuple[int, ...]]
 ) -> list[BlockSlice] | None:
-    """Head h's columns W_O[:, h] of the output projection: (heads, out, r)."""
+    """Head h's columns W_O[:, h] of the output projection: (heads, out, r) (for a Conv1D,
+    whose weight is (in, out), the rows of head h's input features)."""
     prog = _progression(cols)
     if prog is None:
         return None
     first, step_h, step_c = prog
-    heads, r, n = len(cols), len(cols[0]), linear.in_features
-    view = strided((heads, linear.out_features, r), (step_h, n, step_c), first)
+    heads, r, n, m = len(cols), len(cols[0]), in_features(linear), out_features(linear)
+    if is_transposed(linear):
+        view = strided((heads, m, r), (step_h * m, 1, step_c * m), first * m)
+    else:
+        view = strided((heads, m, r), (step_h, n, step_c), first)
     return [BlockSlice(f"{name}.weight", 0, view)]
 
 
@@ -214,14 +226,18 @@ def attention_families(trace: Trace, note: Callable[[str], None]) -> list[Family
     for q, k, v, out in _cores(trace):
         walked = {side: _back_to_linear(trace, node) for side, node in zip("qkv", (q, k, v))}
         ends = {side: w[0] for side, w in walked.items()}
-        if any(
-            isinstance(trace.module(e), nn.Linear) and e in trace.shared for e in ends.values() if e
-        ):
+        projections = [e for e in ends.values() if e is not None and is_linear(trace.module(e))]
+        if any(e in trace.shared for e in projections):
+            continue
+        tied = [e.target for e in projections if trace.tied(e)]
+        if tied:
+            note(f"no attention families at {_layer_name(*tied)}: a projection weight is tied to "
+                 "another parameter, which the head symmetries would move too")  # fmt: skip
             continue
         chains = set().union(*(w[1] for w in walked.values()))
         seeds = {}
         for node in {e for e in ends.values() if e is not None}:
-            width = trace.module(node).out_features
+            width = out_features(trace.module(node))
             value = trace.values[node]
             seeds[node] = torch.arange(width, dtype=torch.float64).expand(value.shape).clone()
         index = {s: trace.replay(n, chains, seeds) if ends[s] is not None else None
@@ -264,7 +280,7 @@ def _vo_families(trace: Trace, out: fx.Node, v_end: fx.Node | None,
     if v_end is None or not v_rows:
         return []
     proj, forward = _forward_to_linear(trace, out)
-    if proj is None or proj in trace.shared:
+    if proj is None or proj in trace.shared or trace.tied(proj):
         return []
     heads = _unique(v_rows)
     head_of = {row: h for h, row in enumerate(heads)}

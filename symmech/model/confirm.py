@@ -4,7 +4,11 @@ For each family a few random groups are picked and moved by ψ with a random α 
 α ∈ [0.5, 0.84] ∪ [1.19, 2], additive α ∈ ±[0.25, 1]) on a float64 copy of the parameters, through
 ``torch.func.functional_call``: the model itself is never changed (its buffers, mode and RNG state
 are restored), and dropout draws the same mask in every evaluation. The loss is ``loss_fn`` (the
-user's, as given to ``detect`` or ``track``; cross-entropy only when none is given).
+user's, as given to ``detect`` or ``track``) of the output, or of its ``logits`` when the model
+returns a ``ModelOutput``. When none is given: a model whose forward takes ``labels`` (Hugging
+Face) is given them and its own ``.loss`` is used (a causal LM's shifted cross-entropy, a
+classifier's cross-entropy or MSE, as in training); otherwise cross-entropy, with the classes on
+the last axis of a sequence output (logits (..., T, V) against labels (..., T)).
 
 Few passes. Symmetries compose: if every family is one, moving all of them at once (each its
 picked groups, each by its own α) leaves the loss unchanged to round-off. So one forward pass
@@ -33,6 +37,7 @@ running statistics) each group is tried alone with the tolerance ``rtol·|L| + 2
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -94,7 +99,9 @@ class Evaluator:
         seed: int = 0,
     ) -> None:
         x, y = batch
-        self.model, self.loss_fn, self.seed = model, loss_fn or F.cross_entropy, seed
+        self.model, self.loss_fn, self.seed = model, loss_fn or _cross_entropy, seed
+        #: the model is given the labels and its own ``.loss`` is used, with these options
+        self.own_loss, self.kwargs = _own_loss(model) if loss_fn is None else (False, {})
         self.params = {n: p.detach().to(torch.float64) for n, p in model.named_parameters()}
         self.buffers = {
             n: b.detach().to(torch.float64) if b.is_floating_point() else b.detach()
@@ -112,9 +119,32 @@ class Evaluator:
         """L(θ) for the given parameters (any subset replaced; the rest from the model)."""
         with torch.random.fork_rng(devices=self.devices):
             torch.manual_seed(self.seed)
+            kwargs = {**self.kwargs, "labels": self.target} if self.own_loss else {}
             out = torch.func.functional_call(self.model, ({**self.params, **params}, self.buffers),
-                                             self.inputs)  # fmt: skip
-            return self.loss_fn(out, self.target)
+                                             self.inputs, kwargs)  # fmt: skip
+            if kwargs and isinstance(getattr(out, "loss", None), Tensor):
+                return out.loss
+            logits = getattr(out, "logits", None)
+            return self.loss_fn(out if logits is None else logits, self.target)
+
+
+def _own_loss(model: nn.Module) -> tuple[bool, dict[str, Any]]:
+    """Whether the forward takes ``labels`` (and computes its own loss), and the options it is
+    called with then (no cache)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False, {}
+    if "labels" not in params:
+        return False, {}
+    return True, {"use_cache": False} if "use_cache" in params else {}
+
+
+def _cross_entropy(out: Tensor, target: Tensor) -> Tensor:
+    """Cross-entropy; a sequence output (..., T, V) against (..., T) has its classes last."""
+    if out.ndim >= 3 and target.ndim == out.ndim - 1 and not target.is_floating_point():
+        return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+    return F.cross_entropy(out, target)
 
 
 @dataclass
@@ -316,7 +346,8 @@ def confirm(
         for m in model.modules()
     )
     gen = torch.Generator().manual_seed(seed)
-    with evaluation_mode(model, train=mode == "train"):
+    # autograd on whatever the caller's mode (a Trainer callback may run under no_grad)
+    with evaluation_mode(model, train=mode == "train"), torch.enable_grad():
         ev = Evaluator(model, batch, loss_fn, seed)
         grad: dict[str, Tensor] = {}
         base, stats = norm_stats(ev, families, param_grads=grad)

@@ -21,9 +21,11 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .actions import Square
+from .export_graph import export_module_graph
+from .layout import is_transposed
 from .trace import Trace
 
-__all__ = ["Op", "as_tuple", "fx_graph", "module_graph", "side_effect_free"]
+__all__ = ["Op", "as_tuple", "export_graph", "fx_graph", "module_graph", "side_effect_free"]
 
 
 @dataclass(eq=False)
@@ -67,7 +69,16 @@ _PASS_FUNCS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
 _SOFTMAX_FUNCS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
 
 
+#: activations of ``transformers.activations`` that are not positively homogeneous, by name
+_HF_NONHOM = ("GELU", "SiLU", "Swish", "Mish", "Tanh", "Sigmoid")
+
+
 def _module_kind(module: nn.Module) -> tuple[str, dict[str, Any]]:
+    if is_transposed(module):
+        return "linear", {"transposed": True}
+    cls = type(module)
+    if cls.__module__ == "transformers.activations" and any(k in cls.__name__ for k in _HF_NONHOM):
+        return "nonhom", {}
     if isinstance(module, _POOLS + _ADAPTIVE):
         if getattr(module, "return_indices", False):
             return "other", {}
@@ -163,11 +174,48 @@ class _Recorder(ShapeProp):
         return result
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with Hugging Face's ``Conv1D`` a leaf like ``nn.Linear``."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_transposed(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter name → the other names of the same tensor (tied weights), where it has any."""
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return {n: [m for m in ns if m != n] for ns in names.values() if len(ns) > 1 for n in ns}
+
+
+def _tie(op: Op, aliases: dict[str, list[str]]) -> None:
+    """Note in ``op.extra["tied"]`` the other names of the module's weight, if it is tied."""
+    tied = aliases.get(f"{op.name}.weight")
+    if op.module is not None and tied:
+        op.extra["tied"] = tied
+
+
 def fx_graph(model: nn.Module, example_input: Any) -> tuple[list[Op], Trace]:
-    gm = fx.symbolic_trace(model)
+    """The graph by ``torch.fx`` symbolic tracing (``Conv1D`` kept as a leaf)."""
+    graph = _Tracer().trace(model)
+    gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
+    return _read(gm, model, as_tuple(example_input))
+
+
+def export_graph(model: nn.Module, example_input: Any) -> tuple[list[Op], Trace]:
+    """The graph by ``torch.export`` (non-strict), mapped back to modules (see export_graph)."""
+    with side_effect_free(model):
+        gm, inputs = export_module_graph(model, as_tuple(example_input))
+    return _read(gm, model, inputs)
+
+
+def _read(gm: fx.GraphModule, model: nn.Module, inputs: tuple[Any, ...]) -> tuple[list[Op], Trace]:
+    """Run ``gm`` on the inputs (values and shapes of every node) and classify its nodes."""
     recorder = _Recorder(gm)
     with side_effect_free(model):
-        recorder.propagate(*as_tuple(example_input))
+        recorder.propagate(*inputs)
+    aliases = _aliases(model)
     ops: dict[fx.Node, Op] = {}
     calls: dict[str, int] = {}
     for node in gm.graph.nodes:
@@ -187,12 +235,13 @@ def fx_graph(model: nn.Module, example_input: Any) -> tuple[list[Op], Trace]:
             op.inputs = []  # several outputs: no logits layer to translate
         for source in op.inputs:
             source.users.append(op)
+        _tie(op, aliases)
         ops[node] = op
     for op in ops.values():
         op.shared = op.module is not None and calls.get(op.name, 0) > 1
         if op.kind == "reshape":
             _as_flatten(op)
-    return list(ops.values()), Trace(gm, recorder.values)
+    return list(ops.values()), Trace(gm, recorder.values, aliases)
 
 
 def _as_flatten(op: Op) -> None:
@@ -228,6 +277,7 @@ def module_graph(model: nn.Module, example_input: Any) -> list[Op]:
     source = Op("input", "input", shape=_shape(inputs[0]))
     ops, producer = [source], {id(inputs[0]): source}
     calls = {n: sum(1 for r in records if r[0] == n) for n, _ in leaves}
+    aliases = _aliases(model)
 
     def link(value: Any, previous: Op | None) -> Op:
         if id(value) in producer:
@@ -249,6 +299,7 @@ def module_graph(model: nn.Module, example_input: Any) -> list[Op]:
     for name, module, args, out in records:
         kind, extra = _module_kind(module)
         op = Op(name, kind, module, _shape(out), extra, shared=calls[name] > 1)
+        _tie(op, aliases)
         data = [a for a in args if isinstance(a, Tensor)]
         op.inputs = [link(data[0], previous)] if data else []
         for s in op.inputs:

@@ -6,10 +6,13 @@ columns by 1/α.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, fx, nn
 
 from .actions import BlockSlice, Family
+from .layout import in_axis, in_features, is_linear
 from .trace import DROPOUTS, Trace, is_meta
 
 __all__ = ["norm_rescale_families"]
@@ -24,36 +27,50 @@ _NORMS = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm) + (
 
 def _reads_channels(
     trace: Trace, user: fx.Node, node: fx.Node, axis_last: bool, n: int
-) -> str | None:
-    """The parameter whose input column i reads channel i of ``node``'s output, or None."""
+) -> tuple[str, int] | None:
+    """(parameter, axis) whose slice i reads channel i of ``node``'s output, or None: the
+    input columns of a Linear (the rows of a Conv1D, whose weight is (in, out)) or a conv."""
     module = trace.module(user)
-    if user in trace.shared or module is None:
+    if user in trace.shared or module is None or trace.tied(user):
         return None
-    if isinstance(module, nn.Linear) and axis_last and module.in_features == n:
-        return f"{user.target}.weight" if user.args[:1] == (node,) else None
+    if is_linear(module) and axis_last and in_features(module) == n:
+        return (f"{user.target}.weight", in_axis(module)) if user.args[:1] == (node,) else None
     if isinstance(module, nn.modules.conv._ConvNd) and not axis_last:
         ok = module.groups == 1 and module.in_channels == n and user.args[:1] == (node,)
-        return f"{user.target}.weight" if ok else None
+        return (f"{user.target}.weight", 1) if ok else None
     if isinstance(module, nn.MultiheadAttention) and axis_last and module.embed_dim == n:
         qkv = list(user.args[:3]) + [user.kwargs.get(k) for k in ("query", "key", "value")]
         ok = [a for a in qkv if a is not None] == [node] * 3 and module.in_proj_weight is not None
-        return f"{user.target}.in_proj_weight" if ok else None
+        return (f"{user.target}.in_proj_weight", 1) if ok else None
     return None
 
 
 def _passes_channels(trace: Trace, user: fx.Node, axis_last: bool) -> bool:
-    """Dropout, identity, or (channels last) a mean over other axes."""
+    """Dropout, identity, or (channels last) a mean or a pick (``select``) over other axes, or a
+    view / reshape / contiguous copy that keeps the last axis whole."""
     if isinstance(trace.module(user), (nn.Dropout, nn.Identity)) or user.target in DROPOUTS:
         return True
-    if axis_last and user.target in ("mean", torch.mean):
-        rank = trace.rank(user.args[0])
+    if not axis_last or not user.args or not isinstance(user.args[0], fx.Node):
+        return False
+    rank = trace.rank(user.args[0])
+    if user.target == "contiguous" and len(user.args) == 1 and not user.kwargs:
+        return True
+    if user.target in ("view", "reshape"):
+        before, after = trace.values.get(user.args[0]), trace.values.get(user)
+        ok = isinstance(after, Tensor) and isinstance(before, Tensor)
+        return ok and before.shape[-1:] == after.shape[-1:]
+    if user.target is torch.select and rank is not None and len(user.args) == 3:
+        return user.args[1] % rank != rank - 1
+    if user.target in ("mean", torch.mean):
         dims = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
         dims = dims if isinstance(dims, (list, tuple)) else (dims,)
         return rank is not None and None not in dims and all(d % rank != rank - 1 for d in dims)
     return False
 
 
-def norm_rescale_families(trace: Trace) -> list[Family]:
+def norm_rescale_families(
+    trace: Trace, note: Callable[[str], None] = lambda message: None
+) -> list[Family]:
     """``norm_rescale`` for every affine normalisation read only by linear layers."""
     fams = []
     for node in trace.gm.graph.nodes:
@@ -84,11 +101,15 @@ def norm_rescale_families(trace: Trace) -> list[Family]:
                     frontier.append(user)
                 else:
                     ok = False
-        if not ok or not readers or len({p for _, p in readers}) != len(readers):
+                    if trace.tied(user):
+                        note(f"no norm_rescale family for {node.target} → {user.target}: "
+                             f"{user.target}.weight is tied to another parameter (the same "
+                             "tensor), which the symmetry does not move alike")  # fmt: skip
+        if not ok or not readers or len({p for _, (p, _) in readers}) != len(readers):
             continue
         theta_1 = [BlockSlice(f"{node.target}.{w}", 0) for w in ("weight", "bias")
                    if isinstance(getattr(norm, w, None), Tensor)]  # fmt: skip
         label = f"{node.target} → " + ", ".join(t for t, _ in readers)
-        theta_2 = [BlockSlice(p, 1) for _, p in readers]
+        theta_2 = [BlockSlice(p, axis) for _, (p, axis) in readers]
         fams.append(Family("norm_rescale", label, {"theta_1": theta_1, "theta_2": theta_2}, n))
     return fams

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from . import attention, norms, transformer
 from .actions import BlockSlice, Family, SymmetryWarning
 from .graph import Op
+from .layout import in_axis, in_features, out_axis, out_features
 from .trace import Trace
 
 __all__ = ["families", "note"]
@@ -45,7 +46,7 @@ def _channels(op: Op) -> tuple[int, int] | None:
     if not op.shape or op.kind not in _CHANNEL_ATTR:
         return None
     axis, attr = _CHANNEL_ATTR[op.kind]
-    count = getattr(op.module, attr)
+    count = out_features(op.module) if op.kind == "linear" else getattr(op.module, attr)
     return axis % len(op.shape), count[-1] if isinstance(count, tuple) else count
 
 
@@ -59,12 +60,25 @@ _CHANNEL_ATTR = {
 
 
 def _weight_bias(op: Op, dim: int | None, view: Callable[[Tensor], Any] | None = None):
+    """The weight and bias of ``op`` cut along ``dim`` (0: per output feature, whatever the
+    weight's layout: a Conv1D weight is (in, out), so its output features are its columns)."""
     found = [(n, getattr(op.module, n, None)) for n in ("weight", "bias")]
-    return [BlockSlice(f"{op.name}.{n}", dim, view(p) if view else None)
+    dims = {"weight": out_axis(op.module) if op.kind == "linear" and dim == 0 else dim}
+    return [BlockSlice(f"{op.name}.{n}", dims.get(n, dim), view(p) if view else None)
             for n, p in found if isinstance(p, Tensor)]  # fmt: skip
 
 
-def _translation(ops: list[Op], fams: list[Family]) -> None:
+def _tied(op: Op, notes: list[str], what: str) -> bool:
+    """Note and return True when the module's weight is tied to another parameter."""
+    tied = op.extra.get("tied")
+    if tied:
+        note(notes, f"no {what} family for {op.name}: {op.name}.weight is tied to "
+                    f"{', '.join(tied)} (the same tensor), so moving it also moves "
+                    f"{'them' if len(tied) > 1 else 'that'}, which the symmetry does not allow")  # fmt: skip
+    return bool(tied)
+
+
+def _translation(ops: list[Op], fams: list[Family], notes: list[str]) -> None:
     out = next((o for o in ops if o.kind == "output"), None)
     node = out.inputs[0] if out is not None and out.inputs else None
     while node is not None and node.kind in ("softmax", "pass") and node.inputs:
@@ -76,9 +90,12 @@ def _translation(ops: list[Op], fams: list[Family]) -> None:
         node = node.inputs[0] if _next(node.inputs[0]) is node else None
     if node is None or node.kind != "linear" or node.shared or _next(node) is None:
         return
+    if _tied(node, notes, "translation"):
+        return
     m = node.module
     fams.append(Family("translation", f"{node.name} (output layer) weight columns",
-                       {"theta": [BlockSlice(f"{node.name}.weight", 1)]}, m.in_features))  # fmt: skip
+                       {"theta": [BlockSlice(f"{node.name}.weight", in_axis(m))]},
+                       in_features(m)))  # fmt: skip
     if m.bias is not None:
         fams.append(Family("translation", f"{node.name} (output layer) bias",
                            {"theta": [BlockSlice(f"{node.name}.bias", None)]}, 1))  # fmt: skip
@@ -90,6 +107,8 @@ def _scale(op: Op, fams: list[Family], notes: list[str]) -> None:
         norm = _next(norm)
     info = _channels(op)
     if norm is None or info is None or norm.kind not in ("bn", "gn", "ln") or norm.shared:
+        return
+    if _tied(op, notes, "scale"):
         return
     axis, n = info
     rank, m = len(op.shape), norm.module
@@ -151,10 +170,14 @@ def _rescale(op: Op, fams: list[Family], notes: list[str]) -> None:
     if node.kind == "conv" and m.groups == 1 and axis == 1:
         fan_in = m.in_channels
     elif node.kind == "linear" and rank is not None and axis == rank - 1:
-        fan_in = m.in_features
+        fan_in = in_features(m)
+        if in_axis(m) == 0 and (outer, inner) != (1, 1):
+            return  # a flatten into a Conv1D: its (in, out) rows are not read as (out, C, HW)
     else:
         return
     if fan_in != outer * n * inner:
+        return
+    if _tied(op, notes, "rescale") or _tied(node, notes, "rescale"):
         return
     symmetry = {1: "rescale", 2: "quadratic_rescale"}.get(degree)
     label = " → ".join([*path, node.name]) + (" (linear pair)" if linear_pair else "")
@@ -166,7 +189,7 @@ def _rescale(op: Op, fams: list[Family], notes: list[str]) -> None:
         return
     w = m.weight
     if outer == 1 and inner == 1:
-        outgoing = BlockSlice(f"{node.name}.weight", 1)
+        outgoing = BlockSlice(f"{node.name}.weight", in_axis(m) if node.kind == "linear" else 1)
     elif outer == 1:
         outgoing = BlockSlice(
             f"{node.name}.weight", 1, (w.shape[0], n, w.numel() // (w.shape[0] * n))
@@ -201,7 +224,7 @@ def _nonhomogeneous(ops: list[Op], notes: list[str]) -> None:
 def families(ops: list[Op], notes: list[str], trace: Trace | None = None) -> list[Family]:
     """Every family the rules find; ``trace`` (a traced graph) enables the transformer rules."""
     fams: list[Family] = []
-    _translation(ops, fams)
+    _translation(ops, fams, notes)
     for op in ops:
         if op.kind in ("linear", "conv") and not op.shared:
             _scale(op, fams, notes)
@@ -214,7 +237,7 @@ def families(ops: list[Op], notes: list[str], trace: Trace | None = None) -> lis
         def say(message: str) -> None:
             note(notes, message)
 
-        fams += norms.norm_rescale_families(trace)
+        fams += norms.norm_rescale_families(trace, say)
         fams += attention.attention_families(trace, say)
         fams += transformer.leaf_families(trace, say)
     return fams

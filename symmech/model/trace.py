@@ -6,6 +6,7 @@ of feature numbers to learn which features a head reads.
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -62,7 +63,9 @@ def is_transpose_last_two(node: fx.Node, rank: int | None) -> bool:
 class Trace:
     """The traced module, the value of every node on the example input, and the modules."""
 
-    def __init__(self, gm: fx.GraphModule, values: dict[fx.Node, Any]) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, values: dict[fx.Node, Any], tied_params: Iterable[str] = ()
+    ) -> None:
         self.gm, self.values = gm, values
         self.modules = dict(gm.named_modules())
         calls: dict[str, list[fx.Node]] = {}
@@ -71,6 +74,12 @@ class Trace:
                 calls.setdefault(node.target, []).append(node)
         #: call_module nodes of a module that is called more than once
         self.shared = {n for nodes in calls.values() if len(nodes) > 1 for n in nodes}
+        #: parameter names whose tensor has other names too (tied weights)
+        self.tied_params = set(tied_params)
+
+    def tied(self, node: fx.Node) -> bool:
+        """The weight of ``node``'s module is tied to another parameter."""
+        return node.op == "call_module" and f"{node.target}.weight" in self.tied_params
 
     def module(self, node: fx.Node) -> nn.Module | None:
         return self.modules.get(node.target) if node.op == "call_module" else None

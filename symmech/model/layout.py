@@ -1,0 +1,50 @@
+"""Linear maps and their weight layouts: ``nn.Linear`` stores W as (out, in), Hugging Face's
+``transformers.pytorch_utils.Conv1D`` (GPT-2's c_attn, c_proj, c_fc) stores it transposed,
+(in, out), and computes ``x @ W + b``. The rules ask here which weight axis reads an input feature
+and which one writes an output feature, so both layouts bind the right rows and columns.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["in_axis", "in_features", "is_linear", "is_transposed", "out_axis", "out_features"]
+
+
+def is_transposed(module: nn.Module | None) -> bool:
+    """A Hugging Face ``Conv1D``: a linear map whose weight is (in_features, out_features)."""
+    cls = type(module)
+    # the weight is read from _parameters: under torch.fx tracing, module attribute access of a
+    # parameter returns a Proxy
+    weight = getattr(module, "__dict__", {}).get("_parameters", {}).get("weight")
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers")
+        and hasattr(module, "nf")
+        and getattr(weight, "ndim", 0) == 2
+    )
+
+
+def is_linear(module: nn.Module | None) -> bool:
+    """``nn.Linear`` or a Hugging Face ``Conv1D``."""
+    return isinstance(module, nn.Linear) or is_transposed(module)
+
+
+def in_features(module: nn.Module) -> int:
+    """Size of the input feature axis."""
+    return int(module.weight.shape[0 if is_transposed(module) else 1])
+
+
+def out_features(module: nn.Module) -> int:
+    """Size of the output feature axis."""
+    return int(module.weight.shape[1 if is_transposed(module) else 0])
+
+
+def in_axis(module: nn.Module) -> int:
+    """The weight axis indexed by the input feature (1 for nn.Linear, 0 for Conv1D)."""
+    return 0 if is_transposed(module) else 1
+
+
+def out_axis(module: nn.Module) -> int:
+    """The weight axis indexed by the output feature (0 for nn.Linear, 1 for Conv1D)."""
+    return 1 if is_transposed(module) else 0
