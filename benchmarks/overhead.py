@@ -1,7 +1,7 @@
 """Tracker overhead on a VGG-style network: ratios measured in one run, printed as one table.
 
-    python benchmarks/overhead.py [--model vgg11] [--image-size 16] [--width 0.5] [--steps 30]
-        [--optimizer sgd|adamw] [--reductions eager,compiled]
+    python benchmarks/overhead.py [--model vgg11|transformer] [--image-size 16] [--width 0.5]
+        [--steps 30] [--optimizer sgd|adamw] [--reductions eager,compiled] [--configs 0,1,2]
 
 For several tracker configurations (laws advanced every step in all of them), prints
 * (training step with the tracker) / (training step without)          target ≤ 1.05;
@@ -12,6 +12,10 @@ median over steps is reported. ``--reductions`` lists the ways the tracker's pro
 reduced (:mod:`symmech.runtime.fused`: ``eager``, one reduction per product; ``compiled``, every
 product of a hook call in one compiled pass; ``auto``): one tracked copy per configuration and
 way, one row each. The compiled pass is built during the three warm-up steps (not timed).
+``--configs`` picks rows of :data:`CONFIGS` by index (default all three).
+``--model transformer`` times :func:`symmech.demo.models.transformer_block` with ``--d-model``
+(heads of 32), a feed-forward of 4 × d-model and ``--seq-len`` tokens of 32 features (``--width``
+and ``--image-size`` are ignored).
 Run it with ``PYTHONPATH`` set to another checkout to time that one (a checkout without
 :mod:`symmech.runtime.fused` is timed as it is, in a row named ``as is``).
 """
@@ -25,7 +29,7 @@ import time
 import torch
 
 import symmech
-from symmech.demo.models import vgg
+from symmech.demo.models import transformer_block, vgg
 
 try:
     from symmech.runtime import fused
@@ -51,26 +55,39 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     parser.add_argument("--reductions", default="eager,compiled")
+    parser.add_argument("--configs", default="0,1,2")
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--seq-len", type=int, default=32)
     args = parser.parse_args()
     modes = args.reductions.split(",") if fused is not None else ["as is"]
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    def make():
-        torch.manual_seed(0)
-        model = vgg(
+    configs = {k: CONFIGS[k] for i, k in enumerate(CONFIGS) if str(i) in args.configs.split(",")}
+    transformer = args.model == "transformer"
+
+    def build() -> torch.nn.Module:
+        if transformer:
+            d = args.d_model
+            return transformer_block(d, max(d // 32, 1), 4 * d, args.seq_len, 10, 32)
+        return vgg(
             args.model,
             batch_norm=not args.no_bn,
             in_channels=3,
             num_classes=10,
             image_size=args.image_size,
             width_multiplier=args.width,
-        ).to(device)
+        )
+
+    def make():
+        torch.manual_seed(0)
+        model = build().to(device)
         if args.optimizer == "adamw":
             return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
         return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
 
-    x = torch.randn(args.batch, 3, args.image_size, args.image_size, device=device)
+    shape = (args.seq_len, 32) if transformer else (3, args.image_size, args.image_size)
+    x = torch.randn(args.batch, *shape, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
 
     def sync():
@@ -79,7 +96,7 @@ def main() -> None:
 
     runs = {"plain": make()}
     trackers, mode_of = {}, {"plain": None}
-    for config, cfg in CONFIGS.items():
+    for config, cfg in configs.items():
         for mode in modes:
             name = f"{config} | {mode}"
             runs[name], mode_of[name] = make(), mode
@@ -110,9 +127,15 @@ def main() -> None:
     med = statistics.median
     model = runs["plain"][0]
     tracker = next(iter(trackers.values()))
+    if transformer:
+        what = f"transformer d_model {args.d_model}, {args.seq_len} tokens"
+    else:
+        what = (
+            f"{args.model}{'' if args.no_bn else '-bn'} width {args.width}, "
+            f"{args.image_size}x{args.image_size} images"
+        )
     print(
-        f"{args.model}{'' if args.no_bn else '-bn'} width {args.width}, {args.image_size}x{args.image_size} "
-        f"images, batch {args.batch}, {device} ({torch.get_num_threads()} threads): "
+        f"{what}, batch {args.batch}, {device} ({torch.get_num_threads()} threads): "
         f"{sum(p.numel() for p in model.parameters())} parameters, {len(tracker.families)} families, "
         f"{sum(f.n_groups for f in tracker.families)} groups; laws advanced every step; "
         f"{type(runs['plain'][1]).__name__}"
