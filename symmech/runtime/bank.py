@@ -61,8 +61,9 @@ class Bank:
                 value = torch.full(
                     (f.n_groups,), fill, dtype=torch.float64, device=self.laws.q0.device
                 )
-            parts.append(value.reshape(-1).to(torch.float64))
-        return torch.cat(parts)
+            parts.append(value if value.ndim == 1 else value.reshape(-1))
+        # one conversion for the bank (float32 → float64 is exact; cat promotes mixed dtypes)
+        return torch.cat(parts).to(torch.float64)
 
     def _flags(self, data: list[StepData | None], field: str) -> torch.Tensor | bool:
         """A per-family flag over the bank's groups (False when no family sets it)."""

@@ -149,15 +149,17 @@ class Family:
     def views(self, which: Which) -> dict[str, list[GridSlice]] | None:
         """θ, g or b (torch's momentum buffer) of every block as slices; None when absent."""
         if which == "theta":
-            return self.views_of(lambda p: p.detach())
+            return self.views_of(lambda p: p, "theta")
         if which == "grad":
             return self.views_of(lambda p: self.cache.grads.get(id(p), p.grad))
-        return self.views_of(lambda p: self.optimizer.state.get(p, {}).get("momentum_buffer"))
+        state = self.optimizer.state
+        return self.views_of(lambda p: state.get(p, {}).get("momentum_buffer"), "buffer")
 
     def views_of(
-        self, read: Callable[[torch.Tensor], torch.Tensor | None]
+        self, read: Callable[[torch.Tensor], torch.Tensor | None], role: str | None = None
     ) -> dict[str, list[GridSlice]] | None:
-        """``read(parameter)`` (a tensor of the parameter's shape) of every block as slices."""
+        """``read(parameter)`` (a tensor of the parameter's shape) of every block as slices
+        (``role``: a tensor that lives across steps, see :meth:`ReductionCache.slice`)."""
         out = {}
         for block, slices in self.binding.blocks.items():
             items = []
@@ -165,7 +167,7 @@ class Family:
                 t = read(s.tensor)
                 if t is None:
                     return None
-                items.append(GridSlice(t.detach(), s, self.cache))
+                items.append(self.cache.slice(t, s, role))
             out[block] = items
         return out
 

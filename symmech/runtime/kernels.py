@@ -39,8 +39,58 @@ def _pair(x) -> Pair:
     return x.pair() if hasattr(x, "pair") else x
 
 
+_FLAT: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+
+def _flat(m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``m`` flattened in ``dtype``, converted once (a family's constants do not change)."""
+    key = (id(m), dtype)
+    hit = _FLAT.get(key)
+    if hit is not None and hit[0] is m and hit[1] == m._version:
+        return hit[2]
+    if len(_FLAT) >= 4096:
+        _FLAT.clear()
+    flat = m.detach().reshape(-1).to(dtype)
+    _FLAT[key] = (m, m._version, flat)
+    return flat
+
+
+class Scaled:
+    """A tracked slice right-multiplied by a constant matrix, x M, formed only when needed:
+    ⟨x M, y⟩ per group is Σ_ab M_ab Gram_ab with the slices' per-group Gram matrix, which the
+    hook call computes once for every family reading x and y (attention heads: one per
+    generator of the head's symmetry)."""
+
+    __slots__ = ("base", "matrix", "_formed")
+
+    def __init__(self, base, matrix: torch.Tensor) -> None:
+        self.base = base
+        self.matrix = matrix
+        self._formed: Pair | None = None
+
+    def pair(self) -> Pair:
+        if self._formed is None:
+            x, d = self.base.pair()
+            self._formed = (x @ self.matrix.to(x.dtype), d)
+        return self._formed
+
+    def dot(self, other) -> torch.Tensor:
+        m = self.matrix
+        if type(other) is not Scaled and hasattr(other, "gram") and m.ndim == 2:
+            gram = self.base.gram(other, m.shape[0], m.shape[1])
+            if gram is not None:
+                return torch.mv(gram.reshape(gram.shape[0], -1), _flat(m, gram.dtype))
+        return _plain_dot(*self.pair(), _pair(other)[0])
+
+    def sq(self) -> torch.Tensor:
+        return _plain_sq(*self.pair())
+
+    def sum(self) -> torch.Tensor:
+        return _plain_sum(*self.pair())
+
+
 def _groups(value: torch.Tensor) -> torch.Tensor:
-    return value.reshape(-1)
+    return value if value.ndim == 1 else value.reshape(-1)
 
 
 def _total(parts) -> torch.Tensor:
@@ -57,16 +107,17 @@ def sq(xs) -> torch.Tensor:
     return _total(_groups(x.sq() if hasattr(x, "pair") else _plain_sq(*x)) for x in xs)
 
 
+def _dot(x, y) -> torch.Tensor:
+    if type(y) is Scaled and type(x) is not Scaled:
+        x, y = y, x  # ⟨x, y M⟩ = ⟨y M, x⟩
+    if hasattr(x, "pair") and hasattr(y, "pair"):
+        return x.dot(y)
+    return _plain_dot(*_pair(x), _pair(y)[0])
+
+
 def dot(xs, ys) -> torch.Tensor:
     """⟨x, y⟩ per group, slice by slice."""
-    return _total(
-        _groups(
-            x.dot(y)
-            if hasattr(x, "pair") and hasattr(y, "pair")
-            else _plain_dot(*_pair(x), _pair(y)[0])
-        )
-        for x, y in zip(xs, ys)
-    )
+    return _total(_groups(_dot(x, y)) for x, y in zip(xs, ys))
 
 
 def total(xs) -> torch.Tensor:
@@ -74,9 +125,17 @@ def total(xs) -> torch.Tensor:
     return _total(_groups(x.sum() if hasattr(x, "pair") else _plain_sum(*x)) for x in xs)
 
 
-def mm(xs, m: torch.Tensor) -> list[Pair]:
-    """Right-multiply every (whole-matrix) slice by a constant matrix."""
-    return [(x @ m.to(x.dtype), d) for x, d in map(_pair, xs)]
+def mm(xs, m: torch.Tensor) -> list:
+    """Right-multiply every (whole-matrix) slice by a constant matrix (tracked slices: lazily,
+    see :class:`Scaled`)."""
+    out: list = []
+    for x in xs:
+        if hasattr(x, "gram"):
+            out.append(Scaled(x, m))
+        else:
+            p, d = _pair(x)
+            out.append((p @ m.to(p.dtype), d))
+    return out
 
 
 def tr(xs) -> list[Pair]:

@@ -38,6 +38,29 @@ class ReductionCache:
         self._alive: list[torch.Tensor] = []  # temporaries, kept so no storage is reused
         #: the products among θ and g asked for per layout, computed in one pass (:mod:`.fused`)
         self.plan = Plan()
+        #: slices of parameters and optimizer buffers kept across hook calls, one per bound
+        #: slice and role (views follow in-place updates)
+        self._slices: dict[tuple[int, str], tuple[torch.Tensor, tuple, GridSlice]] = {}
+
+    def slice(self, raw: torch.Tensor, spec: BoundSlice, role: str | None = None) -> GridSlice:
+        """``raw`` of ``spec``'s tensor as a :class:`GridSlice`; with a ``role`` ("theta",
+        "buffer": tensors that live across steps) the same object as in the last hook call while
+        ``raw`` is the same plain tensor at the same storage. Gradients and temporaries get no
+        role: keeping them would hold memory that ``zero_grad(set_to_none=True)`` frees."""
+        if role is None:
+            return GridSlice(raw.detach(), spec, self)
+        key = (id(spec), role)
+        where = (raw.data_ptr(), raw.shape, raw.stride(), raw.dtype, id(spec.tensor) in self.absent)
+        hit = self._slices.get(key)
+        if hit is not None and hit[0] is raw and hit[1] == where:
+            return hit[2]
+        made = GridSlice(raw.detach(), spec, self)
+        plain = type(raw) in (torch.Tensor, torch.nn.Parameter) and made.part is None
+        if plain and made.value.untyped_storage().data_ptr() == raw.untyped_storage().data_ptr():
+            self._slices[key] = (raw, where, made)
+        else:
+            self._slices.pop(key, None)
+        return made
 
     def keep(self, t: torch.Tensor) -> torch.Tensor:
         """Hold a temporary until :meth:`clear` (cache keys are storage addresses)."""
@@ -65,7 +88,7 @@ class GridSlice:
         self.part: LocalPart | None = None
         #: another rank computes this slice's terms (every reduction is zero here)
         self.absent = id(spec.tensor) in cache.absent
-        if is_sharded(raw):
+        if type(raw) not in (torch.Tensor, torch.nn.Parameter) and is_sharded(raw):
             self.part = local_part(raw, spec)
             raw = cache.keep(self.part.value)
         if raw.dtype in (torch.float16, torch.bfloat16):  # reduce in float32 at least
@@ -102,28 +125,8 @@ class GridSlice:
         return self.value.new_zeros(self.spec.n_groups)
 
     def _groups(self, p: torch.Tensor) -> torch.Tensor:
-        """Sum ``p`` over every dimension but the group dimension, with long contiguous
-        reductions: rows for the leading dimension, a matrix-vector product otherwise."""
-        dim = self.spec.dim
-        if dim is None:
-            return p.sum().reshape(1)
-        if p.ndim == 1:
-            return p
-        dim = dim % p.ndim
-        if dim == 0:
-            return p.reshape(p.shape[0], -1).sum(dim=1)
-        shape = p.shape
-        lead = 1
-        for n in shape[:dim]:
-            lead *= n
-        groups = shape[dim]
-        p3 = p.reshape(lead, groups, -1)
-        if lead > 1:
-            ones = torch.ones(lead, dtype=p.dtype, device=p.device)
-            p2 = (ones @ p3.reshape(lead, -1)).reshape(groups, -1)
-        else:
-            p2 = p3.reshape(groups, -1)
-        return p2.sum(dim=1) if p2.shape[1] > 1 else p2.reshape(groups)
+        """Sum ``p`` over every dimension but the group dimension (:func:`.fused.group_sums`)."""
+        return fused.group_sums(p, self.spec.dim)
 
     def _fused(self, other: GridSlice) -> torch.Tensor | None:
         """⟨x, y⟩ per group from the hook call's fused pass when x and y are θ or g of the same
@@ -154,6 +157,35 @@ class GridSlice:
         return self.cache.plan.lookup(
             layout, spec, (roles[0], roles[1]), lambda t: grads.get(id(t), t.grad)
         )
+
+    def gram(self, other: GridSlice, rows: int, cols: int) -> torch.Tensor | None:
+        """Per group, Σ over every axis but the group axis and the last of x[..., a] y[..., b]:
+        (G, a, b), shared by every family that reads ⟨x M, y⟩ = Σ_ab M_ab Gram_ab for its own
+        constant M (a = ``rows``, b = ``cols``); None where it does not apply (a sharded or absent
+        slice, the group axis last, other shapes): the caller multiplies by M itself."""
+        if self.absent or other.absent or self.part is not None or other.part is not None:
+            return None
+        x, y = self.value, other.value
+        if x.ndim < 2 or x.shape[:-1] != y.shape[:-1] or x.shape[-1] != rows:
+            return None
+        if y.shape[-1] != cols or x.dtype != y.dtype:
+            return None
+        dim = self.spec.dim
+        if dim is not None and dim % x.ndim == x.ndim - 1:
+            return None
+        if other.spec.dim != dim:
+            return None
+        key = ("gram", _key(x), _key(y), dim)
+        out = self.cache.grids.get(key)
+        if out is None:
+            if dim is not None:
+                x, y = x.movedim(dim % x.ndim, 0), y.movedim(dim % y.ndim, 0)
+            else:
+                x, y = x.unsqueeze(0), y.unsqueeze(0)
+            x = x.reshape(x.shape[0], -1, rows)
+            y = y.reshape(y.shape[0], -1, cols)
+            out = self.cache.grids[key] = torch.bmm(x.mT, y)
+        return out
 
     def sq(self) -> torch.Tensor:
         if self.absent:
