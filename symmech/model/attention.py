@@ -104,8 +104,8 @@ def _explicit_core(trace: Trace, softmax: fx.Node) -> tuple[fx.Node, ...] | None
     while isinstance(node, fx.Node) and node.target not in MATMULS:
         if is_scalar_scale(node, trace.values):
             node = tensor_arg(node, trace.values)
-        elif node.target in ("masked_fill", torch.masked_fill):
-            node = node.args[0]
+        elif node.target in ("masked_fill", torch.masked_fill, "to"):
+            node = node.args[0]  # a mask, or a dtype cast
         elif node.target in (operator.add, torch.add, "add") and isinstance(node.args[0], fx.Node):
             node = node.args[0]  # an additive mask
         else:
@@ -123,7 +123,8 @@ def _explicit_core(trace: Trace, softmax: fx.Node) -> tuple[fx.Node, ...] | None
         out = users[0]
         if out.target in MATMULS and out.args[0] is not None and len(out.args) == 2:
             break
-        if out.target not in DROPOUTS and not isinstance(trace.module(out), nn.Dropout):
+        dropout = out.target in DROPOUTS or isinstance(trace.module(out), nn.Dropout)
+        if not dropout and out.target != "to":  # dropout, or a dtype cast
             return None
     return q, kt.args[0], out.args[1], out
 

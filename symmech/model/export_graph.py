@@ -69,7 +69,10 @@ _AS_TORCH: dict[Any, tuple[str, Any, int | None]] = {
     _ATEN.sigmoid.default: ("call_function", torch.sigmoid, None),
     _ATEN.mean.dim: ("call_function", torch.mean, None),
     _ATEN.select.int: ("call_function", torch.select, None),
+    _ATEN.to.dtype: ("call_method", "to", None),
 }  # fmt: skip
+#: checks export inserts that compute nothing (they would count as readers of their input)
+_DROPPED = {_ATEN._assert_tensor_metadata.default}
 
 
 def _export_kwargs(model: nn.Module) -> dict[str, Any]:
@@ -150,7 +153,7 @@ def export_module_graph(
             path, data = collapsed[node]
             root[path] = model.get_submodule(path)
             env[node] = graph.call_module(path, (env[data],))
-        elif node in members:
+        elif node in members or (node.target in _DROPPED and not node.users):
             continue
         elif node.op == "output":
             outputs = node.args[0]

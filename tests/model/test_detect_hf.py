@@ -129,6 +129,22 @@ def test_gpt2_untied_head_has_translation() -> None:
     assert all(f.confirmed for f in fams), format_table(fams)
 
 
+def test_gpt2_eager_attention() -> None:
+    # attn_implementation="eager": softmax(q kᵀ · s + mask) written out, cast to the value dtype,
+    # dropout, then @ v. One layer: 10 + 10 families of 2 heads; ln_1, ln_2 norm_rescale 8 each.
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_head=H, n_embd=D, vocab_size=VOCAB,
+                                     n_positions=16, attn_implementation="eager")  # fmt: skip
+    model, x = transformers.GPT2LMHeadModel(config).double(), ids()
+    fams = detect(model, x, confirm_batch=(x, x))
+    assert counts(fams) == {
+        "attention_qk": (ENTRIES, ENTRIES * H),
+        "attention_vo": (ENTRIES, ENTRIES * H),
+        "norm_rescale": (2, 2 * D),
+    }
+    assert all(f.confirmed for f in fams), format_table(fams)
+
+
 def test_bert_counts_and_confirmation() -> None:
     # Separate query/key/value Linear layers: 10 + 10 families of 2 heads per layer.
     # classifier (d → 3) on the logits under cross-entropy: T d columns + bias.
