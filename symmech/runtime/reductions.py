@@ -52,7 +52,7 @@ class ReductionCache:
         key = (id(spec), role)
         where = (raw.data_ptr(), raw.shape, raw.stride(), raw.dtype, id(spec.tensor) in self.absent)
         hit = self._slices.get(key)
-        if hit is not None and hit[0] is raw and hit[1] == where:
+        if hit is not None and hit[0] is raw and hit[1] == where and hit[2].spec is spec:
             return hit[2]
         made = GridSlice(raw.detach(), spec, self)
         plain = type(raw) in (torch.Tensor, torch.nn.Parameter) and made.part is None
