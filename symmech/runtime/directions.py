@@ -179,8 +179,9 @@ def _adam(
     if not group["capturable"] or group["fused"]:
         step = _value(step_t)
         bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-        denom = (v.sqrt() / bc2**0.5).add_(eps)
-        return Direction(shrink, lr / bc1, m / denom)
+        # in place on this hook's own m and v: the same values as Adam's, without new memory
+        denom = v.sqrt_().div_(bc2**0.5).add_(eps)
+        return Direction(shrink, lr / bc1, m.div_(denom))
     # capturable: the bias corrections are tensors in the step counter's dtype (float32 usually)
     with_grads = [q for q in group["params"] if q.grad is not None]
     if _adam_foreach(group, with_grads):
@@ -211,7 +212,7 @@ def _rmsprop(
         avg_g = _state_tensor(state, "grad_avg", p, call).lerp(grad, 1 - alpha)
         avg = sq.addcmul(avg_g, avg_g, value=-1).sqrt_()
     else:
-        avg = sq.sqrt()
+        avg = sq.sqrt_()  # this hook's own copy: in place, the same values
     avg = avg.add_(group["eps"])
     if group["momentum"] > 0:
         buf = _state_tensor(state, "momentum_buffer", p, call)
@@ -232,7 +233,7 @@ def _adagrad(
     total = _state_tensor(state, "sum", p, call, fill=init).addcmul(grad, grad, value=1)
     step = _value(state["step"]) + 1 if "step" in state else 1.0
     eta = group["lr"] / (1 + (step - 1) * group["lr_decay"])
-    return Direction(1.0, float(eta), grad / total.sqrt().add_(group["eps"]))
+    return Direction(1.0, float(eta), grad / total.sqrt_().add_(group["eps"]))
 
 
 _MODELS = {
