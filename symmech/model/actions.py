@@ -184,6 +184,8 @@ class SpecAction:
 
 
 _COMPILED: dict[tuple, SpecAction] = {}
+_BY_NAME: dict[str, SpecAction] = {}
+_BY_ID: dict[int, tuple[Symmetry, SpecAction]] = {}
 
 
 def spec_of(family: Family) -> Symmetry:
@@ -200,12 +202,24 @@ def spec_of(family: Family) -> Symmetry:
 
 
 def spec_action(family: Family) -> SpecAction:
-    """The :class:`SpecAction` of the family's spec (built once per distinct spec)."""
+    """The :class:`SpecAction` of the family's spec (built once per distinct spec; a built-in
+    named without a spec, or a spec object seen before, is found without rebuilding or printing
+    it: confirmation asks for it once per family and group)."""
+    if family.spec is None and family.symmetry in _BY_NAME:
+        return _BY_NAME[family.symmetry]
+    seen = _BY_ID.get(id(family.spec)) if family.spec is not None else None
+    if seen is not None and seen[0] is family.spec:
+        return seen[1]
     spec = spec_of(family)
     key = (repr(spec), tuple((c.name, c.structure) for c in spec.constants))
     if key not in _COMPILED:
         _COMPILED[key] = SpecAction(spec)
-    return _COMPILED[key]
+    action = _COMPILED[key]
+    if family.spec is None:
+        _BY_NAME[family.symmetry] = action
+    else:
+        _BY_ID[id(family.spec)] = (family.spec, action)  # keeps the spec alive: ids stay unique
+    return action
 
 
 # ----------------------------------------------------------------------------- slices
