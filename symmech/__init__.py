@@ -31,6 +31,7 @@ from .errors import (
 from .spec import Block, Constant, Symmetry, alpha, library, load_spec, ones
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from .model.actions import SymmetryWarning
     from .model.check import check
     from .model.detect import detect
     from .runtime.attach import track
@@ -45,6 +46,7 @@ _TORCH_NAMES = {
     "Tracker": "symmech.runtime.tracker",
     "TrackerWarning": "symmech.runtime.tracker",
     "detect": "symmech.model.detect",
+    "SymmetryWarning": "symmech.model.actions",
     "check": "symmech.model.check",
 }
 
@@ -75,6 +77,7 @@ __all__ = [
     "SpecError",
     "SymmechError",
     "Symmetry",
+    "SymmetryWarning",
     "Tracker",
     "TrackerWarning",
     "__version__",

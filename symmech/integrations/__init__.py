@@ -50,7 +50,7 @@ def detect_bindings(
     found = list(detect(model, x, loss_fn=loss_fn, confirm_batch=batch))
     bindings = bindings_from_families(model, found)
     for b in bindings:
-        b.layer = b.layer.removeprefix(prefix)
+        b.layer = b.layer.removeprefix(prefix).replace(f" {prefix}", " ")  # every name in it
     return bindings
 
 
