@@ -97,6 +97,21 @@ def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
     return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
+_CLAMPS = {torch.clamp, torch.clip, torch.clamp_min, "clamp", "clip", "clamp_min", "clamp_",
+           "clip_", "clamp_min_"}  # fmt: skip
+
+
+def _clamps_at_zero(fn: Any, node: fx.Node) -> bool:
+    """``clamp(min=0)`` (any spelling, no upper bound) is a ReLU: positively homogeneous."""
+    if not isinstance(fn, str) and not callable(fn) or fn not in _CLAMPS:
+        return False
+    low = _arg(node, 1, "min", None)
+    high = (
+        None if fn in (torch.clamp_min, "clamp_min", "clamp_min_") else _arg(node, 2, "max", None)
+    )
+    return isinstance(low, (int, float)) and not isinstance(low, bool) and low == 0 and high is None
+
+
 def _function_kind(node: fx.Node) -> tuple[str, dict[str, Any]]:
     fn, args = node.target, node.args
     if node.op == "call_method":
@@ -111,7 +126,7 @@ def _function_kind(node: fx.Node) -> tuple[str, dict[str, Any]]:
             return "pass", {}
     if fn is getattr and len(args) > 1 and args[1] in ("shape", "ndim", "dtype", "device"):
         return "meta", {}
-    if fn in _ACT_FUNCS:
+    if fn in _ACT_FUNCS or _clamps_at_zero(fn, node):
         return "act", {}
     if fn in _NONHOM_FUNCS or (node.op == "call_method" and fn in ("tanh", "sigmoid")):
         return "nonhom", {}

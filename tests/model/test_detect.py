@@ -381,3 +381,34 @@ def test_format_table() -> None:
     rows = [[c.strip() for c in line.split(" | ")] for line in table.splitlines()[2:-1]]
     assert ["fc1 → relu1 → fc2", "rescale", "4", "-"] in rows
     assert table.splitlines()[-1] == "3 families, 9 groups"
+
+
+class _Clamped(nn.Module):
+    def __init__(self, high: float | None, functional: bool) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.high, self.functional = high, functional
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h = torch.clamp(h, 0.0, self.high) if self.functional else h.clamp(min=0, max=self.high)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+@pytest.mark.parametrize("high", [None, 6.0])
+def test_clamp_at_zero_is_a_relu_and_an_upper_bound_is_not(high, functional):
+    torch.manual_seed(0)
+    model = _Clamped(high, functional).double()
+    x = 3 * torch.randn(32, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (32,))
+    found = {f.symmetry for f in detect(model, (x, y))}
+    # by hand: scale unit j's incoming row by 2 and its outgoing column by 1/2
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        moved.a.weight[:] *= 2
+        moved.a.bias[:] *= 2
+        moved.b.weight[:] /= 2
+    same = torch.allclose(model(x), moved(x), rtol=1e-12, atol=1e-12)
+    assert same == (high is None)
+    assert ("rescale" in found) == same
