@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from symmech.errors import BindingError, explain
-from symmech.runtime.attach import bindings_from_families
+from symmech.runtime.attach import bindings_from_families, split_example
 from symmech.runtime.sinks import write_records
 
 if TYPE_CHECKING:  # torch comes with the runtime; imported here only for the type hints
@@ -45,8 +45,7 @@ def detect_bindings(
     taken off the layer labels (a wrapper's attribute name)."""
     from symmech.model.detect import detect
 
-    batch = example if isinstance(example, (tuple, list)) and len(example) == 2 else None
-    x = batch[0] if batch is not None else example
+    x, batch = split_example(model, example, "detect_bindings")
     found = list(detect(model, x, loss_fn=loss_fn, confirm_batch=batch))
     bindings = bindings_from_families(model, found)
     for b in bindings:

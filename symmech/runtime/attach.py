@@ -7,6 +7,7 @@ is given, and turned into bindings.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -74,6 +75,40 @@ def bindings_from_families(model: torch.nn.Module, families: Sequence[Any]) -> l
         binding.detected = True
         out.append(binding)
     return out
+
+
+def _required_inputs(model: torch.nn.Module) -> int | None:
+    """How many positional inputs ``model.forward`` requires (None: cannot tell)."""
+    try:
+        params = inspect.signature(unwrap(model).forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params)
+
+
+def split_example(model: torch.nn.Module, example: Any, call: str) -> tuple[Any, Any]:
+    """``(inputs, batch)`` from ``example_input``: a pair is an ``(x, y)`` batch (x itself a
+    tuple of positional inputs for a model that takes several: ``((x, mask), y)``), a 1-tuple
+    of a tuple the inputs alone (``((x, mask),)``), anything else the model's input. A pair of tensors for a model whose forward requires two inputs is
+    refused: ``(x, mask)`` must not be read as ``(x, y)``."""
+    if isinstance(example, (tuple, list)) and len(example) == 1:
+        if isinstance(example[0], (tuple, list)):
+            return tuple(example[0]), None  # ((x, mask),): the inputs alone
+    if not (isinstance(example, (tuple, list)) and len(example) == 2):
+        return example, None
+    if isinstance(example[0], torch.Tensor) and (_required_inputs(model) or 0) >= 2:
+        name = type(unwrap(model)).__name__
+        raise BindingError(
+            explain(
+                f"{call}(..., example_input=(tensor, tensor))",
+                f"{name}.forward requires {_required_inputs(model)} inputs, so this pair could "
+                "be its inputs or an (x, y) batch",
+                "give example_input=((x, mask), y) to detect and confirm on a batch, or "
+                "example_input=((x, mask),) for the inputs alone",
+            )
+        )
+    return example[0], example
 
 
 def track(
@@ -150,12 +185,7 @@ def track(
     if symmetries is None:
         from symmech.model.detect import detect
 
-        batch = (
-            example_input
-            if isinstance(example_input, (tuple, list)) and len(example_input) == 2
-            else None
-        )
-        x = batch[0] if batch is not None else example_input
+        x, batch = split_example(model, example_input, "track")
         symmetries = detect(model, x, loss_fn=loss_fn, confirm_batch=batch)
     if not all(isinstance(b, Binding) for b in symmetries):
         families = [b for b in symmetries if not isinstance(b, Binding)]

@@ -143,3 +143,51 @@ def test_linear_layer_pair_without_activation_is_a_rescale_family():
     _train(model, opt, x, y, 100)
     rows = [r for r in tracker.records() if r["symmetry"] == "rescale"]
     assert _max_rel(rows, "discrete") < 1e-10
+
+
+class _Masked(torch.nn.Module):
+    """A model with two inputs: forward(x, mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x * mask)))
+
+
+def test_several_inputs_take_a_nested_batch_and_a_bare_pair_is_refused():
+    torch.manual_seed(0)
+    net = _Masked().double()
+    x = torch.randn(32, 4, dtype=torch.float64)
+    mask = (torch.rand(32, 4) > 0.2).double()
+    y = torch.randint(0, 3, (32,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    before = [p.detach().clone() for p in net.parameters()]
+    with pytest.raises(
+        symmech.BindingError, match=r"_Masked\.forward requires 2 inputs.*\(\(x, mask\), y\)"
+    ):
+        symmech.track(net, opt, example_input=(x, mask))  # mask must not be read as labels
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))  # nothing moved
+    tracker = symmech.track(net, opt, example_input=((x, mask), y))
+    assert sorted(f.symmetry for f in tracker.families) == ["rescale", "translation", "translation"]
+    charges = []
+    for _ in range(20):
+        charges.append(net.b.bias.detach().sum().item())  # translation of the bias, by hand
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x, mask), y).backward()
+        opt.step()
+    charges.append(net.b.bias.detach().sum().item())
+    rows = [
+        r
+        for r in tracker.records()
+        if r["layer"].endswith("bias") and r["symmetry"] == "translation"
+    ]
+    assert [r["step"] for r in rows] == list(range(21))
+    scale = max(net.b.bias.abs().sum().item(), 1e-3)
+    assert max(abs(r["discrete"] - q) for r, q in zip(rows, charges)) <= 1e-12 * scale
+    assert {f.status for f in tracker.families} == {"tracked"}
+    other = _Masked()
+    inputs_only = symmech.track(other, torch.optim.SGD(other.parameters(), lr=0.1),
+                                example_input=((x.float(), mask.float()),))  # fmt: skip
+    assert len(inputs_only.families) == 3
