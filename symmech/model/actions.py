@@ -132,7 +132,8 @@ class SymmetryWarning(UserWarning):
 
 
 class DetectionResult(list[Family]):
-    """The detected families (a list), plus ``path`` ("fx", "export", "modules" or "none") and ``notes``."""
+    """The detected families (a list), plus ``path`` ("fx", "export", "modules" or "none") and
+    ``notes``."""
 
     def __init__(self, families: list[Family], path: str, notes: list[str]) -> None:
         super().__init__(families)

@@ -90,19 +90,21 @@ def _required_inputs(model: torch.nn.Module) -> int | None:
 def split_example(model: torch.nn.Module, example: Any, call: str) -> tuple[Any, Any]:
     """``(inputs, batch)`` from ``example_input``: a pair is an ``(x, y)`` batch (x itself a
     tuple of positional inputs for a model that takes several: ``((x, mask), y)``), a 1-tuple
-    of a tuple the inputs alone (``((x, mask),)``), anything else the model's input. A pair of tensors for a model whose forward requires two inputs is
-    refused: ``(x, mask)`` must not be read as ``(x, y)``."""
+    of a tuple the inputs alone (``((x, mask),)``), anything else the model's input. A pair of
+    tensors for a model whose forward requires two inputs is refused: ``(x, mask)`` must not be
+    read as ``(x, y)``."""
     if isinstance(example, (tuple, list)) and len(example) == 1:
         if isinstance(example[0], (tuple, list)):
             return tuple(example[0]), None  # ((x, mask),): the inputs alone
     if not (isinstance(example, (tuple, list)) and len(example) == 2):
         return example, None
-    if isinstance(example[0], torch.Tensor) and (_required_inputs(model) or 0) >= 2:
+    required = _required_inputs(model) or 0
+    if isinstance(example[0], torch.Tensor) and required >= 2:
         name = type(unwrap(model)).__name__
         raise BindingError(
             explain(
                 f"{call}(..., example_input=(tensor, tensor))",
-                f"{name}.forward requires {_required_inputs(model)} inputs, so this pair could "
+                f"{name}.forward requires {required} inputs, so this pair could "
                 "be its inputs or an (x, y) batch",
                 "give example_input=((x, mask), y) to detect and confirm on a batch, or "
                 "example_input=((x, mask),) for the inputs alone",

@@ -187,7 +187,7 @@ class _Series:
         self.symmetry = symmetry
         self.layer = layer
         self.groups = groups
-        self.labels = labels if len(labels) == groups else tuple(str(g) for g in range(groups))
+        self.labels = labels  # as given; read through _labels()
         self.rows = rows
         self.chunks: list[_Chunk] = []
 
