@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import attention, norms, transformer
+from . import attention, norms, streams, transformer
 from .actions import BlockSlice, Family, SymmetryWarning
 from .graph import Op
 from .layout import in_axis, in_features, out_axis, out_features
@@ -240,6 +240,7 @@ def families(ops: list[Op], notes: list[str], trace: Trace | None = None) -> lis
         fams += norms.norm_rescale_families(trace, say)
         fams += attention.attention_families(trace, say)
         fams += transformer.leaf_families(trace, say)
+        fams += streams.stream_families(trace, say)
     return fams
 
 
