@@ -23,6 +23,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from .actions import Square
 from .export_graph import export_module_graph
 from .layout import is_transposed
+from .norms import is_rms_norm
 from .trace import Trace
 
 __all__ = ["Op", "as_tuple", "export_graph", "fx_graph", "module_graph", "side_effect_free"]
@@ -190,10 +191,12 @@ class _Recorder(ShapeProp):
 
 
 class _Tracer(fx.Tracer):
-    """torch.fx's tracer, with Hugging Face's ``Conv1D`` a leaf like ``nn.Linear``."""
+    """torch.fx's tracer, with Hugging Face's ``Conv1D`` a leaf like ``nn.Linear`` and a custom
+    RMSNorm (``LlamaRMSNorm``, see :func:`.norms.is_rms_norm`) a leaf like ``nn.LayerNorm``."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_transposed(m) or super().is_leaf_module(m, module_qualified_name)
+        leaf = is_transposed(m) or is_rms_norm(m)
+        return leaf or super().is_leaf_module(m, module_qualified_name)
 
 
 def _aliases(model: nn.Module) -> dict[str, list[str]]:

@@ -2,6 +2,13 @@
 reaches only Linear / conv layers (or a self-attention's input projection) through dropout,
 identity or a mean over other axes: its affine scaled by α per channel, the readers' input
 columns by 1/α.
+
+RMSNorm is ``nn.RMSNorm`` or a model's own module written like Hugging Face's ``LlamaRMSNorm``
+(:func:`is_rms_norm`: a class name ending in "RMSNorm", a ``weight`` vector, an eps attribute);
+the tracers keep such a module whole, and its output is checked to be proportional to its weight
+per channel on the example input before a family is claimed (Gemma's ``x̂ · (1 + w)`` is not).
+A SwiGLU MLP ``down(silu(gate(x)) · up(x))`` reads the norm output through ``gate`` and ``up``,
+both linear in it: one family moves both input columns.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from .actions import BlockSlice, Family
 from .layout import in_axis, in_features, is_linear
 from .trace import DROPOUTS, Trace, is_meta
 
-__all__ = ["norm_rescale_families"]
+__all__ = ["is_rms_norm", "norm_rescale_families"]
 
 _NORMS = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
@@ -23,6 +30,42 @@ _NORMS = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm) + (
 
 
 # ----------------------------------------------------------------------------- normalisation
+
+
+def is_rms_norm(module: nn.Module | None) -> bool:
+    """``nn.RMSNorm``, or a custom RMSNorm like Hugging Face's ``LlamaRMSNorm``: class name
+    ending in "RMSNorm", a one-dimensional ``weight`` parameter, a ``variance_epsilon`` or
+    ``eps`` attribute."""
+    if module is None:
+        return False
+    if hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm):
+        return True
+    # read from _parameters: under torch.fx tracing, attribute access of a parameter is a Proxy
+    weight = getattr(module, "__dict__", {}).get("_parameters", {}).get("weight")
+    eps = next(
+        (getattr(module, a) for a in ("variance_epsilon", "eps") if hasattr(module, a)), None
+    )
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and isinstance(weight, nn.Parameter)
+        and weight.ndim == 1
+        and isinstance(eps, (int, float))
+    )
+
+
+def _weight_scales_output(trace: Trace, node: fx.Node, norm: nn.Module) -> bool:
+    """A custom RMSNorm's output channel i is multiplied by d_i when its weight is, on the
+    example input (x̂ · w, not Gemma's x̂ · (1 + w)): checked with a random positive d."""
+    x, out = (trace.values.get(n) for n in (node.args[0] if node.args else None, node))
+    if not isinstance(x, Tensor) or not isinstance(out, Tensor):
+        return False
+    weight = norm.weight.detach()
+    d = 0.5 + 1.5 * torch.rand(weight.shape, generator=torch.Generator().manual_seed(0))
+    d = d.to(weight)
+    with torch.no_grad():
+        moved = torch.func.functional_call(norm, {"weight": weight * d}, (x,))
+    tol = 1e-10 if out.dtype == torch.float64 else 1e-4
+    return moved.shape == out.shape and torch.allclose(moved, out * d, rtol=tol, atol=tol)
 
 
 def _reads_channels(
@@ -75,13 +118,21 @@ def norm_rescale_families(
     fams = []
     for node in trace.gm.graph.nodes:
         norm = trace.module(node)
+        rms = is_rms_norm(norm)
         if (
-            not isinstance(norm, _NORMS)
+            not (isinstance(norm, _NORMS) or rms)
             or node in trace.shared
             or getattr(norm, "weight", None) is None
         ):
             continue
-        if isinstance(norm, (nn.LayerNorm,)) or type(norm).__name__ == "RMSNorm":
+        if rms and not isinstance(norm, _NORMS):
+            if not _weight_scales_output(trace, node, norm):
+                note(f"no norm_rescale family for {node.target}: {type(norm).__name__}'s output "
+                     "is not its weight times a weight-free function of the input, channel by "
+                     "channel (checked on the example input; e.g. x̂ · (1 + w))")  # fmt: skip
+                continue
+            n, axis_last = norm.weight.numel(), True
+        elif isinstance(norm, nn.LayerNorm) or rms:
             shape = tuple(norm.normalized_shape)
             if len(shape) != 1:
                 continue
