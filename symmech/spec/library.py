@@ -84,21 +84,42 @@ _LINEAR_PAIR_DESCRIPTIONS = {
 }
 
 
+def _rescale_named(name: str, description: str) -> Symmetry:
+    """The rescale action ψ = (αθ₁, α⁻¹θ₂) under another name: a different place in a network."""
+    theta_1, theta_2 = Block("theta_1"), Block("theta_2")
+    return Symmetry(
+        name,
+        action={theta_1: alpha * theta_1, theta_2: theta_2 / alpha},
+        identity=1,
+        description=description,
+    )
+
+
 def norm_rescale() -> Symmetry:
     """ψ = (αθ₁, α⁻¹θ₂): a normalisation's affine (γᵢ, βᵢ) against input column i of its readers.
 
     The rescale action under its own name: the normalised feature i enters the next layers only
     through (γᵢ x̂ᵢ + βᵢ) times their input column i, with nothing nonlinear in between.
     """
-    theta_1, theta_2 = Block("theta_1"), Block("theta_2")
-    return Symmetry(
+    return _rescale_named(
         "norm_rescale",
-        action={theta_1: alpha * theta_1, theta_2: theta_2 / alpha},
-        identity=1,
-        description=(
-            "Rescale of a normalisation's affine (gamma_i, beta_i) against input column i of "
-            "every linear layer that reads it."
-        ),
+        "Rescale of a normalisation's affine (gamma_i, beta_i) against input column i of "
+        "every linear layer that reads it.",
+    )
+
+
+def stream_rescale() -> Symmetry:
+    """ψ = (αθ₁, α⁻¹θ₂): channel i of a residual stream, written by θ₁ and read by θ₂.
+
+    The rescale action under its own name: every layer that writes into a stream of additions
+    (through ReLU, pooling, dropout) has its output channel i scaled by α, every layer that reads
+    the stream has its input channel i scaled by 1/α, so the stream's channel i is α times larger
+    everywhere between them and the network's output is unchanged.
+    """
+    return _rescale_named(
+        "stream_rescale",
+        "Rescale of channel i of a residual stream: output channel i of every layer that "
+        "writes into it against input channel i of every layer that reads it.",
     )
 
 
@@ -156,4 +177,5 @@ BUILTIN = {
     "attention_qk": attention_qk,
     "attention_vo": attention_vo,
     "norm_rescale": norm_rescale,
+    "stream_rescale": stream_rescale,
 }

@@ -129,10 +129,14 @@ def test_resnet18_no_false_groups_across_residual_adds() -> None:
     # S: every conv feeds a BN: stem 64; layer1 4×64; layer2 4×128 + downsample 128; layer3
     #    5×256; layer4 5×512 → 64+256+640+1280+2560 = 4800 in 1+4+5+5+5 = 20 families.
     # T: fc (512 → 10): 2 / 513.
+    # Streams: one per stage, across its adds (the stem's bn1 writes stage 1's; each stage's
+    #    readers include the next stage's conv1 and downsample conv, the last one's the fc):
+    #    4 families / 64+128+256+512 = 960 (tests/model/test_streams.py checks them by hand).
     model = resnet18(num_classes=10, in_channels=1)
     x, _ = digits(n=2)
     fams = detect(model, x)
-    assert counts(fams) == {"translation": (2, 513), "scale": (20, 4800), "rescale": (8, 1920)}
+    assert counts(fams) == {"translation": (2, 513), "scale": (20, 4800), "rescale": (8, 1920),
+                            "stream_rescale": (4, 960)}  # fmt: skip
     for f in fams:
         if f.symmetry == "rescale":
             stage_block = f.layer.split(".bn1")[0]
@@ -143,8 +147,9 @@ def test_resnet18_small_is_confirmed() -> None:
     model = resnet18(num_classes=10, in_channels=1, base_width=4)
     x, y = digits(n=4)
     fams = detect(model, x, confirm_batch=(x, y), n_trials=1)
-    # Same structure with base width 4: S 75·4 = 300, R 30·4 = 120, T 32 + 1.
-    assert counts(fams) == {"translation": (2, 33), "scale": (20, 300), "rescale": (8, 120)}
+    # Same structure with base width 4: S 75·4 = 300, R 30·4 = 120, T 32 + 1, streams 15·4 = 60.
+    assert counts(fams) == {"translation": (2, 33), "scale": (20, 300), "rescale": (8, 120),
+                            "stream_rescale": (4, 60)}  # fmt: skip
     assert all(f.confirmed for f in fams), format_table(fams)
 
 

@@ -1,0 +1,406 @@
+"""Residual streams (``stream_rescale``): detection on ResNet (basic and bottleneck blocks),
+MobileNetV2's linear bottlenecks and residual MLPs, each checked against writers and readers named
+here by hand; a by-hand move of every stream (per-channel α on the writers' output channels, 1/α on
+the readers' input channels, written out per layer type) leaves the float64 output unchanged, and
+leaving one reader out changes it; streams that a normalisation reads, or that a concatenation
+joins, give no family and a note that names the operation; confirmation refuses a stream with a
+reader missing; tracked, the exact law holds under SGD and AdamW and the charge matches
+½(Σ‖writer rows‖² − Σ‖reader columns‖²) computed from the weights."""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections import OrderedDict
+
+import pytest
+import torch
+from support.sgd import digits_batches
+from support.zoo import resnet18
+from torch import nn
+
+import symmech
+from symmech.model.actions import Family
+from symmech.model.confirm import confirm
+from symmech.model.detect import detect
+from symmech.runtime.attach import bindings_from_families
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _streams(fams) -> list[Family]:
+    return [f for f in fams if f.symmetry == "stream_rescale"]
+
+
+def _modules(fam: Family, block: str) -> list[str]:
+    """The layers of one block of the family, sorted by name."""
+    return sorted({p.param.rsplit(".", 1)[0] for p in fam.blocks[block]})
+
+
+def _move_by_hand(model: nn.Module, writers, readers, alpha: torch.Tensor) -> None:
+    """Scale output channel c of each writer by α_c, input channel c of each reader by 1/α_c."""
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for name in writers:
+            m = mods[name]
+            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+                m.weight.mul_(alpha)
+                m.bias.mul_(alpha)
+            elif isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_(alpha.reshape(-1, *([1] * (m.weight.ndim - 1))))
+                if m.bias is not None:
+                    m.bias.mul_(alpha)
+            else:
+                raise AssertionError(name)
+        for name in readers:
+            m = mods[name]
+            if isinstance(m, nn.Conv2d) and m.groups > 1:  # depthwise: filter c reads channel c
+                m.weight.div_(alpha.reshape(-1, 1, 1, 1))
+            elif isinstance(m, nn.Conv2d):
+                m.weight.div_(alpha.reshape(1, -1, 1, 1))
+            else:
+                m.weight.div_(alpha.reshape(1, -1))
+
+
+def _check_by_hand(model: nn.Module, x: torch.Tensor, writers, readers) -> None:
+    """The hand move keeps the float64 output; without the last reader it does not."""
+    model = model.double().train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        base = model(x)
+    c = dict(model.named_modules())[writers[0]].weight.shape[0]  # the stream's channels
+    alpha = torch.exp(torch.empty(c, dtype=torch.float64).uniform_(-0.7, 0.7))
+    moved = copy.deepcopy(model)
+    _move_by_hand(moved, writers, readers, alpha)
+    with torch.no_grad():
+        assert torch.allclose(moved(x), base, rtol=1e-11, atol=1e-11 * float(base.abs().max()))
+    partial = copy.deepcopy(model)
+    _move_by_hand(partial, writers, readers[:-1], alpha)
+    with torch.no_grad():
+        assert float((partial(x) - base).abs().max()) > 1e-4 * float(base.abs().max())
+
+
+# ----------------------------------------------------------------------------- ResNet
+
+
+def test_resnet18_one_stream_per_stage_by_hand() -> None:
+    # Stage k's stream: written by the stem's bn1 (stage 1) or the first block's downsample bn,
+    # and by every block's bn2; read by every block's conv1 in the stage and by the next stage's
+    # first conv1 and downsample conv (the fc after the last stage, through avgpool + flatten).
+    model = resnet18(num_classes=10, in_channels=1, base_width=4)
+    x = digits_batches(1, 8)[0][0].reshape(8, 1, 8, 8).float()
+    fams = _streams(detect(model, x))
+    assert [f.n_groups for f in fams] == [4, 8, 16, 32]
+    expected = []
+    for stage in range(1, 5):
+        s, nxt = f"layer{stage}", f"layer{stage + 1}"
+        first_writer = ["bn1"] if stage == 1 else [f"{s}.0.downsample.bn"]
+        writers = sorted(first_writer + [f"{s}.0.bn2", f"{s}.1.bn2"])
+        readers = [f"{s}.1.conv1"] + (
+            [f"{nxt}.0.conv1", f"{nxt}.0.downsample.conv"] if stage < 4 else ["fc"]
+        )
+        if stage == 1:
+            readers = ["layer1.0.conv1"] + readers
+        expected.append((writers, sorted(readers)))
+    found = [(_modules(f, "theta_1"), _modules(f, "theta_2")) for f in fams]
+    assert found == expected
+    for fam, (writers, readers) in zip(fams, expected, strict=True):
+        # every BN writer contributes its weight and its bias, every reader its weight only
+        assert len(fam.blocks["theta_1"]) == 2 * len(writers)
+        assert len(fam.blocks["theta_2"]) == len(readers)
+        _check_by_hand(copy.deepcopy(model), x.double(), writers, readers)
+
+
+class _Bottleneck(nn.Module):
+    """torchvision's Bottleneck: 1×1 → 3×3 → 1×1 (×4), BN after each, projection shortcut."""
+
+    def __init__(self, c_in: int, width: int, stride: int) -> None:
+        super().__init__()
+        out = 4 * width
+        self.conv1, self.bn1 = nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2, self.relu = nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        self.conv3, self.bn3 = nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out)
+        self.downsample = None
+        if stride != 1 or c_in != out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, out, 1, stride, bias=False), nn.BatchNorm2d(out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+def _bottleneck_net() -> nn.Module:
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(1, 8, 3, padding=1, bias=False), bn1=nn.BatchNorm2d(8),
+        relu=nn.ReLU(inplace=True), maxpool=nn.MaxPool2d(2),
+        layer1=nn.Sequential(_Bottleneck(8, 4, 1), _Bottleneck(16, 4, 1)),
+        layer2=nn.Sequential(_Bottleneck(16, 8, 2), _Bottleneck(32, 8, 1)),
+        avgpool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(32, 10),
+    ))  # fmt: skip
+
+
+def test_bottleneck_resnet_streams_by_hand() -> None:
+    # The stem (conv1 → bn1 → relu → maxpool) feeds layer1.0's conv1 and its downsample, not an
+    # add: bn1 → relu → maxpool → {conv1, downsample conv} is no stream (no add) but a branching
+    # chain. Stage 1's stream (16 channels) is written by layer1.0's bn3 and downsample bn and by
+    # layer1.1.bn3, read by layer1.1.conv1 and layer2.0's conv1 and downsample conv; stage 2's
+    # (32) by layer2.0.bn3, its downsample bn, layer2.1.bn3, read by layer2.1.conv1 and the fc.
+    model = _bottleneck_net()
+    x = digits_batches(1, 8)[0][0].reshape(8, 1, 8, 8).float()
+    fams = _streams(detect(model, x))
+    expected = [
+        (["layer1.0.bn3", "layer1.0.downsample.1", "layer1.1.bn3"],
+         ["layer1.1.conv1", "layer2.0.conv1", "layer2.0.downsample.0"]),
+        (["layer2.0.bn3", "layer2.0.downsample.1", "layer2.1.bn3"], ["fc", "layer2.1.conv1"]),
+    ]  # fmt: skip
+    assert [f.n_groups for f in fams] == [16, 32]
+    assert [(_modules(f, "theta_1"), _modules(f, "theta_2")) for f in fams] == expected
+    for writers, readers in expected:
+        _check_by_hand(copy.deepcopy(model), x.double(), writers, readers)
+
+
+# ----------------------------------------------------------------------------- MobileNetV2
+
+
+def _conv_bn_relu6(c_in: int, c_out: int, k: int = 1, stride: int = 1, groups: int = 1):
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, k, stride, (k - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(c_out), nn.ReLU6(inplace=True),
+    )  # fmt: skip
+
+
+class _InvertedResidual(nn.Module):
+    """torchvision's InvertedResidual: [expand 1×1] → depthwise 3×3 → linear 1×1 projection + BN."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, t: int) -> None:
+        super().__init__()
+        hidden = c_in * t
+        layers = [_conv_bn_relu6(c_in, hidden)] if t != 1 else []
+        layers += [
+            _conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
+            nn.Conv2d(hidden, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+        ]
+        self.conv = nn.Sequential(*layers)
+        self.use_res_connect = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+def _mobilenet_v2() -> nn.Module:
+    blocks = [_InvertedResidual(8, 6, 1, 1), _InvertedResidual(6, 12, 2, 2),
+              _InvertedResidual(12, 12, 1, 2), _InvertedResidual(12, 12, 1, 2),
+              _InvertedResidual(12, 16, 2, 2), _InvertedResidual(16, 16, 1, 2)]  # fmt: skip
+    features = nn.Sequential(_conv_bn_relu6(1, 8, 3), *blocks, _conv_bn_relu6(16, 32))
+    return nn.Sequential(OrderedDict(
+        features=features, pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(),
+        classifier=nn.Sequential(nn.Dropout(0.0), nn.Linear(32, 10)),
+    ))  # fmt: skip
+
+
+def test_mobilenet_v2_linear_bottleneck_streams_by_hand() -> None:
+    # Blocks 2–3 (12 channels) and 5 (16) add their input: the streams are written by the
+    # projection BNs of blocks 1–3 (resp. 4–5) and read by the expand convs of blocks 2–4 (resp.
+    # block 5's expand conv and the last 1×1 conv). Block 0's projection BN (no add) feeds block
+    # 1's expand conv alone: that is norm_rescale, not a stream.
+    model = _mobilenet_v2()
+    x = digits_batches(1, 8)[0][0].reshape(8, 1, 8, 8).float()
+    found = detect(model, x)
+    fams = _streams(found)
+    f = "features"
+    expected = [
+        ([f"{f}.2.conv.3", f"{f}.3.conv.3", f"{f}.4.conv.3"],
+         [f"{f}.3.conv.0.0", f"{f}.4.conv.0.0", f"{f}.5.conv.0.0"]),
+        ([f"{f}.5.conv.3", f"{f}.6.conv.3"], [f"{f}.6.conv.0.0", f"{f}.7.0"]),
+    ]  # fmt: skip
+    assert [(_modules(s, "theta_1"), _modules(s, "theta_2")) for s in fams] == expected
+    assert [s.n_groups for s in fams] == [12, 16]
+    norm = [s.layer for s in found if s.symmetry == "norm_rescale"]
+    assert norm == [f"{f}.1.conv.2 → {f}.2.conv.0.0"]
+    for writers, readers in expected:
+        _check_by_hand(copy.deepcopy(model), x.double(), writers, readers)
+
+
+class _DepthwiseReader(nn.Module):
+    """A stream read by a depthwise conv: its filter c (not a column) reads channel c."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.branch, self.bn_b = nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.head = nn.Linear(6 * 64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.stem(x)))
+        h = h + self.bn_b(self.branch(h))
+        return self.head(torch.tanh(self.dw(h)).flatten(1))
+
+
+def test_depthwise_conv_reads_a_stream_through_its_filters() -> None:
+    model = _DepthwiseReader()
+    x = digits_batches(1, 8)[0][0].reshape(8, 1, 8, 8).float()
+    (fam,) = _streams(detect(model, x))
+    assert (_modules(fam, "theta_1"), _modules(fam, "theta_2")) == (
+        ["bn", "bn_b"],
+        ["branch", "dw"],
+    )
+    assert [(p.param, p.dim) for p in fam.blocks["theta_2"]] == [("branch.weight", 1),
+                                                                 ("dw.weight", 0)]  # fmt: skip
+    _check_by_hand(copy.deepcopy(model), x.double(), ["bn", "bn_b"], ["dw", "branch"])
+
+
+# ----------------------------------------------------------------------------- residual MLP
+
+
+class _ResidualMLP(nn.Module):
+    """Tokens → Linear → two residual ReLU blocks (no normalisation) → mean over tokens → head."""
+
+    def __init__(self, d: int = 12) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.fc3, self.fc4 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x.reshape(x.shape[0], 8, 8))
+        h = h + self.fc2(torch.relu(self.fc1(h)))
+        h = h + self.fc4(torch.relu(self.fc3(h)))
+        return self.head(h.mean(dim=1))
+
+
+def test_residual_mlp_channels_last_stream_by_hand() -> None:
+    model = _ResidualMLP()
+    x = digits_batches(1, 8)[0][0]
+    (fam,) = _streams(detect(model, x.float()))
+    writers, readers = ["embed", "fc2", "fc4"], ["fc1", "fc3", "head"]
+    assert (_modules(fam, "theta_1"), _modules(fam, "theta_2")) == (writers, readers)
+    assert fam.n_groups == 12
+    _check_by_hand(copy.deepcopy(model), x, writers, readers)
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+class _PreActivation(nn.Module):
+    """A pre-activation block: the stream is read by a BatchNorm, which normalises each channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn, self.conv = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h + self.conv(torch.relu(self.bn(h)))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+class _Concat(nn.Module):
+    """A dense connection: the stream is concatenated with another tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Conv2d(8, 10, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        h = h + self.b(torch.relu(h))
+        return self.head(torch.cat([h, h], dim=1)).flatten(1)
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (_PreActivation(), "bn (BatchNorm2d) read the stream and normalise across its channels"),
+        (_Concat(), "cat (cat) read the stream and are neither linear readers"),
+    ],
+)
+def test_streams_that_cannot_be_rescaled_say_why(model: nn.Module, reason: str) -> None:
+    x = digits_batches(1, 8)[0][0].reshape(8, 1, 8, 8).float()
+    with pytest.warns(symmech.SymmetryWarning, match="no stream_rescale family through add"):
+        found = detect(model, x)
+    assert not _streams(found)
+    (message,) = [n for n in found.notes if "stream_rescale" in n]
+    assert reason in message
+
+
+def test_confirmation_refuses_a_stream_with_a_reader_left_out() -> None:
+    model = resnet18(num_classes=10, in_channels=1, base_width=4).double()
+    ((x, y),) = digits_batches(1, 16)
+    x = x.reshape(16, 1, 8, 8)
+    found = detect(model, x)
+    streams = _streams(found)
+    broken = Family("stream_rescale", "stage 2 without its last reader",
+                    {"theta_1": streams[1].blocks["theta_1"],
+                     "theta_2": streams[1].blocks["theta_2"][:-1]}, streams[1].n_groups)  # fmt: skip
+    found[:] = streams + [broken]
+    confirm(model, found, (x, y))
+    assert [f.confirmed for f in found] == [True] * 4 + [False]
+    assert re.match(r"loss changed by \S+ \(relative\) when group \d+ was moved", found[-1].reason)
+
+
+# ----------------------------------------------------------------------------- tracking
+
+
+def _charges_by_hand(model: nn.Module, fam: Family) -> torch.Tensor:
+    """½(Σ‖writer output channel c‖² − Σ‖reader input channel c‖²), from the weights."""
+    params = dict(model.named_parameters())
+    q = torch.zeros(fam.n_groups, dtype=torch.float64)
+    for block, sign in (("theta_1", 0.5), ("theta_2", -0.5)):
+        for piece in fam.blocks[block]:
+            w = params[piece.param].detach()
+            q += sign * (w.movedim(piece.dim, 0).reshape(fam.n_groups, -1) ** 2).sum(dim=1)
+    return q
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_resnet_streams_tracked_exactly_200_float64_steps(optimizer: str) -> None:
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10, in_channels=1, base_width=4).double()
+    twin = copy.deepcopy(model)
+    ((x, y),) = digits_batches(1, 32)
+    x = x.reshape(32, 1, 8, 8)
+    fams = _streams(detect(model, x))
+    assert len(fams) == 4
+
+    def make(m: nn.Module) -> torch.optim.Optimizer:
+        if optimizer == "sgd":
+            return torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        return torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.05)
+
+    def train(m: nn.Module, opt: torch.optim.Optimizer) -> None:
+        for _ in range(200):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+
+    opt = make(model)
+    tracker = symmech.track(model, opt, bindings_from_families(model, fams), log_every=20)
+    start = [_charges_by_hand(model, f) for f in fams]
+    train(model, opt)
+    train(twin, make(twin))
+    for a, b in zip(model.state_dict().values(), twin.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # training bit-identical
+    rows = tracker.records()
+    for fam, tracked, q0 in zip(fams, tracker.families, start, strict=True):
+        assert tracked.status == "tracked", tracked.status
+        mine = [r for r in rows if r["layer"] == fam.layer]
+        scale = max(float(q0.abs().max()), max(abs(r["observed"]) for r in mine))
+        assert max(abs(r["discrete"] - r["observed"]) for r in mine) <= 1e-9 * scale
+        final = [r for r in mine if r["step"] == 200]
+        truth = _charges_by_hand(model, fam)
+        assert [r["observed"] for r in final] == pytest.approx(truth.tolist(), abs=1e-12 * scale)
+        moved = float((truth - q0).abs().max())
+        assert moved > 1e-3 * scale  # the charge moved: the law was not checked on a constant
