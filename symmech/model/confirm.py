@@ -274,7 +274,10 @@ def norm_stats(
     stats: dict[int, NormStats] = {}
     for name, indices in producers.items():
         for (norm_name, norm, z_obj, z, beta, out), grad in zip(seen, grads, strict=True):
-            if name in outputs and z_obj is outputs[name] and grad is not None:
+            # the norm reads the producer's output itself or a view of it (a permute to
+            # channels-last before a LayerNorm, as in ConvNeXt)
+            reads = name in outputs and (z_obj is outputs[name] or z_obj._base is outputs[name])
+            if reads and grad is not None:
                 var, sens = _unit_stats(norm, z, out, beta, grad)
                 if not create_graph:
                     var, sens = var.detach(), sens.detach()

@@ -7,7 +7,8 @@ fake tensors and records the aten operations, each with the stack of modules it 
 
 * the operations of one call of a leaf module (a module without children: ``nn.Linear``,
   ``Conv1D``, ``nn.LayerNorm``, an activation, dropout, an embedding) become one ``call_module``
-  node of the model's own module, when the call has one data input and one output;
+  node of the model's own module, when the call has one data input and one output (a module
+  that only permutes or reshapes, like torchvision's ``Permute``, stays its operations);
 * the aten operations between modules become the torch functions and Tensor methods they
   implement (``aten.transpose.int`` → ``torch.transpose``, ``aten.view.default`` → ``.view``,
   ``aten.scaled_dot_product_attention`` → ``F.scaled_dot_product_attention``, ...), the same
@@ -71,6 +72,11 @@ _AS_TORCH: dict[Any, tuple[str, Any, int | None]] = {
     _ATEN.select.int: ("call_function", torch.select, None),
     _ATEN.to.dtype: ("call_method", "to", None),
 }  # fmt: skip
+#: operations that only move entries: a leaf module made of these alone is not collapsed, so
+#: the rules see the permute itself
+_INDEX_ONLY = {_ATEN.permute.default, _ATEN.view.default, _ATEN._unsafe_view.default,
+               _ATEN.reshape.default, _ATEN.transpose.int, _ATEN.contiguous.default,
+               _ATEN.alias.default}  # fmt: skip
 #: checks export inserts that compute nothing (they would count as readers of their input)
 _DROPPED = {_ATEN._assert_tensor_metadata.default}
 
@@ -133,6 +139,8 @@ def export_module_graph(
     collapsed: dict[fx.Node, tuple[str, fx.Node]] = {}  # output node → (path, data input)
     members: set[fx.Node] = set()
     for nodes in groups.values():
+        if all(n.target in _INDEX_ONLY for n in nodes):
+            continue  # a module that only permutes or reshapes (torchvision's Permute): keep it
         inside = set(nodes)
         inputs = {a for n in nodes for a in n.all_input_nodes if a not in inside}
         data = [a for a in inputs if a.op != "placeholder" or a in is_data]

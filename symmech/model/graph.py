@@ -34,7 +34,8 @@ class Op:
     """One operation of the data-flow graph, whichever way the graph was obtained."""
 
     name: str
-    kind: str  # input output linear conv bn gn ln act square pool pass flatten softmax meta other
+    kind: str  # input output linear conv bn gn ln act square pool pass flatten permute softmax
+    #            meta other
     module: nn.Module | None = None
     shape: tuple[int, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -125,6 +126,9 @@ def _function_kind(node: fx.Node) -> tuple[str, dict[str, Any]]:
             return "reshape", {}
         if node.target == "contiguous":
             return "pass", {}
+        if node.target == "permute":
+            dims = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+            return "permute", {"dims": tuple(dims)}
     if fn is getattr and len(args) > 1 and args[1] in ("shape", "ndim", "dtype", "device"):
         return "meta", {}
     if fn in _ACT_FUNCS or _clamps_at_zero(fn, node):
@@ -141,6 +145,8 @@ def _function_kind(node: fx.Node) -> tuple[str, dict[str, Any]]:
         or (fn in (operator.pow, torch.pow) and len(args) == 2 and args[1] == 2)
     ):
         return "square", {}
+    if fn is torch.permute:
+        return "permute", {"dims": tuple(_arg(node, 1, "dims", ()))}
     if fn is torch.flatten:
         return "flatten", {
             "start": _arg(node, 1, "start_dim", 0),

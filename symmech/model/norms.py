@@ -53,19 +53,28 @@ def is_rms_norm(module: nn.Module | None) -> bool:
     )
 
 
-def _weight_scales_output(trace: Trace, node: fx.Node, norm: nn.Module) -> bool:
-    """A custom RMSNorm's output channel i is multiplied by d_i when its weight is, on the
-    example input (x̂ · w, not Gemma's x̂ · (1 + w)): checked with a random positive d."""
+def _affine_acts_along(trace: Trace, node: fx.Node, norm: nn.Module, axis: int) -> bool:
+    """The norm's output channel i (along ``axis``) is multiplied by d_i when its weight and bias
+    are, on the example input: x̂ · w + b, not Gemma's x̂ · (1 + w), and along that axis (a
+    LayerNorm2d subclass normalises NCHW's axis 1). Checked with a random positive d."""
     x, out = (trace.values.get(n) for n in (node.args[0] if node.args else None, node))
-    if not isinstance(x, Tensor) or not isinstance(out, Tensor):
+    if not isinstance(x, Tensor) or not isinstance(out, Tensor) or out.ndim < 2:
         return False
     weight = norm.weight.detach()
     d = 0.5 + 1.5 * torch.rand(weight.shape, generator=torch.Generator().manual_seed(0))
     d = d.to(weight)
+    moved = {"weight": weight * d}
+    if isinstance(getattr(norm, "bias", None), Tensor):
+        moved["bias"] = norm.bias.detach() * d
+    shape = [1] * out.ndim
+    shape[axis] = -1
     with torch.no_grad():
-        moved = torch.func.functional_call(norm, {"weight": weight * d}, (x,))
+        result = torch.func.functional_call(norm, moved, (x,))
+        if result.shape != out.shape or out.shape[axis] != d.numel():
+            return False
+        expect = out * d.reshape(shape)
     tol = 1e-10 if out.dtype == torch.float64 else 1e-4
-    return moved.shape == out.shape and torch.allclose(moved, out * d, rtol=tol, atol=tol)
+    return torch.allclose(result, expect, rtol=tol, atol=tol)
 
 
 def _reads_channels(
@@ -125,13 +134,16 @@ def norm_rescale_families(
             or getattr(norm, "weight", None) is None
         ):
             continue
-        if rms and not isinstance(norm, _NORMS):
-            if not _weight_scales_output(trace, node, norm):
+        if type(norm) not in _NORMS and (rms or isinstance(norm, nn.LayerNorm)):
+            # a model's own RMSNorm, or a LayerNorm subclass (LayerNorm2d): which axis?
+            axis = next((a for a in (-1, 1) if _affine_acts_along(trace, node, norm, a)), None)
+            if axis is None:
                 note(f"no norm_rescale family for {node.target}: {type(norm).__name__}'s output "
-                     "is not its weight times a weight-free function of the input, channel by "
-                     "channel (checked on the example input; e.g. x̂ · (1 + w))")  # fmt: skip
+                     "is not its weight (and bias) times a weight-free function of the input, "
+                     "channel by channel along the last axis or axis 1 (checked on the example "
+                     "input; e.g. x̂ · (1 + w))")  # fmt: skip
                 continue
-            n, axis_last = norm.weight.numel(), True
+            n, axis_last = norm.weight.numel(), axis == -1
         elif isinstance(norm, nn.LayerNorm) or rms:
             shape = tuple(norm.normalized_shape)
             if len(shape) != 1:

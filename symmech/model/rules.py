@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from . import attention, norms, streams, transformer
+from . import attention, norms, products, streams, transformer
 from .actions import BlockSlice, Family, SymmetryWarning
 from .graph import Op
 from .layout import in_axis, in_features, out_axis, out_features
@@ -101,27 +101,42 @@ def _translation(ops: list[Op], fams: list[Family], notes: list[str]) -> None:
                            {"theta": [BlockSlice(f"{node.name}.bias", None)]}, 1))  # fmt: skip
 
 
+def _to_norm(op: Op, axis: int) -> tuple[Op | None, int, tuple[int, ...], list[str]]:
+    """Follow ``op``'s output through Identity and permutes to the one op that reads it:
+    (that op, where the channel axis is then, the shape then, the permutes passed)."""
+    shape, passed = op.shape, []
+    node = _next(op)
+    while node is not None and (
+        node.kind == "permute" or (node.kind == "pass" and isinstance(node.module, nn.Identity))
+    ):
+        if node.kind == "permute":
+            dims = [int(d) % len(shape) for d in node.extra["dims"]]
+            if sorted(dims) != list(range(len(shape))):
+                return None, axis, shape, passed
+            axis, shape = dims.index(axis), tuple(shape[d] for d in dims)
+            passed.append(node.name)
+        node = _next(node)
+    return node, axis, shape, passed
+
+
 def _scale(op: Op, fams: list[Family], notes: list[str]) -> None:
-    norm = _next(op)
-    while norm is not None and norm.kind == "pass" and isinstance(norm.module, nn.Identity):
-        norm = _next(norm)
     info = _channels(op)
-    if norm is None or info is None or norm.kind not in ("bn", "gn", "ln") or norm.shared:
+    if info is None:
+        return
+    norm, axis, shape, passed = _to_norm(op, info[0])
+    if norm is None or norm.kind not in ("bn", "gn", "ln") or norm.shared:
         return
     if _tied(op, notes, "scale"):
         return
-    axis, n = info
-    rank, m = len(op.shape), norm.module
-    label = f"{op.name} → {norm.name} ({type(m).__name__})"
+    n = info[1]
+    rank, m = len(shape), norm.module
+    label = " → ".join([op.name, *passed, f"{norm.name} ({type(m).__name__})"])
     if norm.kind == "bn" and axis == 1 and m.num_features == n:
         pieces = _weight_bias(op, 0)
     elif norm.kind == "gn" and axis == 1 and m.num_channels == n:
         g = m.num_groups
         pieces, n = _weight_bias(op, 0, lambda p: (g, p.numel() // g)), g
-    elif (
-        norm.kind == "ln"
-        and tuple(m.normalized_shape) == op.shape[rank - len(m.normalized_shape) :]
-    ):
+    elif norm.kind == "ln" and tuple(m.normalized_shape) == shape[rank - len(m.normalized_shape) :]:
         if len(m.normalized_shape) < rank - axis:
             return
         pieces, n = _weight_bias(op, None), 1
@@ -241,6 +256,7 @@ def families(ops: list[Op], notes: list[str], trace: Trace | None = None) -> lis
         fams += attention.attention_families(trace, say)
         fams += transformer.leaf_families(trace, say)
         fams += streams.stream_families(trace, say)
+        fams += products.product_families(trace, say)
     return fams
 
 

@@ -8,7 +8,10 @@ Counts by hand for L layers of width d, H heads of r = d / H, vocabulary V, no b
   linear in it), plus the final norm → lm_head: 2L + 1 families of d groups;
 * translation: lm_head's weight columns (d groups; no bias, not tied);
 * attention_vo: r(r + 1)/2 families of H groups per layer; attention_qk: none (the rotary
-  embedding sits between the projections and the scores, and a note says so).
+  embedding sits between the projections and the scores, and a note says so);
+* rescale: per layer up_proj ↔ down_proj, F (the MLP width) groups: the product
+  silu(gate(x)) · up(x) is linear in up's output, so up's row c × α and down's column c × 1/α
+  leave it unchanged; gate ↔ down has none (SiLU is not positively homogeneous; a note says so).
 Each by-hand move below scales parameters directly, not through the library's actions.
 """
 
@@ -28,7 +31,7 @@ from symmech.model.norms import is_rms_norm
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # detection notes
 
-D, H, LAYERS, VOCAB, T = 8, 2, 2, 20, 6
+D, H, LAYERS, VOCAB, T, F_MLP = 8, 2, 2, 20, 6, 12
 R = D // H
 
 
@@ -71,7 +74,8 @@ def moved_loss(model: nn.Module, batch, scale: dict[str, tuple[int, torch.Tensor
 def expected(layers: int) -> dict[str, tuple[int, int]]:
     entries = R * (R + 1) // 2
     return {"norm_rescale": (2 * layers + 1, (2 * layers + 1) * D), "translation": (1, D),
-            "attention_vo": (layers * entries, layers * entries * H)}  # fmt: skip
+            "attention_vo": (layers * entries, layers * entries * H),
+            "rescale": (layers, layers * F_MLP)}  # fmt: skip
 
 
 def test_custom_rmsnorm_is_recognised_and_gemma_is_not_rescaled() -> None:
@@ -94,7 +98,7 @@ def test_custom_rmsnorm_is_recognised_and_gemma_is_not_rescaled() -> None:
 
 def test_tiny_llama_counts_slices_confirmation_and_by_hand_move() -> None:
     torch.manual_seed(0)
-    model = TinyLlama(VOCAB, D, H, 12, LAYERS, T).double()
+    model = TinyLlama(VOCAB, D, H, F_MLP, LAYERS, T).double()
     x, y = tokens()
     fams = detect(model, x, confirm_batch=(x, y))
     assert fams.path == "fx"
@@ -116,6 +120,16 @@ def test_tiny_llama_counts_slices_confirmation_and_by_hand_move() -> None:
     # moving only gate's columns is no symmetry: both readers must move
     del move["layers.1.mlp.up_proj.weight"]
     assert abs(moved_loss(model, (x, y), move) - base) > 1e-6 * abs(base)
+    # the gated product: up's rows × e and down's columns × 1/e, by hand; gate's rows: not one
+    gated = next(f for f in fams if f.symmetry == "rescale" and f.layer.startswith("layers.0"))
+    assert gated.blocks == {"theta_1": [BlockSlice("layers.0.mlp.up_proj.weight", 0)],
+                            "theta_2": [BlockSlice("layers.0.mlp.down_proj.weight", 1)]}  # fmt: skip
+    e = 0.5 + torch.rand(F_MLP, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    up = {"layers.0.mlp.up_proj.weight": (0, e), "layers.0.mlp.down_proj.weight": (1, 1 / e)}
+    assert abs(moved_loss(model, (x, y), up) - base) <= 1e-12 * abs(base)
+    gate = {"layers.0.mlp.gate_proj.weight": (0, e), "layers.0.mlp.down_proj.weight": (1, 1 / e)}
+    assert abs(moved_loss(model, (x, y), gate) - base) > 1e-6 * abs(base)
+    assert sum("SiLU is not positively homogeneous" in n for n in fams.notes) == LAYERS
 
 
 def test_torch_rmsnorm_feeds_linear() -> None:
@@ -136,7 +150,7 @@ def test_hf_llama_from_a_tiny_config() -> None:
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=D, intermediate_size=12, num_hidden_layers=LAYERS,
+        vocab_size=VOCAB, hidden_size=D, intermediate_size=F_MLP, num_hidden_layers=LAYERS,
         num_attention_heads=H, num_key_value_heads=H, max_position_embeddings=16,
         tie_word_embeddings=False,
     )  # fmt: skip
