@@ -2,9 +2,11 @@
 "Where the symmetries live in a network"), and the transformer rules on the traced graph.
 
 * translation: the ``nn.Linear`` whose output is the model output (logits, optionally through a
-  softmax over features): its weight columns W[:, j] (one family) and its bias (another);
+  softmax over features): its weight columns W[:, j] (one family) and its bias (another); and
+  the bias of a Conv/Linear read only by a BatchNorm, per channel (the batch mean removes it);
 * scale: a Conv/Linear whose output feeds only a BatchNorm / GroupNorm / LayerNorm that
-  normalises over the layer's channels: weight and bias slices per normalised channel (group);
+  normalises over the layer's channels (through permutes: ConvNeXt's dwconv → Permute →
+  LayerNorm): weight and bias slices per normalised channel (group);
 * rescale: a producer (Conv/Linear, or the affine of a BatchNorm / GroupNorm / LayerNorm) whose
   output reaches exactly one consumer Conv/Linear through positively homogeneous, channel-wise
   operations (ReLU, LeakyReLU, PReLU, pools, dropout, flatten) containing at least one
@@ -133,6 +135,7 @@ def _scale(op: Op, fams: list[Family], notes: list[str]) -> None:
     label = " → ".join([op.name, *passed, f"{norm.name} ({type(m).__name__})"])
     if norm.kind == "bn" and axis == 1 and m.num_features == n:
         pieces = _weight_bias(op, 0)
+        _bias_before_bn(op, norm, fams)
     elif norm.kind == "gn" and axis == 1 and m.num_channels == n:
         g = m.num_groups
         pieces, n = _weight_bias(op, 0, lambda p: (g, p.numel() // g)), g
@@ -143,6 +146,17 @@ def _scale(op: Op, fams: list[Family], notes: list[str]) -> None:
     else:
         return
     fams.append(Family("scale", label, {"theta": pieces}, n))
+
+
+def _bias_before_bn(op: Op, norm: Op, fams: list[Family]) -> None:
+    """A conv / Linear bias read only by a BatchNorm over its channels: b_c ↦ b_c + α is removed
+    by the batch mean (in training mode, or without running statistics), so each channel's bias
+    is a ``translation`` group; its gradient is zero up to round-off."""
+    bias = getattr(op.module, "bias", None)
+    if isinstance(bias, Tensor):
+        label = f"{op.name}.bias → {norm.name} (batch mean)"
+        fams.append(Family("translation", label, {"theta": [BlockSlice(f"{op.name}.bias", 0)]},
+                           bias.numel()))  # fmt: skip
 
 
 def _rescale(op: Op, fams: list[Family], notes: list[str]) -> None:

@@ -79,13 +79,16 @@ def test_mlp_counts_and_slices() -> None:
 # vgg16 (config D): convs 64,64,128,128,256×3,512×6: 13 convs, sum = 128+256+768+3072 = 4224.
 #   T: 2/513. R: 12 conv→conv (4224−512 = 3712) + conv→fc1 512 + fc1→fc2 512 → 14 / 4736.
 #   S: 13 / 4224.
+# With BN, each conv's bias feeds its BatchNorm alone: b_c ↦ b_c + α is removed by the batch
+# mean, one translation family per conv with a group per channel (as many as S): vgg-tiny-bn
+# T 2/33 + 4/96 = 6/129, vgg11-bn 2/513 + 8/2752 = 10/3265, vgg16-bn 2/513 + 13/4224 = 15/4737.
 VGG_EXPECTED = {
     "vgg-tiny": {"translation": (2, 33), "rescale": (5, 128)},
-    "vgg-tiny-bn": {"translation": (2, 33), "rescale": (5, 128), "scale": (4, 96)},
+    "vgg-tiny-bn": {"translation": (6, 129), "rescale": (5, 128), "scale": (4, 96)},
     "vgg11": {"translation": (2, 513), "rescale": (9, 3264)},
-    "vgg11-bn": {"translation": (2, 513), "rescale": (9, 3264), "scale": (8, 2752)},
+    "vgg11-bn": {"translation": (10, 3265), "rescale": (9, 3264), "scale": (8, 2752)},
     "vgg16": {"translation": (2, 513), "rescale": (14, 4736)},
-    "vgg16-bn": {"translation": (2, 513), "rescale": (14, 4736), "scale": (13, 4224)},
+    "vgg16-bn": {"translation": (15, 4737), "rescale": (14, 4736), "scale": (13, 4224)},
 }
 
 
@@ -111,11 +114,16 @@ def test_vgg_tiny_bn_structure_and_confirmation() -> None:
     # Last conv block → pool (4×4 → 2×2) → flatten → fc1: fc1's columns seen as (32, 32, 2·2).
     into_fc1 = next(f for f in rescale if f.layer.endswith("classifier.fc1"))
     assert into_fc1.blocks["theta_2"] == [BlockSlice("classifier.fc1.weight", 1, (32, 32, 4))]
-    scale = next(f for f in fams if f.layer.startswith("features.conv1_1"))
+    scale = next(f for f in fams if f.symmetry == "scale" and "conv1_1" in f.layer)
     assert scale.blocks == {
         "theta": [BlockSlice("features.conv1_1.weight", 0), BlockSlice("features.conv1_1.bias", 0)]
     }
     assert "eps=1e-05" in scale.reason  # BatchNorm's eps makes it approximate, and says so
+    # conv2_1's bias before bn2_1: one translation group per channel (32)
+    shift = next(f for f in fams if f.layer.startswith("features.conv2_1.bias"))
+    assert (shift.symmetry, shift.n_groups) == ("translation", 32)
+    assert shift.blocks == {"theta": [BlockSlice("features.conv2_1.bias", 0)]}
+    assert shift.reason == ""  # exact: the batch mean removes the shift, eps plays no part
 
 
 # ----------------------------------------------------------------------------- ResNet-18
@@ -337,7 +345,8 @@ def test_shared_layer_is_not_a_group() -> None:
 
 def test_batchnorm_without_affine() -> None:
     # conv(1→4) → BN(affine=False) → ReLU → flatten → fc(64 → 3): S 4 (the conv is still
-    # normalised), no R (BN has no per-channel parameters), T 64 + 1.
+    # normalised), no R (BN has no per-channel parameters), T 64 + 1 and the conv's bias per
+    # channel (the batch mean removes it, affine or not): 3 families / 69 groups.
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, affine=False), nn.ReLU(), nn.Flatten(),
         nn.Linear(64, 3),
@@ -345,7 +354,7 @@ def test_batchnorm_without_affine() -> None:
     x, y = digits(n=4, size=6, classes=3)
     with pytest.warns(SymmetryWarning, match=r"no rescale family across 1 → 2 → 4.*affine=False"):
         fams = detect(model, x, confirm_batch=(x, y))
-    assert counts(fams) == {"translation": (2, 65), "scale": (1, 4)}
+    assert counts(fams) == {"translation": (3, 69), "scale": (1, 4)}
     assert all(f.confirmed for f in fams)
 
 
@@ -357,10 +366,11 @@ def test_eval_mode_is_handled_and_restored() -> None:
         fams = detect(model, x, confirm_batch=(x, y))
     assert all(f.confirmed for f in fams)
     assert not any(m.training for m in model.modules())
-    # Running statistics under eval mode: scale symmetry fails, and the reason says why.
+    # Running statistics under eval mode: scale symmetry fails, and the reason says why; so
+    # does the translation of a conv bias before BN (no batch mean subtracts the shift).
     confirm(model, fams, (x, y), mode="as_is")
     for f in fams:
-        assert f.confirmed is (f.symmetry != "scale"), f
+        assert f.confirmed is (f.symmetry != "scale" and "(batch mean)" not in f.layer), f
     bad = next(f for f in fams if f.symmetry == "scale")
     assert "running statistics" in bad.reason
     after = model.state_dict()
