@@ -8,11 +8,10 @@ S 6 + 5; R bn1 → relu → conv2: 6 and bn2 → relu → flatten → fc: 5.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
 import torch.nn.functional as F
+from support.counting import counts
 from torch import nn
 
 import symmech
@@ -20,14 +19,6 @@ from symmech.model.actions import BlockSlice
 from symmech.model.detect import detect, format_table
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def counts(fams: list) -> dict[str, tuple[int, int]]:
-    n, groups = Counter(), Counter()
-    for f in fams:
-        n[f.symmetry] += 1
-        groups[f.symmetry] += f.n_groups
-    return {k: (n[k], groups[k]) for k in n if k != "stream_rescale"}
 
 
 def net() -> nn.Module:

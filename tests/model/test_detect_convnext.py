@@ -14,12 +14,12 @@ Residual streams are another rule's (tests/model/test_streams.py) and are left o
 from __future__ import annotations
 
 import copy
-from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 from support.blocks import TinyConvNeXt
+from support.counting import counts
 from torch import nn
 
 from symmech.model.actions import BlockSlice
@@ -30,14 +30,6 @@ from symmech.model.rules import families
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # detection notes
 
 C, B, K = 8, 2, 10
-
-
-def counts(fams: list) -> dict[str, tuple[int, int]]:
-    n, groups = Counter(), Counter()
-    for f in fams:
-        n[f.symmetry] += 1
-        groups[f.symmetry] += f.n_groups
-    return {k: (n[k], groups[k]) for k in n if k != "stream_rescale"}
 
 
 EXPECTED = {"scale": (B, B), "norm_rescale": (B, B * C), "rescale": (B, B * C),

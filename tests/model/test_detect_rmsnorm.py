@@ -17,12 +17,11 @@ Each by-hand move below scales parameters directly, not through the library's ac
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
 import torch.nn.functional as F
 from support.blocks import GemmaRMSNorm, TinyLlama
+from support.counting import counts
 from torch import nn
 
 from symmech.model.actions import BlockSlice
@@ -33,14 +32,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # detection note
 
 D, H, LAYERS, VOCAB, T, F_MLP = 8, 2, 2, 20, 6, 12
 R = D // H
-
-
-def counts(families: list) -> dict[str, tuple[int, int]]:
-    fams, groups = Counter(), Counter()
-    for f in families:
-        fams[f.symmetry] += 1
-        groups[f.symmetry] += f.n_groups
-    return {k: (fams[k], groups[k]) for k in fams if k != "stream_rescale"}  # streams: elsewhere
 
 
 def tokens(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
