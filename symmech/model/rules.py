@@ -112,7 +112,10 @@ def _to_norm(op: Op, axis: int) -> tuple[Op | None, int, tuple[int, ...], list[s
         node.kind == "permute" or (node.kind == "pass" and isinstance(node.module, nn.Identity))
     ):
         if node.kind == "permute":
-            dims = [int(d) % len(shape) for d in node.extra["dims"]]
+            dims = node.extra["dims"]
+            if not all(isinstance(d, int) for d in dims):
+                return None, axis, shape, passed  # dims computed at run time
+            dims = [d % len(shape) for d in dims]
             if sorted(dims) != list(range(len(shape))):
                 return None, axis, shape, passed
             axis, shape = dims.index(axis), tuple(shape[d] for d in dims)

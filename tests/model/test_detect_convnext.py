@@ -127,3 +127,17 @@ def test_layer_scale_with_a_second_reader_is_not_claimed() -> None:
     net = Fork().double()
     x = torch.randn(5, 6, dtype=torch.float64)
     assert "rescale" not in counts(detect(net, x))
+
+
+def test_permute_with_dims_computed_at_run_time_is_not_followed() -> None:
+    class Dynamic(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.ln, self.fc = nn.Conv2d(1, 4, 3), nn.LayerNorm(4), nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.conv(x).permute(0, x.dim() - 2, x.dim() - 1, 1)  # dims are fx nodes
+            return self.fc(self.ln(h)).mean((1, 2))
+
+    fams = detect(Dynamic(), torch.randn(2, 1, 6, 6))
+    assert counts(fams) == {"norm_rescale": (1, 4)}  # ln → fc; no scale through the permute
