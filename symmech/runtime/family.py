@@ -12,6 +12,7 @@ affected.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import torch
 from symmech.errors import BindingError, SymmechError, explain
 from symmech.reference.any_optimizer import angular_equilibrium
 
+from .batched import Batch, signature
 from .binding import Binding
 from .directions import Direction, direction, modelled
 from .reductions import GridSlice, ReductionCache
@@ -119,6 +121,13 @@ class Family:
             )
         #: the optimizer's param group of each bound tensor, in binding order
         self.group_indices = tuple(group_of[id(t)] for t in binding.tensors if id(t) in group_of)
+        #: families that differ from this one only in their constants (:mod:`.batched`)
+        self.batch: Batch | None = None
+        self.batch_row = 0
+        key = signature(binding, self.module, self.group_indices)
+        if key is not None:
+            self.batch = cache.batches.setdefault(key, Batch(self.module))
+            self.batch_row = self.batch.join(self)
         if self.frozen:
             self.stop(
                 f"{self.frozen} are not in the optimizer (frozen), so the group's update is not "
@@ -149,27 +158,55 @@ class Family:
     def views(self, which: Which) -> dict[str, list[GridSlice]] | None:
         """θ, g or b (torch's momentum buffer) of every block as slices; None when absent."""
         if which == "theta":
-            return self.views_of(lambda p: p, "theta")
+            return self.views_of(lambda p: p, "theta", share="theta")
         if which == "grad":
-            return self.views_of(lambda p: self.cache.grads.get(id(p), p.grad))
+            return self.views_of(lambda p: self.cache.grads.get(id(p), p.grad), share="grad")
         state = self.optimizer.state
-        return self.views_of(lambda p: state.get(p, {}).get("momentum_buffer"), "buffer")
+        return self.views_of(
+            lambda p: state.get(p, {}).get("momentum_buffer"), "buffer", share="buffer"
+        )
 
     def views_of(
-        self, read: Callable[[torch.Tensor], torch.Tensor | None], role: str | None = None
+        self,
+        read: Callable[[torch.Tensor], torch.Tensor | None],
+        role: str | None = None,
+        share: str | None = None,
     ) -> dict[str, list[GridSlice]] | None:
         """``read(parameter)`` (a tensor of the parameter's shape) of every block as slices
-        (``role``: a tensor that lives across steps, see :meth:`ReductionCache.slice`)."""
-        out = {}
+        (``role``: a tensor that lives across steps, see :meth:`ReductionCache.slice`). With
+        ``share`` (what ``read`` reads, the same for every member of the family's batch) the
+        members of a batch build them once per hook call."""
+        key = None
+        if share is not None and self.batch is not None:
+            key = ("views", id(self.batch), share)
+            if key in self.cache.grids:
+                return self.cache.grids[key]
+        out: dict[str, list[GridSlice]] | None = {}
         for block, slices in self.binding.blocks.items():
             items = []
             for s in slices:
                 t = read(s.tensor)
                 if t is None:
-                    return None
+                    out = None
+                    break
                 items.append(self.cache.slice(t, s, role))
+            if out is None:
+                break
             out[block] = items
+        if key is not None:
+            self.cache.grids[key] = out
         return out
+
+    def run(self, name: str, *args: dict[str, list[GridSlice]] | None, roles: tuple[str, ...]):
+        """The generated function ``name`` of these views (and the family's constants): from
+        the batch's one evaluation for every member when the family has one (:mod:`.batched`).
+        ``roles`` name what each view holds (θₖ, gₖ, a temporary per tensor of this hook call),
+        the same for every member of a batch."""
+        if self.batch is not None:
+            got = self.batch.evaluate(self, name, args, roles)
+            if got is not None:
+                return got
+        return getattr(self.module, name)(*args, *self.const)
 
     def observe(self) -> torch.Tensor:
         """Q(θ) of every group now."""
@@ -251,8 +288,6 @@ class Family:
 
     def before_step(self, step: int, log: bool) -> torch.Tensor | None:
         """Queue this step's data; returns the observed charge when the step is logged."""
-        m = self.module
-        const = self.const
         first_q = self.q0 is None
         restart = self._restart is not None and self.tracked and not first_q
         need_q = log or first_q or restart
@@ -262,7 +297,7 @@ class Family:
             if (need_q or self.residuals or not self.tracked or not self._xi_known or general)
             else None
         )
-        observed = m.charge(th, *const) if need_q else None
+        observed = self.run("charge", th, roles=("theta",)) if need_q else None
         if first_q:
             self.q0 = observed
         self._pending = None
@@ -294,7 +329,7 @@ class Family:
         need_grad = self.residuals or log or not heavy_ball
         gr = self.views("grad") if need_grad else None
         if self.residuals or log:
-            self.residual = m.residual(th, gr, *const)
+            self.residual = self.run("residual", th, gr, roles=("theta", "grad"))
         residual = self.residual if self.residuals else None
         self._pending = _Pending(
             hyper,
@@ -305,11 +340,11 @@ class Family:
         self._mark_restart(step, restart, observed)
         bf = self.views("buffer") if not first_step else None
         if bf is not None and not self._xi_known:
-            self._pending.xi_b = m.residual(th, bf, *const)
+            self._pending.xi_b = self.run("residual", th, bf, roles=("theta", "buffer"))
         self._xi_known = hyper.momentum != 0.0
         if not heavy_ball:
             th = th if th is not None else self.views("theta")
-            forms = m.forms(th, gr, bf, *const)
+            forms = self.run("forms", th, gr, bf, roles=("theta", "grad", "buffer"))
             self._pending.uJu, self._pending.uJb = update_forms(case, hyper, forms)
             self._pending.gJg = forms.gg if hyper.momentum == 0.0 else None
         return observed
@@ -344,7 +379,7 @@ class Family:
 
     def _before_general(self, step, log, hyper, th, observed, restart, rotation_eq):
         """The general law's data: ⟨ξ(Sθ), ηa⟩, ⟨ηa, J ηa⟩ and what per-tensor shrinks add."""
-        m, const = self.module, self.const
+        m = self.module
         self.general = True
         self._xi_known = False  # SGD's law re-reads the buffer if it resumes
         if self.copies is not None and not modelled(self.optimizer):
@@ -358,25 +393,38 @@ class Family:
             self.stop(str(err))
             return observed
         dirs = list(found.values())
-        s0 = dirs[0].shrink
-        step_views = self.views_of(
-            lambda p: self._temporary(("eta_a", id(p)), lambda: found[id(p)].a * found[id(p)].eta)
-        )
+        s0, eta = dirs[0].shrink, dirs[0].eta
+        if all(d.eta == eta for d in dirs) and math.isfinite(eta):
+            # one η for every tensor: ⟨ξ, ηa⟩ = η⟨ξ, a⟩ and ⟨ηa, J ηa⟩ = η²⟨a, J a⟩ read a
+            # itself (no ηa temporary: one pass over each tensor fewer)
+            step_views = self.views_of(lambda p: found[id(p)].a, share="a")
+            step, by = "a", (eta, eta * eta)
+        else:
+            step_views = self.views_of(
+                lambda p: self._temporary(
+                    ("eta_a", id(p)), lambda: found[id(p)].a * found[id(p)].eta
+                ),
+                share="eta_a",
+            )
+            step, by = "eta_a", (1.0, 1.0)
         if self.residuals or log:
-            self.residual = m.residual(th, self.views("grad"), *const)
+            self.residual = self.run("residual", th, self.views("grad"), roles=("theta", "grad"))
         kappa = float(m.KAPPA)
         mixed = dJd = None
         if all(d.shrink == s0 for d in dirs):
-            xi_a = m.residual(th, step_views, *const) * s0 ** (kappa - 1.0)
+            xi_a = self.run("residual", th, step_views, roles=("theta", step)) * (
+                by[0] * s0 ** (kappa - 1.0)
+            )
         else:
             shrunk = self.views_of(
                 lambda p: self._temporary(
                     ("shrunk", id(p)), lambda: p.detach() * found[id(p)].shrink
-                )
+                ),
+                share="shrunk",
             )
-            xi_a = m.residual(shrunk, step_views, *const)
-            q = observed if observed is not None else m.charge(th, *const)
-            mixed = m.charge(shrunk, *const) - s0**kappa * q
+            xi_a = self.run("residual", shrunk, step_views, roles=("shrunk", step)) * by[0]
+            q = observed if observed is not None else self.run("charge", th, roles=("theta",))
+            mixed = self.run("charge", shrunk, roles=("shrunk",)) - s0**kappa * q
             if self.rotation:
                 moved = self.views_of(
                     lambda p: self._temporary(
@@ -385,10 +433,12 @@ class Family:
                             p.detach() * (found[id(p)].shrink - 1.0)
                             - found[id(p)].a * found[id(p)].eta
                         ),
-                    )
+                    ),
+                    share="moved",
                 )
-                dJd = m.quadratic(moved, *const)
-        general = General(s0, xi_a, m.quadratic(step_views, *const), mixed=mixed, dJd=dJd)
+                dJd = self.run("quadratic", moved, roles=("moved",))
+        aJa = self.run("quadratic", step_views, roles=(step,)) * by[1]
+        general = General(s0, xi_a, aJa, mixed=mixed, dJd=dJd)
         self._pending = _Pending(
             hyper,
             self.residual if self.residuals else None,
@@ -410,7 +460,7 @@ class Family:
             if id(t) not in self.copies:
                 self.copies[id(t)] = t.detach().clone()
         if self.residuals or log:
-            self.residual = self.module.residual(th, self.views("grad"), *self.const)
+            self.residual = self.run("residual", th, self.views("grad"), roles=("theta", "grad"))
         self._pending = _Pending(
             hyper,
             self.residual if self.residuals else None,
@@ -428,8 +478,11 @@ class Family:
         moved = self.views_of(
             lambda p: self._temporary(("moved", id(p)), lambda: copies[id(p)] - p.detach())
         )
-        m, const = self.module, self.const
-        return General(1.0, m.residual(before, moved, *const), m.quadratic(moved, *const))
+        return General(
+            1.0,
+            self.run("residual", before, moved, roles=("before", "moved")),
+            self.run("quadratic", moved, roles=("moved",)),
+        )
 
     def finish_step(self) -> StepData | None:
         """After the optimizer step: the data of the step just taken (None: not predicted)."""
@@ -454,7 +507,7 @@ class Family:
                 rotation_eq=p.rotation_eq,
             )
         if p.uJu is None or p.uJb is None:
-            p.uJu = p.uJb = self.module.quadratic(self.views("buffer"), *self.const)
+            p.uJu = p.uJb = self.run("quadratic", self.views("buffer"), roles=("buffer",))
         return StepData(
             p.hyper,
             p.uJu,

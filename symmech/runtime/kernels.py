@@ -16,11 +16,40 @@ returns one value per group, shape (G,); ``forms`` returns the six in a :class:`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 Pair = tuple[torch.Tensor, tuple[int, ...]]
+
+
+class NotBatched(Exception):
+    """A term that a batched evaluation (:mod:`.batched`) cannot stack: evaluate per family."""
+
+
+class _Stacked:
+    """How many constants a batched evaluation stacks along a leading axis (0: not batched)."""
+
+    count = 0
+
+
+@contextmanager
+def stacked(count: int) -> Iterator[None]:
+    """Evaluate generated functions with constants of shape (F, a, b) for F families at once:
+    a term ⟨x M, y⟩ gives (F, G), a term without a constant (G,); any other use of a stacked
+    constant raises :class:`NotBatched`."""
+    _Stacked.count = count
+    try:
+        yield
+    finally:
+        _Stacked.count = 0
+
+
+def _no_stack() -> None:
+    if _Stacked.count:
+        raise NotBatched("a term that needs the constant multiplied out")
 
 
 @dataclass(slots=True)
@@ -50,7 +79,7 @@ def _flat(m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return hit[2]
     if len(_FLAT) >= 4096:
         _FLAT.clear()
-    flat = m.detach().reshape(-1).to(dtype)
+    flat = m.detach().flatten(-2).to(dtype)  # (a·b,), or (F, a·b) for stacked constants
     _FLAT[key] = (m, m._version, flat)
     return flat
 
@@ -69,6 +98,7 @@ class Scaled:
         self._formed: Pair | None = None
 
     def pair(self) -> Pair:
+        _no_stack()
         if self._formed is None:
             x, d = self.base.pair()
             self._formed = (x @ self.matrix.to(x.dtype), d)
@@ -80,6 +110,10 @@ class Scaled:
             gram = self.base.gram(other, m.shape[0], m.shape[1])
             if gram is not None:
                 return torch.mv(gram.reshape(gram.shape[0], -1), _flat(m, gram.dtype))
+        if type(other) is not Scaled and hasattr(other, "gram") and m.ndim == 3 and _Stacked.count:
+            gram = self.base.gram(other, m.shape[1], m.shape[2])
+            if gram is not None:  # every stacked constant at once: (F, G)
+                return torch.mm(_flat(m, gram.dtype), gram.reshape(gram.shape[0], -1).T)
         return _plain_dot(*self.pair(), _pair(other)[0])
 
     def sq(self) -> torch.Tensor:
@@ -90,7 +124,9 @@ class Scaled:
 
 
 def _groups(value: torch.Tensor) -> torch.Tensor:
-    return value if value.ndim == 1 else value.reshape(-1)
+    if value.ndim == 1 or (value.ndim == 2 and _Stacked.count):  # (F, G) when stacked
+        return value
+    return value.reshape(-1)
 
 
 def _total(parts) -> torch.Tensor:
@@ -133,6 +169,7 @@ def mm(xs, m: torch.Tensor) -> list:
         if hasattr(x, "gram"):
             out.append(Scaled(x, m))
         else:
+            _no_stack()
             p, d = _pair(x)
             out.append((p @ m.to(p.dtype), d))
     return out
@@ -140,6 +177,7 @@ def mm(xs, m: torch.Tensor) -> list:
 
 def tr(xs) -> list[Pair]:
     """Transpose every (whole-matrix) slice."""
+    _no_stack()
     return [(x.mT, d) for x, d in map(_pair, xs)]
 
 
@@ -150,12 +188,15 @@ def zeros(xs) -> torch.Tensor:
 
 
 def _plain_sq(x: torch.Tensor, d: tuple[int, ...]) -> torch.Tensor:
+    _no_stack()
     return torch.linalg.vector_norm(x, dim=d) ** 2 if d else x * x
 
 
 def _plain_dot(x: torch.Tensor, d: tuple[int, ...], y: torch.Tensor) -> torch.Tensor:
+    _no_stack()
     return torch.sum(x * y, dim=d) if d else x * y
 
 
 def _plain_sum(x: torch.Tensor, d: tuple[int, ...]) -> torch.Tensor:
+    _no_stack()
     return torch.sum(x, dim=d) if d else x

@@ -18,6 +18,8 @@ rank (ZeRO, ``ReductionCache.absent``); the sum over ranks is the global value.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from . import fused
@@ -41,14 +43,23 @@ class ReductionCache:
         #: slices of parameters and optimizer buffers kept across hook calls, one per bound
         #: slice and role (views follow in-place updates)
         self._slices: dict[tuple[int, str], tuple[torch.Tensor, tuple, GridSlice]] = {}
+        #: families that differ only in their constants, by what they share (:mod:`.batched`)
+        self.batches: dict[tuple, Any] = {}
 
     def slice(self, raw: torch.Tensor, spec: BoundSlice, role: str | None = None) -> GridSlice:
         """``raw`` of ``spec``'s tensor as a :class:`GridSlice`; with a ``role`` ("theta",
         "buffer": tensors that live across steps) the same object as in the last hook call while
         ``raw`` is the same plain tensor at the same storage. Gradients and temporaries get no
         role: keeping them would hold memory that ``zero_grad(set_to_none=True)`` frees."""
-        if role is None:
-            return GridSlice(raw.detach(), spec, self)
+        if role is None:  # for this hook call only, shared by every slice of the same content
+            key = ("slice", id(spec.tensor), spec.dim, spec.view, _key(raw), raw.dtype)
+            try:
+                found = self.grids.get(key)
+            except TypeError:  # a view that cannot be hashed
+                return GridSlice(raw.detach(), spec, self)
+            if found is None:
+                found = self.grids[key] = GridSlice(raw.detach(), spec, self)
+            return found
         key = (id(spec), role)
         where = (raw.data_ptr(), raw.shape, raw.stride(), raw.dtype, id(spec.tensor) in self.absent)
         hit = self._slices.get(key)
@@ -187,12 +198,36 @@ class GridSlice:
             out = self.cache.grids[key] = torch.bmm(x.mT, y)
         return out
 
+    def _reduced(self, other: GridSlice | None) -> torch.Tensor | None:
+        """⟨x, y⟩ per group if a family already asked for it in this hook call (the same
+        tensors, views and group dimension: a conv weight's rows for scale and for rescale)."""
+        key = self._reduced_key(other)
+        return None if key is None else self.cache.grids.get(key)
+
+    def _reduced_key(self, other: GridSlice | None) -> tuple | None:
+        if self.part is not None or (other is not None and other.part is not None):
+            return None
+        x = self.value
+        dim = None if self.spec.dim is None else self.spec.dim % max(x.ndim, 1)
+        kx = (_key(x), x.dtype)
+        ky = kx if other is None else (_key(other.value), other.value.dtype)
+        return ("reduced", *sorted((kx, ky)), dim)
+
+    def _keep(self, other: GridSlice | None, value: torch.Tensor) -> torch.Tensor:
+        key = self._reduced_key(other)
+        if key is not None:
+            self.cache.grids[key] = value
+        return value
+
     def sq(self) -> torch.Tensor:
         if self.absent:
             return self._none()
         fused = self._fused(self)
         if fused is not None:
             return fused
+        known = self._reduced(None)
+        if known is not None:
+            return known
         x = self.value
         if (
             self.spec.dim is not None
@@ -200,8 +235,9 @@ class GridSlice:
             and x.is_contiguous()
             and x.ndim > 1
         ):
-            return self._share(torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square())
-        return self._share(self._groups(self._product(None)))
+            rows = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
+            return self._keep(None, self._share(rows))
+        return self._keep(None, self._share(self._groups(self._product(None))))
 
     def dot(self, other: GridSlice) -> torch.Tensor:
         if self.absent or other.absent:
@@ -209,7 +245,10 @@ class GridSlice:
         fused = self._fused(other)
         if fused is not None:
             return fused
-        return self._share(self._groups(self._product(other)))
+        known = self._reduced(other)
+        if known is not None:
+            return known
+        return self._keep(other, self._share(self._groups(self._product(other))))
 
     def sum(self) -> torch.Tensor:
         if self.absent:

@@ -99,7 +99,10 @@ def test_slices_kept_across_calls_only_for_parameters_and_buffers() -> None:
     cache.clear()
     assert cache.slice(p, spec, "theta") is first
     assert cache.slice(buf, spec, "buffer") is cache.slice(buf, spec, "buffer")
-    assert cache.slice(p.grad, spec) is not cache.slice(p.grad, spec)
+    grad = cache.slice(p.grad, spec)
+    assert cache.slice(p.grad, spec) is grad  # shared within one hook call
+    cache.clear()
+    assert cache.slice(p.grad, spec) is not grad  # never kept across calls (zero_grad frees it)
     with torch.no_grad():
         p.data = torch.randn(4, 3)  # new storage: the old view would read stale values
     again = cache.slice(p, spec, "theta")
