@@ -116,6 +116,9 @@ class Family:
     constants: dict[str, Tensor] = field(default_factory=dict, compare=False)
     #: a name per group (e.g. ``h0[1,2]``: head 0, entry (1, 2) of its charge matrix); may be empty
     labels: tuple[str, ...] = field(default=(), compare=False)
+    #: the normalisation layers that undo the family's α (up to their eps) by reading what it
+    #: scales, when that is not the output of the family's first layer (a residual stream)
+    absorbed_by: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.symmetry, Symmetry):

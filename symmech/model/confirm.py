@@ -288,7 +288,37 @@ def norm_stats(
                 for i in indices:
                     stats[i] = NormStats(norm_name, float(norm.eps), var, sens, weight)
                 break
+    stats.update(_absorbed_stats(families, seen, grads, create_graph))
     return loss.detach(), stats
+
+
+def _absorbed_stats(
+    families: list[Family], seen: list[tuple[Any, ...]], grads: list[Tensor | None], keep: bool
+) -> dict[int, NormStats]:
+    """Stats of the families whose α is undone by normalisations that read a residual stream
+    (``Family.absorbed_by``): the units of every such normalisation side by side, per channel
+    (a BatchNorm's (channels, 1)) or all in one group (a LayerNorm's rows)."""
+    calls: dict[str, list[tuple[tuple[Any, ...], Tensor]]] = {}
+    for record, grad in zip(seen, grads, strict=True):
+        if grad is not None:
+            calls.setdefault(record[0], []).append((record, grad))
+    stats: dict[int, NormStats] = {}
+    for i, fam in enumerate(families):
+        parts = [
+            _unit_stats(norm, z, out, beta, grad)
+            for name in fam.absorbed_by
+            for (_, norm, _, z, beta, out), grad in calls.get(name, [])
+        ]
+        if not fam.absorbed_by or len(parts) != len(fam.absorbed_by):
+            continue  # a normalisation did not run (or not once): no allowance, the trial decides
+        shape = (fam.n_groups, -1)
+        var = torch.cat([v.reshape(shape) for v, _ in parts], dim=1)
+        sens = torch.cat([s.reshape(shape) for _, s in parts], dim=1)
+        eps = float(calls[fam.absorbed_by[0]][0][0][1].eps)
+        if not keep:
+            var, sens = var.detach(), sens.detach()
+        stats[i] = NormStats(", ".join(fam.absorbed_by), eps, var, sens, None)
+    return stats
 
 
 def _random_alpha(family: Family, gen: torch.Generator) -> float:

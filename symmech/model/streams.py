@@ -17,10 +17,17 @@ and ends at
 * **readers**, whose input channel i is scaled by 1/α: a conv (input channel i; a depthwise conv's
   filter i), a Linear (input column i), a self-attention's input projection.
 
-Anything else that touches the stream (a normalisation that reads it and mixes its channels, the
-model's output, a concatenation, a product of two tensors, a GELU) means no family, and a note
-says which operation stopped it. A ResNet gives one family per stage, a MobileNetV2 one per stage
-with residual blocks; a pre-norm transformer gives none (its LayerNorms read the stream).
+A normalisation that reads the stream undoes α up to its eps (``Family.absorbed_by`` names it,
+and confirmation and the G1 check account for its eps): a BatchNorm normalises each channel, so the
+family stays per channel; a LayerNorm over the stream's channels undoes only an α common to all
+of them, so the family becomes one group of whole tensors. When such normalisations are the only
+readers (a pre-norm transformer: embeddings, attention and MLP outputs written, LayerNorms
+reading) the family is ``scale`` of the writers; otherwise ``stream_rescale`` (a post-norm
+transformer: the previous LayerNorm and the attention output against q, k, v).
+
+Anything else that touches the stream (a GroupNorm, the model's output, a concatenation, a
+product of two tensors, a GELU, a tied embedding) means no family, and a note says which operation
+stopped it. A ResNet gives one family per stage, a MobileNetV2 one per stage with residual blocks.
 """
 
 from __future__ import annotations
@@ -64,6 +71,8 @@ class _Stream:
     readers: dict[str, BlockSlice] = field(default_factory=dict)
     #: (what, why) for every operation that keeps the stream from being rescaled per channel
     stops: list[tuple[str, str]] = field(default_factory=list)
+    #: normalisations that read the stream and undo α: name -> "channel" or "all" (see _absorber)
+    absorbers: dict[str, str] = field(default_factory=dict)
 
     def channel_count(self, value: object) -> int | None:
         if not isinstance(value, Tensor) or value.ndim < 2:
@@ -98,8 +107,8 @@ def _passes(trace: Trace, node: fx.Node, source: fx.Node, s: _Stream) -> bool:
     before, after = trace.values.get(source), trace.values.get(node)
     if not isinstance(before, Tensor) or not isinstance(after, Tensor):
         return False
-    if kind in ("act", "pass"):
-        return after.shape == before.shape
+    if kind in ("act", "pass") or _is_copy(node):
+        return after.shape == before.shape and after.dtype == before.dtype
     if kind == "pool":
         return s.axis == 1 and before.ndim == extra["spatial"] + 2
     if kind in ("flatten", "reshape") or node.target in ("view", "reshape", "flatten"):
@@ -113,6 +122,19 @@ def _passes(trace: Trace, node: fx.Node, source: fx.Node, s: _Stream) -> bool:
         ok = None not in dims and all(d % before.ndim != axis for d in dims)
         return ok and s.channel_count(after) == s.n
     return False
+
+
+_COPIES = {"to", "clone", "contiguous", "type_as"}
+_ATEN_COPIES = {"aten.to.dtype_layout", "aten.to.dtype", "aten.to.device", "aten._to_copy.default",
+                "aten.clone.default", "aten.alias.default", "aten.contiguous.default"}  # fmt: skip
+
+
+def _is_copy(node: fx.Node) -> bool:
+    """A copy or a conversion (``x.to(device)``, ``clone``): the identity on the stream's values
+    when the dtype does not change (checked by the caller)."""
+    if node.op == "call_method":
+        return node.target in _COPIES
+    return node.op == "call_function" and str(node.target) in _ATEN_COPIES
 
 
 def _reader(trace: Trace, node: fx.Node, source: fx.Node, s: _Stream) -> BlockSlice | None:
@@ -186,7 +208,10 @@ def _sources(trace: Trace, node: fx.Node, s: _Stream) -> list[fx.Node]:
         if isinstance(source, fx.Node) and _passes(trace, node, source, s):
             return [source]
     pieces = _writer(trace, node, s)
-    if pieces is None:
+    if pieces is None and trace.tied(node):
+        s.stops.append((_what(trace, node), "write into the stream and are tied to another "
+                        "parameter (the same tensor), which the symmetry does not move alike"))  # fmt: skip
+    elif pieces is None:
         s.stops.append((_what(trace, node), "write into the stream and cannot scale their output "
                         "channels (not a conv, Linear, affine normalisation, embedding, parameter)"))  # fmt: skip
     for piece in pieces or ():
@@ -198,6 +223,21 @@ def _what(trace: Trace, node: fx.Node) -> str:
     module = trace.module(node)
     what = type(module).__name__ if module is not None else node.target
     return f"{node.name} ({getattr(what, '__name__', what)})"
+
+
+def _absorber(trace: Trace, user: fx.Node, node: fx.Node, s: _Stream) -> str | None:
+    """How a normalisation that reads the stream undoes α (up to its eps): ``"channel"`` for a
+    BatchNorm, which normalises each channel on its own (a per-channel α), ``"all"`` for a
+    LayerNorm over the stream's channels (one α for all of them), None otherwise."""
+    module = trace.module(user)
+    if module is None or user in trace.shared or user.args[:1] != (node,):
+        return None
+    last = s.axis == -1 or trace.rank(node) == 2
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not (s.axis == -1 and not last):
+        return "channel" if module.num_features == s.n else None
+    if isinstance(module, nn.LayerNorm) and last and tuple(module.normalized_shape) == (s.n,):
+        return "all"
+    return None
 
 
 def _grow(trace: Trace, start: fx.Node, s: _Stream) -> None:
@@ -223,6 +263,9 @@ def _grow(trace: Trace, start: fx.Node, s: _Stream) -> None:
                 s.nodes.add(user)
                 frontier.append(user)
             elif (piece := _reader(trace, user, node, s)) is None:
+                if (kind := _absorber(trace, user, node, s)) is not None:
+                    s.absorbers[str(user.target)] = kind
+                    continue
                 norm = isinstance(trace.module(user), _NORMS)
                 s.stops.append((_what(trace, user), "read the stream and " + (
                     "normalise across its channels: a per-channel α changes their output"
@@ -247,8 +290,12 @@ def _try(trace: Trace, add: fx.Node, s: _Stream) -> None:
     both = set(s.writers) & set(s.readers)
     if both:
         raise _Stop(f"{', '.join(sorted(both))} both writes into and reads the stream")
-    if not s.writers or not s.readers:
+    if not s.writers or not (s.readers or s.absorbers):
         raise _Stop("the stream has no " + ("writer" if not s.writers else "reader"))
+    eps = {float(getattr(trace.modules[n], "eps", 0.0)) for n in s.absorbers}
+    if len(eps) > 1:
+        raise _Stop(f"the normalisations that read it ({', '.join(s.absorbers)}) have different "
+                    f"eps ({', '.join(f'{e:g}' for e in sorted(eps))})")  # fmt: skip
 
 
 def _module_of(param: str) -> str:
@@ -279,7 +326,8 @@ def stream_families(
         if failure is not None:
             found, failure = max(attempts, key=lambda a: (len(a[0].nodes), -len(a[0].stops)))
             seen |= {n for n in found.nodes if _is_add(trace, n)} | {node}
-            note(f"no stream_rescale family through {node.name}: {failure}")
+            if found.writers or found.readers:  # a residual stream of layers, not x·cos + y·sin
+                note(f"no stream_rescale family through {node.name}: {failure}")
             continue
         seen |= found.nodes
         order = {str(n.target): i for i, n in enumerate(trace.gm.graph.nodes)}
@@ -288,7 +336,29 @@ def stream_families(
             pieces.update({p: pieces.pop(p) for p in ranked})
         writers = list(dict.fromkeys(_module_of(p) for p in found.writers))
         readers = list(dict.fromkeys(_module_of(p) for p in found.readers))
-        label = f"stream {', '.join(writers)} → {', '.join(readers)}"
-        blocks = {"theta_1": list(found.writers.values()), "theta_2": list(found.readers.values())}
-        fams.append(Family("stream_rescale", label, blocks, found.n))
+        fams.append(_family(found, writers, readers))
     return fams
+
+
+def _family(s: _Stream, writers: list[str], readers: list[str]) -> Family:
+    """The stream's family: ``stream_rescale`` per channel; when normalisations read the stream
+    too, per channel if all of them are BatchNorms, else one group (a common α), and ``scale``
+    when they are its only readers."""
+    label = f"stream {', '.join(writers)} → {', '.join(readers)}"
+    if not s.absorbers:
+        blocks = {"theta_1": list(s.writers.values()), "theta_2": list(s.readers.values())}
+        return Family("stream_rescale", label, blocks, s.n)
+    per_channel = all(kind == "channel" for kind in s.absorbers.values())
+    norms = tuple(s.absorbers)
+    label = (
+        label.rstrip(" →") + (" and " if readers else " ") + f"(normalised by {', '.join(norms)})"
+    )
+
+    def pieces(found: dict[str, BlockSlice]) -> list[BlockSlice]:
+        return list(found.values()) if per_channel else [BlockSlice(p, None) for p in found]
+
+    groups = s.n if per_channel else 1
+    if not readers:
+        return Family("scale", label, {"theta": pieces(s.writers)}, groups, absorbed_by=norms)
+    blocks = {"theta_1": pieces(s.writers), "theta_2": pieces(s.readers)}
+    return Family("stream_rescale", label, blocks, groups, absorbed_by=norms)

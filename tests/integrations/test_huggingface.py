@@ -119,6 +119,8 @@ def _check_families(tracker, exact: bool = True) -> None:
         "attention_qk",
         "attention_vo",
         "norm_rescale",
+        "scale",  # the embeddings' sum, read only by embeddings.LayerNorm
+        "stream_rescale",  # the post-LN residual streams, one group each
     }, kinds
     assert not any(" model." in f.layer or f.layer.startswith("model.") for f in tracker.families)
     if exact:

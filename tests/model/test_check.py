@@ -119,7 +119,12 @@ def assert_round_off(rows: list[dict]) -> None:
 def test_exact_symmetries_at_round_off(build) -> None:
     torch.manual_seed(0)
     rows = check(build(), batch())
-    assert rows and all(r["exact"] for r in rows)
+    # the transformer's residual stream (embed, pos, attn.out, fc2) is read only by LayerNorms:
+    # its scale family is broken by their eps alone, which the eps prediction accounts for
+    assert rows and all(r["exact"] or (r["symmetry"] == "scale" and r["eps"] == 1e-5) for r in rows)
+    assert [r["symmetry"] for r in rows if not r["exact"]] == (
+        ["scale"] if build is transformer_block else []
+    )
     assert_round_off(rows)
 
 

@@ -171,11 +171,14 @@ def test_transformer_block() -> None:
     # q, k and v; ln2 → fc1: norm_rescale 32; ln_final → mean over tokens → head: norm_rescale 32.
     # fc1 (32→64) → relu → fc2: R 64. head (32 → 10): T 32 + 1. Attention: 4 heads of r = 8,
     # one family per entry i ≤ j of the 8×8 charge matrix (8·9/2 = 36), 4 groups (heads) each,
-    # for q/k and for v/out.
+    # for q/k and for v/out. The residual stream (written by embed, pos, attn.out and fc2) is
+    # read only by ln1, ln2 and ln_final, which normalise over its 32 channels: one α common to
+    # all its writers is a scale family of 1 group (approximate: their eps breaks it).
     model = transformer_block()
     x, y = digits(n=4)
     fams = detect(model, x, confirm_batch=(x, y))
     assert counts(fams) == {
+        "scale": (1, 1),
         "translation": (2, 33),
         "rescale": (1, 64),
         "norm_rescale": (3, 96),

@@ -151,12 +151,18 @@ def test_bert_counts_and_confirmation() -> None:
     # LayerNorms: embeddings.LayerNorm, attention.output.LayerNorm and layer 0's output.LayerNorm
     # also feed a residual add: no norm_rescale. The last output.LayerNorm reaches only
     # pooler.dense (through the pick of token 0): norm_rescale d. dense → GELU → dense and
-    # pooler → tanh → classifier: no rescale.
+    # pooler → tanh → classifier: no rescale. Residual streams (post-LN): the three embedding
+    # tables write into a sum read only by embeddings.LayerNorm (scale, 1 group); in each layer
+    # the previous LayerNorm's affine and attention.output.dense write a stream read by q, k, v
+    # and normalised by attention.output.LayerNorm, whose affine and output.dense write one read
+    # by intermediate.dense and normalised by output.LayerNorm: 2 stream_rescale of 1 group each.
     model, x = bert(), ids()
     y = torch.tensor([0, 1, 2, 1])
     fams = detect(model, x, confirm_batch=(x, y))
     assert fams.path == "export"
     assert counts(fams) == {
+        "scale": (1, 1),
+        "stream_rescale": (2 * LAYERS, 2 * LAYERS),
         "translation": (2, D + 1),
         "norm_rescale": (1, D),
         "attention_qk": (LAYERS * ENTRIES, LAYERS * ENTRIES * H),

@@ -16,7 +16,7 @@ from collections import OrderedDict
 import pytest
 import torch
 from support.sgd import digits_batches
-from support.zoo import resnet18
+from support.zoo import resnet18, transformer_block
 from torch import nn
 
 import symmech
@@ -292,12 +292,14 @@ def test_residual_mlp_channels_last_stream_by_hand() -> None:
 
 
 class _PreActivation(nn.Module):
-    """A pre-activation block: the stream is read by a BatchNorm, which normalises each channel."""
+    """A pre-activation block: the stream is read by a BatchNorm (``norm``), which normalises
+    each channel on its own, and by the head; ``norm`` may be any normalisation."""
 
-    def __init__(self) -> None:
+    def __init__(self, norm: nn.Module | None = None) -> None:
         super().__init__()
         self.stem = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn, self.conv = nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4) if norm is None else norm
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
         self.head = nn.Linear(4, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -323,7 +325,10 @@ class _Concat(nn.Module):
 @pytest.mark.parametrize(
     ("model", "reason"),
     [
-        (_PreActivation(), "bn (BatchNorm2d) read the stream and normalise across its channels"),
+        (
+            _PreActivation(nn.GroupNorm(2, 4)),
+            "bn (GroupNorm) read the stream and normalise across its channels",
+        ),
         (_Concat(), "cat (cat) read the stream and are neither linear readers"),
     ],
 )
@@ -334,6 +339,110 @@ def test_streams_that_cannot_be_rescaled_say_why(model: nn.Module, reason: str) 
     assert not _streams(found)
     (message,) = [n for n in found.notes if "stream_rescale" in n]
     assert reason in message
+
+
+# ----------------------------------------------------------------------------- normalised streams
+
+
+def _without_eps(model: nn.Module) -> nn.Module:
+    """A float64 copy whose normalisations have eps = 1e-300 (BatchNorm refuses 0 in training):
+    their scale invariance is then exact to round-off."""
+    model = copy.deepcopy(model).double()
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+            m.eps = 1e-300
+    return model
+
+
+def _output_change(model: nn.Module, x: torch.Tensor, move) -> float:
+    torch.manual_seed(0)
+    with torch.no_grad():
+        base = model(x)
+        moved = copy.deepcopy(model)
+        move(moved)
+        return float((moved(x) - base).abs().max() / base.abs().max())
+
+
+def test_stream_read_by_a_batchnorm_is_per_channel_and_approximate() -> None:
+    # Pre-activation: stem and conv write the stream, the head reads it (through the mean), bn
+    # normalises it per channel. Moving writers by α_c and the head's columns by 1/α_c changes
+    # bn's input by α_c: exact without eps, a small change with bn's eps = 1e-5.
+    model = _PreActivation()
+    ((x, y),) = digits_batches(1, 16)
+    x = x.reshape(16, 1, 8, 8)
+    found = detect(model, x.float())
+    (fam,) = _streams(found)
+    assert (_modules(fam, "theta_1"), _modules(fam, "theta_2")) == (["conv", "stem"], ["head"])
+    assert (fam.n_groups, fam.absorbed_by) == (4, ("bn",))
+    alpha = torch.tensor([0.6, 1.7, 1.3, 0.8], dtype=torch.float64)
+
+    def move(m: nn.Module) -> None:
+        _move_by_hand(m, ["stem", "conv"], ["head"], alpha)
+
+    assert _output_change(_without_eps(model), x, move) < 1e-12
+    assert 1e-9 < _output_change(model.double(), x, move) < 1e-3
+    confirm(model.double(), found, (x, y))
+    assert fam.confirmed and fam.reason.startswith("approximate: bn eps=1e-05 moves the loss by")
+
+
+class _PostNorm(nn.Module):
+    """Post-LN: ln0's affine and fc2 write a stream read by fc1 and normalised by ln1."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.embed, self.ln0 = nn.Linear(8, d), nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.ln1, self.head = nn.LayerNorm(d), nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln0(self.embed(x.reshape(x.shape[0], 8, 8)))
+        h = self.ln1(h + self.fc2(torch.relu(self.fc1(h))))
+        return self.head(h.mean(dim=1))
+
+
+def test_post_norm_stream_is_one_group_read_by_fc1_and_normalised_by_ln1() -> None:
+    model = _PostNorm()
+    ((x, y),) = digits_batches(1, 16)
+    found = detect(model, x.float())
+    (fam,) = _streams(found)
+    assert fam.layer == "stream ln0, fc2 → fc1 and (normalised by ln1)"
+    assert fam.n_groups == 1 and fam.absorbed_by == ("ln1",)
+    assert all(p.dim is None for b in fam.blocks.values() for p in b)  # whole tensors, one α
+    assert {p.param for p in fam.blocks["theta_1"]} == {"ln0.weight", "ln0.bias", "fc2.weight",
+                                                        "fc2.bias"}  # fmt: skip
+
+    def move(m: nn.Module) -> None:  # one α on the writers, 1/α on fc1's weight (not its bias)
+        with torch.no_grad():
+            for p in (m.ln0.weight, m.ln0.bias, m.fc2.weight, m.fc2.bias):
+                p.mul_(1.6)
+            m.fc1.weight.div_(1.6)
+
+    assert _output_change(_without_eps(model), x, move) < 1e-12
+    assert 1e-9 < _output_change(model.double(), x, move) < 1e-3
+    confirm(model.double(), found, (x, y))
+    assert fam.confirmed and fam.reason.startswith("approximate: ln1 eps=1e-05")
+
+
+def test_pre_norm_transformer_stream_is_a_scale_family_of_its_writers() -> None:
+    # The demo's pre-LN block: embed, pos, attn.out and fc2 write the stream, only ln1, ln2 and
+    # ln_final read it: one α on all writers is a scale family (exact without eps).
+    model = transformer_block(d=16, heads=4, hidden=32)
+    ((x, y),) = digits_batches(1, 16)
+    (fam,) = [f for f in detect(model, x.float()) if f.absorbed_by]
+    assert (fam.symmetry, fam.n_groups) == ("scale", 1)
+    assert fam.absorbed_by == ("ln1", "ln2", "ln_final")
+    writers = {"embed.weight", "embed.bias", "pos", "attn.out.weight", "attn.out.bias",
+               "fc2.weight", "fc2.bias"}  # fmt: skip
+    assert {p.param for p in fam.blocks["theta"]} == writers
+
+    def move(m: nn.Module) -> None:
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name in writers:
+                    p.mul_(0.7)
+
+    assert _output_change(_without_eps(model), x, move) < 1e-12
+    assert 1e-9 < _output_change(model.double(), x, move) < 1e-3
 
 
 def test_confirmation_refuses_a_stream_with_a_reader_left_out() -> None:

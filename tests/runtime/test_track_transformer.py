@@ -1,5 +1,6 @@
 """Tracking the transformer symmetries found by detection: attention_qk / attention_vo per head
-and charge-matrix entry, norm_rescale, rescale and translation, float64 under SGD with momentum
+and charge-matrix entry, norm_rescale, rescale, translation and the residual stream's scale
+(read only by LayerNorms, so approximate: its law is fed the measured residual), float64 under SGD with momentum
 and weight decay. The observed charges are checked against C_h computed here from the weights,
 the exact discrete law against the observed charges (relative to the family's scale), and
 training against an untracked copy (bit-identical)."""
@@ -21,7 +22,9 @@ from symmech.runtime.error_scale import charge_terms
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-KINDS = {"attention_qk", "attention_vo", "norm_rescale", "rescale", "translation"}
+# scale: the residual stream's writers, read only by LayerNorms (broken by their eps alone; the
+# exact law is fed the measured residual ⟨ξ, g⟩ like any approximate symmetry)
+KINDS = {"attention_qk", "attention_vo", "norm_rescale", "rescale", "scale", "translation"}
 
 
 class _Encoder(nn.Module):
@@ -108,12 +111,12 @@ def _adamw_no_decay_on_norms_and_biases(model):
     return torch.optim.AdamW(groups, lr=3e-3)
 
 
-def _run(model, steps, charges, make_optimizer=_sgd):
+def _run(model, steps, charges, make_optimizer=_sgd, kinds=KINDS):
     torch.manual_seed(0)
     ((x, y),) = digits_batches(1, 32)
     twin = copy.deepcopy(model)
     families = list(detect(model, x))
-    assert {f.symmetry for f in families} == KINDS
+    assert {f.symmetry for f in families} == kinds
     bindings = bindings_from_families(model, families)
     assert len(bindings) == len(families)
     opt = make_optimizer(model)
@@ -126,10 +129,17 @@ def _run(model, steps, charges, make_optimizer=_sgd):
     worst: dict[str, float] = {}
     checked = 0
     for k, (fam, logs) in enumerate(zip(tracker.families, per_family, strict=True)):
-        assert fam.status == "tracked", (fam.symmetry, fam.layer, fam.status)
+        law = "discrete"
+        if fam.symmetry == "scale":  # the stream: broken by the LayerNorms' eps, and says so
+            assert fam.layer.startswith("stream ") and "normalised by" in fam.layer
+            if fam.status != "tracked":
+                assert fam.status.startswith("approximate: |r| = "), fam.status
+                law = "discrete_residual"  # the exact law fed the measured rₖ = ⟨ξ, gₖ⟩
+        else:
+            assert fam.status == "tracked", (fam.symmetry, fam.layer, fam.status)
         observed = [r["observed"] for rows in logs for r in rows]
         scale = max(scale0[k], scale1[k], *(abs(q) for q in observed))
-        err = max(abs(r["discrete"] - r["observed"]) for rows in logs for r in rows) / scale
+        err = max(abs(r[law] - r["observed"]) for rows in logs for r in rows) / scale
         worst[fam.symmetry] = max(worst.get(fam.symmetry, 0.0), err)
         final = logs[-1]
         assert final[0]["step"] == steps
@@ -204,4 +214,5 @@ def test_sdpa_block_300_steps():
 def test_transformer_encoder_layer_300_steps():
     # nn.TransformerEncoderLayer (nn.MultiheadAttention inside, read from its parameters)
     torch.manual_seed(2)
-    _run(_Encoder().double(), 300, _encoder_charges)
+    # the encoder layer is one node of the graph: the residual stream inside it is not seen
+    _run(_Encoder().double(), 300, _encoder_charges, kinds=KINDS - {"scale"})
