@@ -34,7 +34,10 @@ class Bank:
             else torch.full((f.n_groups,), float("nan"), dtype=torch.float64, device=like.device)
             for f in self.families
         ]
-        self.laws = Laws(self.families[0].module.KAPPA, torch.cat(parts))
+        turning = torch.cat(
+            [torch.full((f.n_groups,), f.rotation, dtype=torch.bool) for f in self.families]
+        )
+        self.laws = Laws(self.families[0].module.KAPPA, torch.cat(parts), turning)
 
     def _column(self, data: list[StepData | None], field: str) -> torch.Tensor | None:
         """One field of every family's data, concatenated (see :meth:`_stack`)."""

@@ -36,6 +36,7 @@ queues device work only and never waits for the device.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -168,9 +169,14 @@ _SPLIT = dict(zip(ANATOMY, ("xi_b_decay", "xi_b_breaking", "xi_b_step", "xi_b_hi
 class Laws:
     """Every law's prediction of Q per group, advanced once per optimizer step."""
 
-    def __init__(self, kappa: float, q0: torch.Tensor) -> None:
+    def __init__(self, kappa: float, q0: torch.Tensor, turning: torch.Tensor | None = None) -> None:
         q0 = q0.detach().to(torch.float64)
         self.kappa = float(kappa)
+        #: the groups whose rotation is reported (a ½|θ|² charge; None: every group): the
+        #: angular update is computed there only (NaN elsewhere, as the records show it)
+        self._turning: torch.Tensor | None = None
+        if turning is not None and not bool(turning.all()):
+            self._turning = turning.nonzero().reshape(-1).to(q0.device)
         self.q0 = q0.clone()
         self.discrete = q0.clone()
         self.discrete_residual = q0.clone()
@@ -269,11 +275,11 @@ class Laws:
             m, m_res = xi_b, xi_b_res  # the buffer stays; the law re-reads it when β returns
             ms = split
         else:
-            fresh = torch.as_tensor(self.steps == 0 if data.fresh is None else data.fresh)
-            m = torch.where(fresh, p, beta * xi_b + (1.0 - tau) * p)
-            m_res = torch.where(fresh, p_res, beta * xi_b_res + (1.0 - tau) * p_res)
+            fresh = self.steps == 0 if data.fresh is None else data.fresh
+            m = _pick(fresh, p, lambda: beta * xi_b + (1.0 - tau) * p)
+            m_res = _pick(fresh, p_res, lambda: beta * xi_b_res + (1.0 - tau) * p_res)
             ms = {
-                k: torch.where(fresh, parts[k], beta * split[k] + (1.0 - tau) * parts[k])
+                k: _pick(fresh, parts[k], lambda k=k: beta * split[k] + (1.0 - tau) * parts[k])
                 for k in parts
             }
             if h.nesterov:
@@ -282,7 +288,7 @@ class Laws:
             else:
                 v, v_res, vs = m, m_res, ms
         half_lr2 = 0.5 * lr * lr
-        self.second_order_rate = torch.where(torch.as_tensor(start), -v, self.second_order_rate)
+        self.second_order_rate = _pick(start, -v, lambda: self.second_order_rate)
         self.discrete = self.discrete - lr * v + half_lr2 * uJu
         self.discrete_residual = q_res - lr * v_res + half_lr2 * uJu
         for k in parts:
@@ -352,11 +358,29 @@ class Laws:
         a − b = −2ΔQ/(a + b), free of the cancellation in ⟨θₖ, θₖ₊₁⟩/(ab) for small angles.
         """
         q_after = self.discrete_residual
-        a = torch.sqrt(2.0 * q_before)
-        b = torch.sqrt(2.0 * q_after)
-        diff = -2.0 * dq / (a + b)
-        one_minus_cos = (delta_sq - diff * diff) / (2.0 * a * b)
-        half = torch.clamp(one_minus_cos / 2.0, min=0.0, max=1.0)
-        self.angular_update = 2.0 * torch.asin(torch.sqrt(half))
+        rows = self._turning
+        if rows is None:
+            self.angular_update = _angle(q_before, q_after, dq, delta_sq)
+        elif rows.numel():  # only where it is reported (other charges may be < 0: NaN, slow)
+            angle = _angle(q_before[rows], q_after[rows], dq[rows], delta_sq[rows])
+            self.angular_update = torch.full_like(q_after, float("nan")).index_copy_(0, rows, angle)
         eq = float("nan") if data.rotation_eq is None else float(data.rotation_eq)
         self.angular_equilibrium = torch.full_like(q_after, eq)
+
+
+def _angle(q_before, q_after, dq, delta_sq) -> torch.Tensor:
+    """The angle of :meth:`Laws._rotation` from Qₖ, Qₖ₊₁, their difference and ⟨δ, Jδ⟩."""
+    a = torch.sqrt(2.0 * q_before)
+    b = torch.sqrt(2.0 * q_after)
+    diff = -2.0 * dq / (a + b)
+    one_minus_cos = (delta_sq - diff * diff) / (2.0 * a * b)
+    half = torch.clamp(one_minus_cos / 2.0, min=0.0, max=1.0)
+    return 2.0 * torch.asin(torch.sqrt(half))
+
+
+def _pick(mask: torch.Tensor | bool, yes: torch.Tensor, no: Callable[[], torch.Tensor]):
+    """``torch.where(mask, yes, no())``, with ``no()`` alone (not even computed: ``yes``) where
+    ``mask`` is a plain bool: the same values, fewer operations in the usual step."""
+    if isinstance(mask, bool):
+        return yes if mask else no()
+    return torch.where(mask, yes, no())

@@ -89,7 +89,9 @@ def _run(make, make_optimizer, batched: bool):
     opt = make_optimizer(model)
     tracker = symmech.track(model, opt, example_input=(x, y), log_every=1)
     truth: list[list[tuple]] = []  # per step and family: (Q, r) from the weights
+    tracker.weights = []  # θ before every step, and after the last
     for _ in range(STEPS):
+        tracker.weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         if not batched:  # every family its own evaluation
@@ -100,6 +102,7 @@ def _run(make, make_optimizer, batched: bool):
         else:
             truth.append(_independent(tracker, model))
         opt.step()
+    tracker.weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
     twin_opt = make_optimizer(twin)
     for _ in range(STEPS):
         twin_opt.zero_grad()
@@ -177,3 +180,47 @@ def test_batched_agrees_with_weights_and_with_per_family(make, make_optimizer) -
                 assert torch.allclose(a, res, rtol=0, atol=1e-12 * scale), (step, k)
                 checked += 1
     assert checked >= (STEPS - 1) * len(tracker.families)
+
+
+def _group_rows(binding, weights: dict, names: list[str]) -> torch.Tensor:
+    """Every group's entries of the bound tensors, one row per group (float64)."""
+    parts = []
+    for slices in binding.blocks.values():
+        for s in slices:
+            k = next(i for i, t in enumerate(binding.tensors) if t is s.tensor)
+            x = s.shaped(weights[names[k]])
+            parts.append(x.movedim(s.dim, 0).reshape(x.shape[s.dim], -1))
+    return torch.cat(parts, dim=1)
+
+
+@pytest.mark.parametrize("make_optimizer", [_sgd, _adamw], ids=["sgd", "adamw"])
+def test_angular_update_of_scale_groups_in_a_shared_bank(make_optimizer) -> None:
+    """Scale (Q = ½|θ|²) and rescale families share a bank on vgg-tiny-bn; the angle is
+    computed on the scale rows only. Against the angle between θₖ₋₁ and θₖ from the weights
+    (2 asin(|u − v|/2) of the unit vectors, float64), and None for every other family."""
+    tracker, _ = _run(_vgg, make_optimizer, batched=True)
+    families = tracker.families
+    assert {f.symmetry for f in families} >= {"scale", "rescale"}
+    banks = {id(tracker._bank_of[id(f)]) for f in families if f.symmetry in ("scale", "rescale")}
+    assert len(banks) == 1  # one bank holds both
+    rows = _rows_by_step(tracker)
+    checked = 0
+    for step, per_family in rows.items():
+        if step == 0:
+            continue
+        for f, fam_rows in zip(families, per_family, strict=True):
+            got = [r["angular_update"] for r in fam_rows]
+            if f.symmetry != "scale":
+                assert all(v is None for v in got)
+                continue
+            names = f.names
+            u = _group_rows(f.binding, tracker.weights[step - 1], names)
+            v = _group_rows(f.binding, tracker.weights[step], names)
+            u = u / u.norm(dim=1, keepdim=True)
+            v = v / v.norm(dim=1, keepdim=True)
+            angle = 2.0 * torch.asin((u - v).norm(dim=1) / 2.0)
+            got_t = torch.tensor(got, dtype=torch.float64)
+            assert float(angle.min()) > 0.0
+            assert torch.allclose(got_t, angle, rtol=1e-6, atol=0), (step, f.layer)
+            checked += 1
+    assert checked >= (STEPS - 2) * sum(f.symmetry == "scale" for f in families)
