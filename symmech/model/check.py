@@ -5,13 +5,16 @@ of the torch action evaluated from the spec (:func:`.actions.generator`), never 
 float64 on one batch:
 
 * G1, per group j: ⟨g, ξ_j⟩ = 0. Reported as max_j |⟨g, ξ_j⟩| / (|g_j| |ξ_j|), with g_j the
-  gradient restricted to group j's entries (0 for a group whose gradient vanishes).
+  gradient restricted to group j's entries (0 for a group whose gradient vanishes: |g_j| at
+  round-off of the whole gradient, |g_j| ≤ 1e-12·|g|, where the angle is undefined: a bias
+  before BatchNorm, on which the loss does not depend at all).
 * G2: H ξ + Dξᵀ g = 0, for ξ = Σ_j c_j ξ_j with random c (a combination of all groups, one
   Hessian-vector product per family). H ξ is a forward-over-reverse product (jvp of grad, falling
   back to reverse-over-reverse), Dξᵀ g a vjp of θ ↦ ξ(θ) against g. Reported as
   |H ξ + Dξᵀ g| / (|H ξ| + |Dξᵀ g|); when Dξ = 0 (the spec's affine part J is 0, as for
   translation) the denominator is |H ξ̃| for a random ξ̃ of the same size on the same entries,
-  since then both terms of the sum vanish.
+  since then both terms of the sum vanish; when the loss is flat on those entries (|H ξ̃|/|ξ̃| at
+  most 1e-12 of |H v|/|v| for a random v on all entries) G2 is reported as 0.
 
 H ξ differentiates the loss twice. ``F.scaled_dot_product_attention`` picks fused kernels whose
 backward has no derivative (flash attention on CPU), so :func:`check` runs under the math
@@ -103,8 +106,24 @@ def _g2(
     scale = _norm(xi) / _norm(probe)
     probe_full = {n: probe[n] * scale if n in probe else torch.zeros_like(p)
                   for n, p in params.items()}  # fmt: skip
-    den = max(float(_norm(hvp(ev.loss, params, probe_full))), _TINY)
+    curvature = float(_norm(hvp(ev.loss, params, probe_full)))
+    if curvature <= _FLAT * _norm(xi) * _model_curvature(ev, gen):
+        return 0.0, 0.0, "flat: |Hξ̃| ≤ 1e-12·|Hv| (random v, all entries, same size)"
+    den = max(curvature, _TINY)
     return float(_norm(total)) / den, float(_norm(left)) / den, "|Hξ̃| (random ξ̃, same entries)"
+
+
+_FLAT = 1e-12
+
+
+def _model_curvature(ev: Evaluator, gen: torch.Generator) -> float:
+    """|H v| for a random unit v over every parameter (cached on the evaluator)."""
+    if getattr(ev, "_curvature", None) is None:
+        v = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64)
+             for n, p in ev.params.items()}  # fmt: skip
+        norm = _norm(v)
+        ev._curvature = float(_norm(hvp(ev.loss, ev.params, {n: t / norm for n, t in v.items()})))
+    return ev._curvature
 
 
 def _eps_gradient(pred: Tensor, coeffs: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -146,6 +165,7 @@ def check(
         live = {n: p.clone().requires_grad_(True) for n, p in ev.params.items()}
         _, stats = norm_stats(ev, families, params=live, create_graph=True)
         g = torch.func.grad(ev.loss)(ev.params)
+        total_g = sum(float((t**2).sum()) for t in g.values()) ** 0.5
         for i, fam in enumerate(families):
             validate_family(fam, ev.params)
             xi = generator(ev.params, fam)
@@ -153,7 +173,7 @@ def check(
             dots = group_sum({n: g[n] * xi[n] for n in names}, fam)
             g_norm = group_sum({n: g[n] ** 2 for n in names}, fam).sqrt()
             xi_norm = group_sum({n: xi[n] ** 2 for n in names}, fam).sqrt()
-            den = g_norm * xi_norm
+            den = torch.where(g_norm > _FLAT * total_g, g_norm * xi_norm, torch.zeros_like(g_norm))
             pred_live = stats[i].g1_prediction() if i in stats else None
             pred = pred_live.detach() if pred_live is not None else torch.zeros_like(dots)
             coeffs = torch.randn(fam.n_groups, generator=gen, dtype=torch.float64)

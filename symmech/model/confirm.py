@@ -60,6 +60,7 @@ from .actions import (
     spec_action,
     validate_family,
 )
+from .norms import is_rms_norm, norm_eps
 
 __all__ = ["Evaluator", "NormStats", "confirm", "evaluation_mode", "norm_stats"]
 
@@ -187,6 +188,10 @@ class NormStats:
 def _unit_stats(
     norm: nn.Module, z: Tensor, out: Tensor, beta: Tensor | None, grad: Tensor
 ) -> tuple[Tensor, Tensor]:
+    if is_rms_norm(norm):  # no centring: the mean square plays the variance's part
+        k = norm.weight.numel()
+        var = z.reshape(-1, k).square().mean(dim=1).reshape(1, -1)
+        return var, (grad * out).reshape(-1, k).sum(dim=1).reshape(1, -1)
     if isinstance(norm, nn.LayerNorm):
         k = math.prod(norm.normalized_shape)
         shifted = out if beta is None else out - beta
@@ -252,7 +257,7 @@ def norm_stats(
 
     handles = [modules[n].register_forward_hook(on_producer(n)) for n in producers if n in modules]
     handles += [m.register_forward_hook(on_norm(n)) for n, m in modules.items()
-                if isinstance(m, _NORMS)]  # fmt: skip
+                if isinstance(m, _NORMS) or is_rms_norm(m)]  # fmt: skip
     if params is None:
         params = {n: p.clone().requires_grad_(True) for n, p in ev.params.items()}
     try:
@@ -286,7 +291,7 @@ def norm_stats(
                 if not (isinstance(norm, _BatchNorm) and batch_stats and weight in params):
                     weight = None  # no γ, or running statistics: nothing undoes the eps break
                 for i in indices:
-                    stats[i] = NormStats(norm_name, float(norm.eps), var, sens, weight)
+                    stats[i] = NormStats(norm_name, norm_eps(norm), var, sens, weight)
                 break
     stats.update(_absorbed_stats(families, seen, grads, create_graph))
     return loss.detach(), stats
@@ -314,7 +319,7 @@ def _absorbed_stats(
         shape = (fam.n_groups, -1)
         var = torch.cat([v.reshape(shape) for v, _ in parts], dim=1)
         sens = torch.cat([s.reshape(shape) for _, s in parts], dim=1)
-        eps = float(calls[fam.absorbed_by[0]][0][0][1].eps)
+        eps = norm_eps(calls[fam.absorbed_by[0]][0][0][1])
         if not keep:
             var, sens = var.detach(), sens.detach()
         stats[i] = NormStats(", ".join(fam.absorbed_by), eps, var, sens, None)

@@ -22,7 +22,7 @@ from .actions import BlockSlice, Family
 from .layout import in_axis, in_features, is_linear
 from .trace import DROPOUTS, Trace, is_meta
 
-__all__ = ["is_rms_norm", "norm_rescale_families"]
+__all__ = ["is_rms_norm", "norm_eps", "norm_rescale_families"]
 
 _NORMS = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
@@ -51,6 +51,15 @@ def is_rms_norm(module: nn.Module | None) -> bool:
         and weight.ndim == 1
         and isinstance(eps, (int, float))
     )
+
+
+def norm_eps(module: nn.Module, dtype: torch.dtype = torch.float64) -> float:
+    """The eps a normalisation adds to its variance (``eps`` or ``variance_epsilon``; ``None``,
+    as ``nn.RMSNorm`` allows, means the machine epsilon of ``dtype``)."""
+    eps = next(
+        (getattr(module, a) for a in ("eps", "variance_epsilon") if hasattr(module, a)), None
+    )
+    return float(torch.finfo(dtype).eps if eps is None else eps)
 
 
 def _affine_acts_along(trace: Trace, node: fx.Node, norm: nn.Module, axis: int) -> bool:

@@ -42,6 +42,7 @@ from torch import Tensor, fx, nn
 from .actions import BlockSlice, Family
 from .graph import _function_kind, _module_kind
 from .layout import in_axis, in_features, is_linear, out_axis, out_features
+from .norms import is_rms_norm, norm_eps
 from .trace import DROPOUTS, Trace, is_meta, is_scalar_scale, tensor_arg
 
 __all__ = ["stream_families"]
@@ -237,6 +238,8 @@ def _absorber(trace: Trace, user: fx.Node, node: fx.Node, s: _Stream) -> str | N
         return "channel" if module.num_features == s.n else None
     if isinstance(module, nn.LayerNorm) and last and tuple(module.normalized_shape) == (s.n,):
         return "all"
+    if is_rms_norm(module) and last and module.weight.numel() == s.n:
+        return "all"  # x · rsqrt(mean(x²) + eps) · w over the last axis
     return None
 
 
@@ -292,7 +295,7 @@ def _try(trace: Trace, add: fx.Node, s: _Stream) -> None:
         raise _Stop(f"{', '.join(sorted(both))} both writes into and reads the stream")
     if not s.writers or not (s.readers or s.absorbers):
         raise _Stop("the stream has no " + ("writer" if not s.writers else "reader"))
-    eps = {float(getattr(trace.modules[n], "eps", 0.0)) for n in s.absorbers}
+    eps = {norm_eps(trace.modules[n]) for n in s.absorbers}
     if len(eps) > 1:
         raise _Stop(f"the normalisations that read it ({', '.join(s.absorbers)}) have different "
                     f"eps ({', '.join(f'{e:g}' for e in sorted(eps))})")  # fmt: skip
@@ -331,6 +334,7 @@ def stream_families(
             continue
         seen |= found.nodes
         order = {str(n.target): i for i, n in enumerate(trace.gm.graph.nodes)}
+        found.absorbers = dict(sorted(found.absorbers.items(), key=lambda kv: order.get(kv[0], 0)))
         for pieces in (found.writers, found.readers):  # in the order the model runs them
             ranked = sorted(pieces, key=lambda p: order.get(_module_of(p), order.get(p, 0)))
             pieces.update({p: pieces.pop(p) for p in ranked})

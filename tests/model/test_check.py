@@ -160,11 +160,10 @@ def test_batchnorm_tiny_eps_is_round_off_and_default_eps_is_reported() -> None:
 
 
 def _without_bias_shifts(model: nn.Module, data, rows: list[dict]) -> list[dict]:
-    """The rows other than the conv-bias translations before BatchNorm, after checking those
-    independently. The loss does not depend on such a bias at all (the batch mean removes it),
-    so its gradient is round-off and G1 = |⟨g, ξ_c⟩| / (|g_c| |ξ_c|) = |g_c| / |g_c| is 1 by
-    construction for a one-entry group (G2 likewise compares round-off with round-off): instead
-    ∂L/∂b is compared, in float64 by autograd, with the gradient of the conv's weight."""
+    """The rows other than the conv-bias translations before BatchNorm, after checking those.
+    The loss does not depend on such a bias at all (the batch mean removes it): ∂L/∂b, in
+    float64 by autograd, is round-off next to the conv weight's gradient, and check() reports
+    the group as flat (G1 = G2 = 0, not the 1 that round-off over round-off would give)."""
     shifts = [r for r in rows if "(batch mean)" in r["layer"]]
     assert len(shifts) == 4
     ev = Evaluator(model, data, None)
@@ -173,6 +172,7 @@ def _without_bias_shifts(model: nn.Module, data, rows: list[dict]) -> list[dict]
     for r in shifts:
         conv = r["layer"].split(".bias")[0]
         assert g[f"{conv}.bias"].abs().max() <= 1e-12 * g[f"{conv}.weight"].abs().max(), conv
+        assert r["g1"] == 0.0 and r["g2"] == 0.0 and r["g2_denominator"].startswith("flat")
     return [r for r in rows if r not in shifts]
 
 

@@ -63,8 +63,11 @@ def moved_loss(model: nn.Module, batch, scale: dict[str, tuple[int, torch.Tensor
 
 
 def expected(layers: int) -> dict[str, tuple[int, int]]:
+    # scale: the residual stream (embed_tokens and every o_proj and down_proj write it, only the
+    # RMSNorms read it), one α on all its writers (tests/model/test_streams.py moves it by hand)
     entries = R * (R + 1) // 2
     return {"norm_rescale": (2 * layers + 1, (2 * layers + 1) * D), "translation": (1, D),
+            "scale": (1, 1),
             "attention_vo": (layers * entries, layers * entries * H),
             "rescale": (layers, layers * F_MLP)}  # fmt: skip
 

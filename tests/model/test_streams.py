@@ -15,6 +15,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from support.blocks import TinyLlama
 from support.sgd import digits_batches
 from support.zoo import resnet18, transformer_block
 from torch import nn
@@ -443,6 +444,39 @@ def test_pre_norm_transformer_stream_is_a_scale_family_of_its_writers() -> None:
 
     assert _output_change(_without_eps(model), x, move) < 1e-12
     assert 1e-9 < _output_change(model.double(), x, move) < 1e-3
+
+
+def test_llama_stream_read_by_rmsnorms_is_a_scale_family() -> None:
+    # Llama: embed_tokens, o_proj and down_proj write the stream; the RMSNorms (here nn.RMSNorm,
+    # which computes in the input's dtype) are its only readers
+    torch.manual_seed(0)
+    model = TinyLlama(norm=nn.RMSNorm).double()
+    ids = torch.randint(0, 20, (3, 6), generator=torch.Generator().manual_seed(0))
+    found = detect(model, ids)
+    (fam,) = [f for f in found if f.absorbed_by]
+    assert (fam.symmetry, fam.n_groups) == ("scale", 1)
+    norms = ["layers.0.input_layernorm", "layers.0.post_attention_layernorm",
+             "layers.1.input_layernorm", "layers.1.post_attention_layernorm", "norm"]  # fmt: skip
+    assert sorted(fam.absorbed_by) == norms
+    writers = {"embed_tokens.weight"} | {
+        f"layers.{i}.{w}.weight" for i in range(2) for w in ("self_attn.o_proj", "mlp.down_proj")
+    }
+    assert {p.param for p in fam.blocks["theta"]} == writers
+
+    def move(m: nn.Module) -> None:
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name in writers:
+                    p.mul_(1.8)
+
+    exact = copy.deepcopy(model)
+    for name in norms:
+        exact.get_submodule(name).eps = 1e-300
+        model.get_submodule(name).eps = 1e-6  # Llama's
+    assert _output_change(exact, ids, move) < 1e-12
+    assert 1e-12 < _output_change(model, ids, move) < 1e-3
+    confirm(model, found, (ids, torch.randint(0, 20, (3, 6))))
+    assert fam.confirmed and fam.reason.startswith("approximate: layers.0.input_layernorm")
 
 
 def test_confirmation_refuses_a_stream_with_a_reader_left_out() -> None:
