@@ -1,4 +1,5 @@
-"""Detection on transformers, one table: families / groups per symmetry found vs derived by hand.
+"""Detection on transformers and residual CNNs, one table: families / groups per symmetry found vs
+derived by hand.
 
     python benchmarks/detect_table.py [--threads 2]
 
@@ -8,22 +9,28 @@ nanoGPT block (fused c_attn, causal softmax written out, GELU MLP) as a classifi
 ``nn.TransformerEncoderLayer`` (pre-LN, ReLU) between a Linear embedding and a head, and
 :func:`symmech.demo.models.transformer_block`. The counts "by hand" are worked out below from the
 sizes (an attention kind: r(r+1)/2 families of H groups per layer, r = d / H), never from the
-code. ``detect s`` is ``detect(model, x)``; ``confirm s`` what ``confirm_batch=(x, y)`` adds.
+code. The CNNs are those of ``benchmarks/confirm_time.py`` (ResNet-18, MobileNetV2 and
+EfficientNet-B0 with torchvision's widths and a stride-1 stem, 32×32 inputs); their residual
+streams (``stream_rescale``) are counted by hand from the stage settings. ``detect s`` is
+``detect(model, x)``; ``confirm s`` is ``confirm(model, found, (x, y))`` on its result.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from symmech.demo.models import transformer_block
+from symmech.model.confirm import confirm
 from symmech.model.detect import detect
 
 
@@ -92,34 +99,115 @@ def _cases() -> list[tuple[str, Callable[[], tuple[nn.Module, object, object]], 
                                        hidden_size=16, intermediate_size=32, vocab_size=30,
                                        num_labels=3)  # fmt: skip
         # GPT-2: per layer ln_1 → c_attn and ln_2 → c_fc norm_rescale (16 each); lm_head is
-        # tied to wte (no translation), GELU (no rescale).
+        # tied to wte (no translation, and no stream family: wte writes the residual stream),
+        # GELU (no rescale).
         cases.append(("GPT-2 (HF)", lambda: (transformers.GPT2LMHeadModel(gpt2), ids, ids),
                       {"attention_qk": _attention(2, 16, 2), "attention_vo": _attention(2, 16, 2),
                        "norm_rescale": (4, 64)}))  # fmt: skip
         # BERT: classifier T 16 + 1; only the last output.LayerNorm → pooler.dense (16).
+        # Streams (post-LN): the embeddings' sum, read only by embeddings.LayerNorm, is a scale
+        # family (1 group); per layer two stream segments, each written by a LayerNorm's affine
+        # and a sublayer output, read by q/k/v (resp. intermediate.dense) and normalised by the
+        # next LayerNorm: 2 stream_rescale of 1 group.
         cases.append(("BERT (HF)",
                       lambda: (transformers.BertForSequenceClassification(bert), ids,
                                torch.tensor([0, 1, 2, 1])),
                       {"attention_qk": _attention(2, 16, 2), "attention_vo": _attention(2, 16, 2),
-                       "translation": (2, 17), "norm_rescale": (1, 16)}))  # fmt: skip
+                       "translation": (2, 17), "norm_rescale": (1, 16), "scale": (1, 1),
+                       "stream_rescale": (4, 4)}))  # fmt: skip
     except ImportError:
         print("transformers is not installed: the GPT-2 and BERT rows are left out")
     y = torch.tensor([0, 1, 2, 3])
-    # nanoGPT: ln_1 → c_attn, ln_2 → c_fc, ln_f → mean → head norm_rescale (16 each); T 16 + 1.
+    # nanoGPT: ln_1 → c_attn, ln_2 → c_fc, ln_f → mean → head norm_rescale (16 each); T 16 + 1;
+    # the residual stream (wte, attn_proj, mlp_proj) is read only by ln_1, ln_2, ln_f: scale 1.
     cases.append(("nanoGPT block", lambda: (NanoGPTBlock(), ids, y),
                   {"attention_qk": _attention(1, 16, 2), "attention_vo": _attention(1, 16, 2),
-                   "norm_rescale": (3, 48), "translation": (2, 17)}))  # fmt: skip
+                   "norm_rescale": (3, 48), "translation": (2, 17), "scale": (1, 1)}))  # fmt: skip
     x = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     # encoder layer (d 8, 2 heads, ff 16): norm1 → in_proj, norm2 → linear1 (8 each);
-    # linear1 → ReLU → linear2 R 16; head T 8 + 1.
+    # linear1 → ReLU → linear2 R 16; head T 8 + 1 (the layer is one graph node: its residual
+    # stream is inside it, not seen).
     cases.append(("nn.TransformerEncoderLayer", lambda: (Encoder(), x, y),
                   {"attention_qk": _attention(1, 8, 2), "attention_vo": _attention(1, 8, 2),
                    "norm_rescale": (2, 16), "rescale": (1, 16), "translation": (2, 9)}))  # fmt: skip
     # demo transformer (d 32, 4 heads, ff 64): ln1 → q,k,v; ln2 → fc1; ln_final → mean → head
-    # (32 each); fc1 → relu → fc2 R 64; head T 32 + 1.
+    # (32 each); fc1 → relu → fc2 R 64; head T 32 + 1; stream (embed, pos, attn.out, fc2) read
+    # only by the LayerNorms: scale 1.
     cases.append(("symmech.demo transformer", lambda: (transformer_block(), x, y),
                   {"attention_qk": _attention(1, 32, 4), "attention_vo": _attention(1, 32, 4),
-                   "norm_rescale": (3, 96), "rescale": (1, 64), "translation": (2, 33)}))  # fmt: skip
+                   "norm_rescale": (3, 96), "rescale": (1, 64), "translation": (2, 33),
+                   "scale": (1, 1)}))  # fmt: skip
+    return cases + _cnn_cases()
+
+
+def _cnn_cases() -> list[tuple[str, Callable[[], tuple[nn.Module, object, object]], dict]]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from confirm_time import MODELS
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 3, 32, 32, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3])
+    # ResNet-18 (tests/model/test_detect.py works these out): T 512 + 1; S every conv → BN, 20
+    # convs, 4800 channels; R bn1 → relu → conv2 in each of 8 blocks (1920); one stream per
+    # stage, across its adds: 64 + 128 + 256 + 512 = 960.
+    resnet = {"translation": (2, 513), "scale": (20, 4800), "rescale": (8, 1920),
+              "stream_rescale": (4, 960)}  # fmt: skip
+    # MobileNetV2 (17 inverted residuals, ReLU6: no rescale): S 52 convs → BN (17056 channels:
+    # stem 32, per block expand t·c_in (not in the first), depthwise t·c_in, projection c_out,
+    # last conv 1280); streams where a stage has ≥ 2 blocks: 24, 32, 64, 96, 160 (376); the
+    # projection BNs of block 1 (16, read by block 2's expand conv alone) and block 17 (320, read
+    # by the last 1×1 conv) are norm_rescale (336); T 1280 + 1.
+    mobilenet = {"translation": (2, 1281), "scale": (52, 17056), "norm_rescale": (2, 336),
+                 "stream_rescale": (5, 376)}  # fmt: skip
+    # EfficientNet-B0 (16 MBConv blocks, SiLU and squeeze-excite: no rescale): S 49 convs → BN
+    # (21008); streams 24, 40, 80, 112, 192 (448); norm_rescale block 1 (16) and block 16 (320).
+    effnet = {"translation": (2, 1281), "scale": (49, 21008), "norm_rescale": (2, 336),
+              "stream_rescale": (5, 448)}  # fmt: skip
+    return _block_cases() + [
+        ("ResNet-18 (32²)", lambda: (MODELS["resnet18"](), x, y), resnet),
+        ("MobileNetV2 (32²)", lambda: (MODELS["mobilenet_v2"](), x, y), mobilenet),
+        ("EfficientNet-B0 (32²)", lambda: (MODELS["efficientnet_b0"](), x, y), effnet),
+    ]
+
+
+def _block_cases() -> list[tuple[str, Callable[[], tuple[nn.Module, object, object]], dict]]:
+    """A Llama built by hand and from Hugging Face's config, and ConvNeXt blocks (the test
+    models of ``tests/support/blocks.py``: rotary attention, SwiGLU MLP, RMSNorm; depthwise conv
+    → Permute → LayerNorm → MLP → layer scale)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from support.blocks import TinyConvNeXt, TinyLlama
+
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 20, (3, 6), generator=gen)
+    labels = torch.randint(0, 20, (3, 6), generator=gen)
+    # Llama (2 layers, d 8, 2 heads of r 4, SwiGLU 12, rotary): input/post-attention RMSNorm →
+    # q/k/v and → gate/up, final norm → lm_head: norm_rescale 5 × 8; up ↔ down rescale 12 per
+    # layer; v/o per head and entry (rotary leaves q/k out): 2 × 10 families of 2 groups; lm_head
+    # T 8 columns (no bias); the stream (embed_tokens, o_proj, down_proj) read only by RMSNorms:
+    # scale 1.
+    llama = {"norm_rescale": (5, 40), "rescale": (2, 24), "attention_vo": (20, 40),
+             "translation": (1, 8), "scale": (1, 1)}  # fmt: skip
+    cases = [("Llama by hand", lambda: (TinyLlama(), ids, labels), llama)]
+    try:
+        import transformers
+
+        config = transformers.LlamaConfig(
+            vocab_size=20, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+            tie_word_embeddings=False,
+        )  # fmt: skip
+        cases.append(("Llama (HF)", lambda: (transformers.LlamaForCausalLM(config), ids, ids),
+                      llama))  # fmt: skip
+    except ImportError:
+        pass
+    x = torch.randn(4, 1, 8, 8, generator=gen, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3])
+    # ConvNeXt (2 blocks, C 8): dwconv → Permute → LayerNorm scale (1 group each), LayerNorm →
+    # pwconv1 norm_rescale 8 each, pwconv2 ↔ layer scale γ rescale 8 each, head T 8 + 1 (the
+    # stream stops at the permutes: a note says so).
+    convnext = {"scale": (2, 2), "norm_rescale": (2, 16), "rescale": (2, 16),
+                "translation": (2, 9)}  # fmt: skip
+    cases.append(("ConvNeXt blocks", lambda: (TinyConvNeXt(), x, y), convnext))
     return cases
 
 
@@ -136,7 +224,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
-    header = f"{'model':<27} {'graph':<7} {'symmetry':<13} {'found':>9} {'by hand':>9}"
+    header = f"{'model':<27} {'graph':<7} {'symmetry':<15} {'found':>9} {'by hand':>9}"
     print(header + f" {'confirmed':>9} {'detect s':>9} {'confirm s':>9}")
     print("-" * (len(header) + 30))
     for name, build, expected in _cases():
@@ -146,17 +234,16 @@ def main() -> None:
         t0 = time.perf_counter()
         found = detect(model, x)
         t1 = time.perf_counter()
-        confirmed = detect(model, x, confirm_batch=(x, y))
-        t2 = time.perf_counter()
-        detect_s, confirm_s = t1 - t0, (t2 - t1) - (t1 - t0)
         got = _counts(found)
-        ok = Counter(f.symmetry for f in confirmed if f.confirmed)
+        confirm(model, found, (x, y))
+        detect_s, confirm_s = t1 - t0, time.perf_counter() - t1
+        ok = Counter(f.symmetry for f in found if f.confirmed)
         for i, sym in enumerate(sorted(set(got) | set(expected))):
             f, g = got.get(sym, (0, 0))
             e, h = expected.get(sym, (0, 0))
             mark = "" if (f, g) == (e, h) else "  <-- differs"
             times = f"{detect_s:>9.2f} {confirm_s:>9.2f}" if i == 0 else ""
-            print(f"{name if i == 0 else '':<27} {found.path if i == 0 else '':<7} {sym:<13} "
+            print(f"{name if i == 0 else '':<27} {found.path if i == 0 else '':<7} {sym:<15} "
                   f"{f'{f}/{g}':>9} {f'{e}/{h}':>9} {f'{ok[sym]}/{f}':>9} {times}{mark}")  # fmt: skip
 
 
