@@ -12,7 +12,8 @@ median over steps is reported. ``--reductions`` lists the ways the tracker's pro
 reduced (:mod:`symmech.runtime.fused`: ``eager``, one reduction per product; ``compiled``, every
 product of a hook call in one compiled pass; ``auto``): one tracked copy per configuration and
 way, one row each. The compiled pass is built during the three warm-up steps (not timed).
-``--configs`` picks rows of :data:`CONFIGS` by index (default all three).
+``--configs`` picks rows of :data:`CONFIGS` by index (default all three). Last, the tensor
+operations that one more ``optimizer.step()`` dispatches, hooks included (plain and per row).
 ``--model transformer`` times :func:`symmech.demo.models.transformer_block` with ``--d-model``
 (heads of 32), a feed-forward of 4 × d-model and ``--seq-len`` tokens of 32 features (``--width``
 and ``--image-size`` are ignored).
@@ -157,8 +158,31 @@ def main() -> None:
             f"{work / plain_opt:13.3f}"
         )
     print("  targets: step ratio <= 1.05, tracker work / optimizer.step() <= 0.5")
+    counts = {name: _operations(*runs[name], forward_backward) for name in ("plain", *trackers)}
+    print(
+        "  tensor operations in one more optimizer.step() (machine load does not change them): "
+        + ", ".join(f"{k.split(' | ')[0]}: {v}" for k, v in counts.items())
+    )
     for t in trackers.values():
         t.detach()
+
+
+def _operations(model, opt, forward_backward) -> int:
+    """The aten operations one ``optimizer.step()`` dispatches (with its hooks), after a
+    forward and backward pass that are not counted."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    forward_backward(model, opt)
+    with Count():
+        opt.step()
+    return Count.n
 
 
 if __name__ == "__main__":

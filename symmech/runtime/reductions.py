@@ -198,13 +198,9 @@ class GridSlice:
             out = self.cache.grids[key] = torch.bmm(x.mT, y)
         return out
 
-    def _reduced(self, other: GridSlice | None) -> torch.Tensor | None:
-        """⟨x, y⟩ per group if a family already asked for it in this hook call (the same
-        tensors, views and group dimension: a conv weight's rows for scale and for rescale)."""
-        key = self._reduced_key(other)
-        return None if key is None else self.cache.grids.get(key)
-
     def _reduced_key(self, other: GridSlice | None) -> tuple | None:
+        """What identifies ⟨x, y⟩ per group within a hook call (the same tensors, views and
+        group dimension: asked for by several families, reduced once); None when sharded."""
         if self.part is not None or (other is not None and other.part is not None):
             return None
         x = self.value
@@ -213,8 +209,7 @@ class GridSlice:
         ky = kx if other is None else (_key(other.value), other.value.dtype)
         return ("reduced", *sorted((kx, ky)), dim)
 
-    def _keep(self, other: GridSlice | None, value: torch.Tensor) -> torch.Tensor:
-        key = self._reduced_key(other)
+    def _kept(self, key: tuple | None, value: torch.Tensor) -> torch.Tensor:
         if key is not None:
             self.cache.grids[key] = value
         return value
@@ -225,7 +220,8 @@ class GridSlice:
         fused = self._fused(self)
         if fused is not None:
             return fused
-        known = self._reduced(None)
+        key = self._reduced_key(None)
+        known = None if key is None else self.cache.grids.get(key)
         if known is not None:
             return known
         x = self.value
@@ -236,8 +232,8 @@ class GridSlice:
             and x.ndim > 1
         ):
             rows = torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
-            return self._keep(None, self._share(rows))
-        return self._keep(None, self._share(self._groups(self._product(None))))
+            return self._kept(key, self._share(rows))
+        return self._kept(key, self._share(self._groups(self._product(None))))
 
     def dot(self, other: GridSlice) -> torch.Tensor:
         if self.absent or other.absent:
@@ -245,10 +241,11 @@ class GridSlice:
         fused = self._fused(other)
         if fused is not None:
             return fused
-        known = self._reduced(other)
+        key = self._reduced_key(other)
+        known = None if key is None else self.cache.grids.get(key)
         if known is not None:
             return known
-        return self._keep(other, self._share(self._groups(self._product(other))))
+        return self._kept(key, self._share(self._groups(self._product(other))))
 
     def sum(self) -> torch.Tensor:
         if self.absent:

@@ -224,3 +224,29 @@ def test_angular_update_of_scale_groups_in_a_shared_bank(make_optimizer) -> None
             assert torch.allclose(got_t, angle, rtol=1e-6, atol=0), (step, f.layer)
             checked += 1
     assert checked >= (STEPS - 2) * sum(f.symmetry == "scale" for f in families)
+
+
+def test_reductions_shared_within_a_hook_call_only() -> None:
+    """Two families' slices of one tensor on one group axis (distinct BoundSlice objects) get
+    the same per-group ⟨x, y⟩ once per hook call; after the call the values are recomputed
+    (they follow an in-place update); both against the sums written out in float64."""
+    from symmech.runtime.binding import BoundSlice
+    from symmech.runtime.reductions import ReductionCache
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.nn.Parameter(torch.randn(6, 4, 3, 3, generator=gen, dtype=torch.float64))
+    g = torch.randn(6, 4, 3, 3, generator=gen, dtype=torch.float64)
+    cache = ReductionCache()
+    a, b = BoundSlice(w, 1), BoundSlice(w, 1)
+    first = cache.slice(w, a, "theta").dot(cache.slice(g, a))
+    again = cache.slice(w, b, "theta").dot(cache.slice(g, b))
+    assert again is first
+    ref = torch.tensor([float((w[:, i] * g[:, i]).sum()) for i in range(4)], dtype=torch.float64)
+    assert torch.allclose(first, ref, rtol=1e-14, atol=0)
+    other_axis = cache.slice(w, BoundSlice(w, 0), "theta").dot(cache.slice(g, BoundSlice(w, 0)))
+    assert other_axis.shape == (6,)
+    cache.clear()
+    with torch.no_grad():
+        w.mul_(2.0)
+    moved = cache.slice(w, b, "theta").dot(cache.slice(g, b))
+    assert moved is not first and torch.allclose(moved, 2.0 * ref, rtol=1e-14, atol=0)
