@@ -194,6 +194,9 @@ def _unit_stats(
         return var, (grad * out).reshape(-1, k).sum(dim=1).reshape(1, -1)
     if isinstance(norm, nn.LayerNorm):
         k = math.prod(norm.normalized_shape)
+        if len(norm.normalized_shape) == 1 and z.shape[-1] != k and z.shape[1] == k:
+            # LayerNorm2d: a LayerNorm over the channels of NCHW; its units are the positions
+            z, out, grad = (t.movedim(1, -1) for t in (z, out, grad))
         shifted = out if beta is None else out - beta
         var = z.reshape(-1, k).var(dim=1, unbiased=False).reshape(1, -1)
         return var, (grad * shifted).reshape(-1, k).sum(dim=1).reshape(1, -1)

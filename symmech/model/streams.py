@@ -37,24 +37,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .actions import BlockSlice, Family
-from .graph import _function_kind, _module_kind
+from .channel_flow import carried_axis, is_add, joined, source_axis
 from .layout import in_axis, in_features, is_linear, out_axis, out_features
 from .norms import is_rms_norm, norm_eps
-from .trace import DROPOUTS, Trace, is_meta, is_scalar_scale, tensor_arg
+from .trace import Trace, is_meta, is_scalar_scale, tensor_arg
 
 __all__ = ["stream_families"]
 
-_ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 _WRITER_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 _NORMS = (
     _WRITER_NORMS
     + (nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
     + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 )
-_REDUCTIONS = {"mean", "sum", torch.mean, torch.sum}
 
 
 class _Stop(Exception):
@@ -63,11 +62,10 @@ class _Stop(Exception):
 
 @dataclass
 class _Stream:
-    """The stream grown from one addition along one channel axis."""
+    """The stream grown from one addition: its tensors, each with the axis holding the channels."""
 
-    axis: int  # the channel axis of every tensor in the stream: 1 (NC...) or -1 (... C)
     n: int
-    nodes: set[fx.Node] = field(default_factory=set)
+    axes: dict[fx.Node, int] = field(default_factory=dict)
     writers: dict[str, BlockSlice] = field(default_factory=dict)
     readers: dict[str, BlockSlice] = field(default_factory=dict)
     #: (what, why) for every operation that keeps the stream from being rescaled per channel
@@ -75,67 +73,13 @@ class _Stream:
     #: normalisations that read the stream and undo α: name -> "channel" or "all" (see _absorber)
     absorbers: dict[str, str] = field(default_factory=dict)
 
-    def channel_count(self, value: object) -> int | None:
-        if not isinstance(value, Tensor) or value.ndim < 2:
-            return None
-        return int(value.shape[self.axis])
+    @property
+    def nodes(self) -> set[fx.Node]:
+        return set(self.axes)
 
 
-def _is_add(trace: Trace, node: fx.Node) -> bool:
-    if node.op not in ("call_function", "call_method") or node.target not in _ADDS:
-        return False
-    tensors = [a for a in node.args[:2] if isinstance(trace.values.get(a), Tensor)]
-    return len(node.args) == 2 and len(tensors) == 2 and not node.kwargs
-
-
-def _passes(trace: Trace, node: fx.Node, source: fx.Node, s: _Stream) -> bool:
-    """``node`` maps the stream tensor ``source`` to a tensor of the stream (channel i to i)."""
-    if is_scalar_scale(node, trace.values):
-        return tensor_arg(node, trace.values) is source
-    if node.args[:1] != (source,):
-        return False
-    module = trace.module(node)
-    if module is not None:
-        kind, extra = _module_kind(module)
-        if node in trace.shared and kind not in ("act", "pass", "pool"):
-            return False
-        if isinstance(module, nn.PReLU) and module.num_parameters not in (1, s.n):
-            return False
-    else:
-        kind, extra = _function_kind(node)
-        if node.target in DROPOUTS:
-            kind = "pass"
-    before, after = trace.values.get(source), trace.values.get(node)
-    if not isinstance(before, Tensor) or not isinstance(after, Tensor):
-        return False
-    if kind in ("act", "pass") or _is_copy(node):
-        return after.shape == before.shape and after.dtype == before.dtype
-    if kind == "pool":
-        return s.axis == 1 and before.ndim == extra["spatial"] + 2
-    if kind in ("flatten", "reshape") or node.target in ("view", "reshape", "flatten"):
-        if s.axis == 1:
-            return after.ndim >= 2 and after.shape[:2] == before.shape[:2]
-        return after.shape[-1:] == before.shape[-1:]
-    if node.target in _REDUCTIONS and node.op != "call_module":
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        dims = dims if isinstance(dims, (list, tuple)) else (dims,)
-        axis = s.axis % before.ndim
-        ok = None not in dims and all(d % before.ndim != axis for d in dims)
-        return ok and s.channel_count(after) == s.n
-    return False
-
-
-_COPIES = {"to", "clone", "contiguous", "type_as"}
-_ATEN_COPIES = {"aten.to.dtype_layout", "aten.to.dtype", "aten.to.device", "aten._to_copy.default",
-                "aten.clone.default", "aten.alias.default", "aten.contiguous.default"}  # fmt: skip
-
-
-def _is_copy(node: fx.Node) -> bool:
-    """A copy or a conversion (``x.to(device)``, ``clone``): the identity on the stream's values
-    when the dtype does not change (checked by the caller)."""
-    if node.op == "call_method":
-        return node.target in _COPIES
-    return node.op == "call_function" and str(node.target) in _ATEN_COPIES
+def _last(trace: Trace, node: fx.Node, axis: int) -> bool:
+    return axis == (trace.rank(node) or 0) - 1
 
 
 def _reader(trace: Trace, node: fx.Node, source: fx.Node, s: _Stream) -> BlockSlice | None:
@@ -143,51 +87,95 @@ def _reader(trace: Trace, node: fx.Node, source: fx.Node, s: _Stream) -> BlockSl
     module = trace.module(node)
     if module is None or node in trace.shared or trace.tied(node) or node.args[:1] != (source,):
         return None
-    rank = trace.rank(source)
-    if is_linear(module) and (s.axis == -1 or rank == 2) and in_features(module) == s.n:
+    axis = s.axes[source]
+    if is_linear(module) and _last(trace, source, axis) and in_features(module) == s.n:
         return BlockSlice(f"{node.target}.weight", in_axis(module))
-    if isinstance(module, nn.modules.conv._ConvNd) and s.axis == 1 and module.in_channels == s.n:
+    if isinstance(module, nn.modules.conv._ConvNd) and axis == 1 and module.in_channels == s.n:
         if module.groups == 1:
             return BlockSlice(f"{node.target}.weight", 1)
         if module.groups == module.in_channels == module.out_channels:  # depthwise: filter i
             return BlockSlice(f"{node.target}.weight", 0)
-    if isinstance(module, nn.MultiheadAttention) and s.axis == -1 and module.embed_dim == s.n:
+    if (
+        isinstance(module, nn.MultiheadAttention)
+        and _last(trace, source, axis)
+        and module.embed_dim == s.n
+    ):
         qkv = list(node.args[:3]) + [node.kwargs.get(k) for k in ("query", "key", "value")]
         if [a for a in qkv if a is not None] == [source] * 3 and module.in_proj_weight is not None:
             return BlockSlice(f"{node.target}.in_proj_weight", 1)
     return None
 
 
+def _parameter(trace: Trace, node: object) -> nn.Parameter | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        value = trace.values.get(node)
+        return value if isinstance(value, nn.Parameter) else None
+    return None
+
+
+def _functional_writer(trace: Trace, node: fx.Node, axis: int, n: int) -> list[BlockSlice] | None:
+    """A parameter added in (``get_attr``), γ ⊙ x with γ a per-channel parameter (layer scale),
+    an ``nn.MultiheadAttention``'s output (its out_proj rows), or ``F.layer_norm``'s affine."""
+    rank = trace.rank(node) or 0
+    if (param := _parameter(trace, node)) is not None:
+        ok = param.ndim > 0 and param.shape[axis] == n
+        return [BlockSlice(str(node.target), axis)] if ok else None
+    if node.target in (operator.mul, torch.mul, "mul") and len(node.args) == 2 and not node.kwargs:
+        params = [(a, _parameter(trace, a)) for a in node.args if _parameter(trace, a) is not None]
+        if len(params) != 1 or len(params[0][0].users) != 1:
+            return None
+        ((name, gamma),) = params
+        at = axis - (rank - gamma.ndim)
+        ok = 0 <= at < gamma.ndim and gamma.shape[at] == n and gamma.numel() == n
+        return [BlockSlice(str(name.target), at)] if ok else None
+    if node.target is operator.getitem and node.args[1:] == (0,):
+        module = trace.module(node.args[0])
+        if isinstance(module, nn.MultiheadAttention) and axis == rank - 1:
+            proj = module.out_proj
+            pieces = [BlockSlice(f"{node.args[0].target}.out_proj.weight", 0)]
+            if proj.bias is not None:
+                pieces.append(BlockSlice(f"{node.args[0].target}.out_proj.bias", 0))
+            return pieces if proj.out_features == n and node.args[0] not in trace.shared else None
+    if node.target is F.layer_norm and axis == rank - 1:
+        shape, weight, bias = _layer_norm_args(node)
+        params = [p for p in (weight, bias) if _parameter(trace, p) is not None]
+        if tuple(shape or ()) == (n,) and _parameter(trace, weight) is not None:
+            return [BlockSlice(str(p.target), 0) for p in params]
+    return None
+
+
+def _layer_norm_args(node: fx.Node) -> tuple[object, object, object]:
+    """(normalized_shape, weight, bias) of an ``F.layer_norm`` call, by position or keyword."""
+    args = list(node.args[1:4]) + [None] * 3
+    names = ("normalized_shape", "weight", "bias")
+    return tuple(node.kwargs.get(k, a) for k, a in zip(names, args[:3], strict=True))  # type: ignore[return-value]
+
+
 def _writer(trace: Trace, node: fx.Node, s: _Stream) -> list[BlockSlice] | None:
     """The slices of ``node``'s parameters that write channel i of the stream, or None."""
-    if node.op == "get_attr":
-        value = trace.values.get(node)
-        if not isinstance(value, nn.Parameter) or value.ndim == 0:
-            return None
-        rank = max(trace.rank(u) or 0 for u in node.users)
-        axis = value.ndim - 1 if s.axis == -1 else value.ndim - (rank - 1)
-        ok = 0 <= axis < value.ndim and value.shape[axis] == s.n
-        return [BlockSlice(str(node.target), axis)] if ok else None
+    axis = s.axes[node]
     module = trace.module(node)
-    if module is None or node in trace.shared or trace.tied(node):
+    if module is None:
+        return _functional_writer(trace, node, axis, s.n)
+    if node in trace.shared or trace.tied(node):
         return None
-    if isinstance(module, nn.Embedding) and s.axis == -1 and module.embedding_dim == s.n:
+    last = _last(trace, node, axis)
+    if isinstance(module, nn.Embedding) and last and module.embedding_dim == s.n:
         return [BlockSlice(f"{node.target}.weight", 1)]
-    if is_linear(module) and s.axis == -1 or (trace.rank(node) == 2 and is_linear(module)):
+    if is_linear(module) and last:
         if out_features(module) != s.n:
             return None
         weight = BlockSlice(f"{node.target}.weight", out_axis(module))
-    elif isinstance(module, nn.modules.conv._ConvNd) and s.axis == 1:
+    elif isinstance(module, nn.modules.conv._ConvNd) and axis == 1:
         if module.out_channels != s.n:
             return None
         weight = BlockSlice(f"{node.target}.weight", 0)
     elif isinstance(module, _WRITER_NORMS + (nn.LayerNorm,)):
         if isinstance(module, nn.LayerNorm):
-            last = s.axis == -1 or trace.rank(node) == 2
             ok = last and tuple(module.normalized_shape) == (s.n,)
         else:
             count = getattr(module, "num_features", getattr(module, "num_channels", None))
-            ok = s.axis == 1 and count == s.n
+            ok = axis == 1 and count == s.n
         if not ok or getattr(module, "weight", None) is None:
             return None
         weight = BlockSlice(f"{node.target}.weight", 0)
@@ -197,25 +185,31 @@ def _writer(trace: Trace, node: fx.Node, s: _Stream) -> list[BlockSlice] | None:
     return [weight] + ([BlockSlice(f"{node.target}.bias", 0)] if isinstance(bias, Tensor) else [])
 
 
-def _sources(trace: Trace, node: fx.Node, s: _Stream) -> list[fx.Node]:
-    """The stream tensors ``node`` is made of (an addition's operands, a pass's input), or none
-    when ``node`` is a writer (its slices recorded) or stops the stream (said in ``s.stops``)."""
-    if _is_add(trace, node):
-        return [a for a in node.args[:2] if isinstance(a, fx.Node)]
+def _sources(trace: Trace, node: fx.Node, s: _Stream) -> list[tuple[fx.Node, int]]:
+    """The stream tensors ``node`` is made of, with their channel axes (an addition's operands,
+    a concatenation's pieces, a pass's input), or none when ``node`` is a writer (its slices
+    recorded) or stops the stream (said in ``s.stops``)."""
+    axis = s.axes[node]
+    pieces = joined(trace, node, axis)
+    if pieces is not None:
+        rank = trace.rank(node) or 0
+        return [(p, axis - (rank - (trace.rank(p) or rank))) for p in pieces]
     if node.op in ("call_function", "call_method", "call_module") and node.args:
         source = (
             tensor_arg(node, trace.values) if is_scalar_scale(node, trace.values) else node.args[0]
         )
-        if isinstance(source, fx.Node) and _passes(trace, node, source, s):
-            return [source]
-    pieces = _writer(trace, node, s)
-    if pieces is None and trace.tied(node):
+        if isinstance(source, fx.Node) and (
+            (at := source_axis(trace, node, source, axis, s.n)) is not None
+        ):
+            return [(source, at)]
+    found = _writer(trace, node, s)
+    if found is None and trace.tied(node):
         s.stops.append((_what(trace, node), "write into the stream and are tied to another "
                         "parameter (the same tensor), which the symmetry does not move alike"))  # fmt: skip
-    elif pieces is None:
+    elif found is None:
         s.stops.append((_what(trace, node), "write into the stream and cannot scale their output "
                         "channels (not a conv, Linear, affine normalisation, embedding, parameter)"))  # fmt: skip
-    for piece in pieces or ():
+    for piece in found or ():
         s.writers[piece.param] = piece
     return []
 
@@ -229,12 +223,19 @@ def _what(trace: Trace, node: fx.Node) -> str:
 def _absorber(trace: Trace, user: fx.Node, node: fx.Node, s: _Stream) -> str | None:
     """How a normalisation that reads the stream undoes α (up to its eps): ``"channel"`` for a
     BatchNorm, which normalises each channel on its own (a per-channel α), ``"all"`` for a
-    LayerNorm over the stream's channels (one α for all of them), None otherwise."""
+    LayerNorm or RMSNorm over the stream's channels (one α for all of them), None otherwise."""
+    axis, last = s.axes[node], _last(trace, node, s.axes[node])
+    if user.target is F.layer_norm and user.args[:1] == (node,) and last:
+        # a LayerNorm that fx traces into (LayerNorm2d calls F.layer_norm): named by its weight
+        shape, weight, _ = _layer_norm_args(user)
+        param = _parameter(trace, weight)
+        owner = str(weight.target).rsplit(".", 1)[0] if param is not None else ""
+        # (the traced module keeps only the weight; confirmation hooks the model's own module)
+        return "all" if tuple(shape or ()) == (s.n,) and owner else None
     module = trace.module(user)
     if module is None or user in trace.shared or user.args[:1] != (node,):
         return None
-    last = s.axis == -1 or trace.rank(node) == 2
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not (s.axis == -1 and not last):
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and axis == 1:
         return "channel" if module.num_features == s.n else None
     if isinstance(module, nn.LayerNorm) and last and tuple(module.normalized_shape) == (s.n,):
         return "all"
@@ -243,31 +244,49 @@ def _absorber(trace: Trace, user: fx.Node, node: fx.Node, s: _Stream) -> str | N
     return None
 
 
+def _norm_name(trace: Trace, user: fx.Node) -> str:
+    """The module a normalisation call belongs to (an ``F.layer_norm`` call: its weight's)."""
+    if user.op == "call_module":
+        return str(user.target)
+    return str(_layer_norm_args(user)[1].target).rsplit(".", 1)[0]  # type: ignore[union-attr]
+
+
+def _join_user(trace: Trace, user: fx.Node, node: fx.Node, axis: int) -> int | None:
+    """The channel axis of ``user`` when it joins ``node`` (an addition, a concatenation)."""
+    rank, own = trace.rank(user) or 0, trace.rank(node) or 0
+    out = axis + (rank - own)
+    pieces = joined(trace, user, out)
+    return out if pieces is not None and node in pieces else None
+
+
 def _grow(trace: Trace, start: fx.Node, s: _Stream) -> None:
     """Collect the whole stream through ``start``, its writers and readers, and in ``s.stops``
     every operation that keeps it from being rescaled per channel."""
     frontier = [start]
-    s.nodes.add(start)
     while frontier:
         node = frontier.pop()
-        if s.channel_count(trace.values.get(node)) != s.n:
+        value = trace.values.get(node)
+        if not isinstance(value, Tensor) or value.shape[s.axes[node]] != s.n:
             s.stops.append((node.name, f"do not carry the stream's {s.n} channels on that axis"))
             continue
-        for source in _sources(trace, node, s):  # backwards: how this tensor was made
-            if source not in s.nodes:
-                s.nodes.add(source)
+        for source, at in _sources(trace, node, s):  # backwards: how this tensor was made
+            if source not in s.axes:
+                s.axes[source] = at
                 frontier.append(source)
         for user in node.users:  # forwards: who reads it
-            if is_meta(user) or user in s.nodes:
+            if is_meta(user) or user in s.axes:
                 continue
+            axis = s.axes[node]
             if user.op == "output":
                 s.stops.append(("the model's output", "is the stream"))
-            elif _is_add(trace, user) or _passes(trace, user, node, s):
-                s.nodes.add(user)
+            elif (at := _join_user(trace, user, node, axis)) is not None or (
+                at := carried_axis(trace, user, node, axis, s.n)
+            ) is not None:
+                s.axes[user] = at
                 frontier.append(user)
             elif (piece := _reader(trace, user, node, s)) is None:
                 if (kind := _absorber(trace, user, node, s)) is not None:
-                    s.absorbers[str(user.target)] = kind
+                    s.absorbers[_norm_name(trace, user)] = kind
                     continue
                 norm = isinstance(trace.module(user), _NORMS)
                 s.stops.append((_what(trace, user), "read the stream and " + (
@@ -312,23 +331,28 @@ def stream_families(
     its channels (one family per stream, one group per channel)."""
     fams, seen = [], set()
     for node in trace.gm.graph.nodes:
-        if node in seen or not _is_add(trace, node):
+        if node in seen or not is_add(trace, node):
             continue
         rank = trace.rank(node) or 0
         attempts: list[tuple[_Stream, _Stop | None]] = []
-        for axis in (1, -1) if rank > 2 else (1,):
-            s = _Stream(axis, int(trace.values[node].shape[axis]))
+        for axis in (1, rank - 1) if rank > 2 else (1,):
+            s = _Stream(int(trace.values[node].shape[axis]), {node: axis})
             try:
                 _try(trace, node, s)
             except _Stop as stop:
                 attempts.append((s, stop))
                 continue
+            except Exception as exc:  # noqa: BLE001 - a rule's bug never breaks detection
+                attempts.append((s, _Stop(f"the stream rule failed ({type(exc).__name__}: {exc})")))
+                s.writers.setdefault("?", BlockSlice("?", None))  # so the note is shown
+                continue
             attempts.append((s, None))
             break
         found, failure = attempts[-1]
         if failure is not None:
-            found, failure = max(attempts, key=lambda a: (len(a[0].nodes), -len(a[0].stops)))
-            seen |= {n for n in found.nodes if _is_add(trace, n)} | {node}
+            found, failure = max(attempts, key=lambda a: (
+                bool(a[0].writers or a[0].readers), len(a[0].axes), -len(a[0].stops)))  # fmt: skip
+            seen |= {n for n in found.nodes if is_add(trace, n)} | {node}
             if found.writers or found.readers:  # a residual stream of layers, not x·cos + y·sin
                 note(f"no stream_rescale family through {node.name}: {failure}")
             continue

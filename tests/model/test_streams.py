@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from support.blocks import TinyLlama
+from support.blocks import TinyConvNeXt, TinyLlama
 from support.sgd import digits_batches
 from support.zoo import resnet18, transformer_block
 from torch import nn
@@ -477,6 +477,112 @@ def test_llama_stream_read_by_rmsnorms_is_a_scale_family() -> None:
     assert 1e-12 < _output_change(model, ids, move) < 1e-3
     confirm(model, found, (ids, torch.randint(0, 20, (3, 6))))
     assert fam.confirmed and fam.reason.startswith("approximate: layers.0.input_layernorm")
+
+
+class _EncoderBlock(nn.Module):
+    """torchvision's ViT EncoderBlock: pre-LN, nn.MultiheadAttention, GELU MLP."""
+
+    def __init__(self, d: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.self_attention = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = self.ln_1(inputs)
+        x, _ = self.self_attention(x, x, x, need_weights=False)
+        x = x + inputs
+        return x + self.mlp(self.ln_2(x))
+
+
+class _ViT(nn.Module):
+    """torchvision's VisionTransformer in small: conv patches → reshape → permute, a class token
+    concatenated before the patches, a position embedding added, encoder blocks, LayerNorm, the
+    class token's features → head."""
+
+    def __init__(self, d: int = 8, heads: int = 2, hidden: int = 16, layers: int = 2) -> None:
+        super().__init__()
+        self.conv_proj = nn.Conv2d(1, d, kernel_size=4, stride=4)
+        self.class_token = nn.Parameter(0.1 * torch.randn(1, 1, d))
+        self.pos_embedding = nn.Parameter(0.1 * torch.randn(1, 5, d))
+        self.layers = nn.Sequential(*(_EncoderBlock(d, heads, hidden) for _ in range(layers)))
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        x = self.conv_proj(x)
+        x = x.reshape(n, x.shape[1], -1).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
+        x = self.ln(self.layers(x + self.pos_embedding))
+        return self.head(x[:, 0])
+
+
+def test_vit_stream_through_patches_class_token_and_position_is_a_scale_family() -> None:
+    # The stream starts at the patch conv (channels on axis 1, then last after the permute),
+    # the class token (concatenated along the tokens) and the position embedding; every
+    # attention's out_proj and MLP output write it; ln_1, ln_2 and the final ln read it.
+    torch.manual_seed(0)
+    model = _ViT().double()
+    ((x, y),) = digits_batches(1, 16)
+    x = x.reshape(16, 1, 8, 8)
+    found = detect(model, x)
+    (fam,) = [f for f in found if f.absorbed_by]
+    assert (fam.symmetry, fam.n_groups) == ("scale", 1)
+    writers = {"conv_proj.weight", "conv_proj.bias", "class_token", "pos_embedding"} | {
+        f"layers.{i}.{p}" for i in range(2)
+        for p in ("self_attention.out_proj.weight", "self_attention.out_proj.bias",
+                  "mlp.2.weight", "mlp.2.bias")
+    }  # fmt: skip
+    assert {p.param for p in fam.blocks["theta"]} == writers
+    assert sorted(fam.absorbed_by) == ["layers.0.ln_1", "layers.0.ln_2", "layers.1.ln_1",
+                                       "layers.1.ln_2", "ln"]  # fmt: skip
+
+    def move(m: nn.Module) -> None:
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name in writers:
+                    p.mul_(1.4)
+
+    assert _output_change(_without_eps(model), x, move) < 1e-12
+    assert 1e-9 < _output_change(model, x, move) < 1e-3
+    confirm(model, found, (x, y))
+    assert fam.confirmed and fam.reason.startswith("approximate:")
+
+
+@pytest.mark.parametrize("gamma_last", [False, True])
+def test_convnext_stream_through_permutes_and_layer_scale(gamma_last: bool) -> None:
+    # ConvNeXt: the stem's LayerNorm2d (fx traces into it: permute → F.layer_norm → permute)
+    # and each block's layer scale γ (after the permute back, or before it) write the stream;
+    # each block's depthwise conv reads it through its filters; the head's LayerNorm2d
+    # normalises it over the channels: one α for all channels, 1/α on the depthwise filters.
+    torch.manual_seed(0)
+    model = TinyConvNeXt(gamma_last=gamma_last).double()
+    ((x, y),) = digits_batches(1, 16)
+    x = x.reshape(16, 1, 8, 8)
+    found = detect(model, x)
+    (fam,) = _streams(found)
+    assert fam.n_groups == 1 and fam.absorbed_by == ("head.0",)
+    writers = {"stem.1.weight", "stem.1.bias", "blocks.0.layer_scale", "blocks.1.layer_scale"}
+    readers = {"blocks.0.block.0.weight", "blocks.1.block.0.weight"}
+    assert {p.param for p in fam.blocks["theta_1"]} == writers
+    assert {p.param for p in fam.blocks["theta_2"]} == readers
+
+    def move(m: nn.Module) -> None:
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name in writers:
+                    p.mul_(0.6)
+                elif name in readers:
+                    p.div_(0.6)
+
+    exact = copy.deepcopy(model)
+    for m in (exact.stem[1], exact.head[0]):
+        m.eps = 1e-300
+    assert _output_change(exact, x, move) < 1e-12
+    assert 1e-12 < _output_change(model, x, move) < 1e-3
+    confirm(model, found, (x, y))
+    assert fam.confirmed and fam.reason.startswith("approximate: head.0 eps=1e-06")
 
 
 def test_confirmation_refuses_a_stream_with_a_reader_left_out() -> None:
