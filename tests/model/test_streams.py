@@ -355,6 +355,20 @@ def _without_eps(model: nn.Module) -> nn.Module:
     return model
 
 
+def _by_names(writers, readers, alpha: float):
+    """A move (of a model) multiplying the named writers by α and dividing the readers by α."""
+
+    def move(m: nn.Module) -> None:
+        with torch.no_grad():
+            for name, p in m.named_parameters():
+                if name in writers:
+                    p.mul_(alpha)
+                elif name in readers:
+                    p.div_(alpha)
+
+    return move
+
+
 def _output_change(model: nn.Module, x: torch.Tensor, move) -> float:
     torch.manual_seed(0)
     with torch.no_grad():
@@ -436,11 +450,7 @@ def test_pre_norm_transformer_stream_is_a_scale_family_of_its_writers() -> None:
                "fc2.weight", "fc2.bias"}  # fmt: skip
     assert {p.param for p in fam.blocks["theta"]} == writers
 
-    def move(m: nn.Module) -> None:
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if name in writers:
-                    p.mul_(0.7)
+    move = _by_names(writers, (), 0.7)
 
     assert _output_change(_without_eps(model), x, move) < 1e-12
     assert 1e-9 < _output_change(model.double(), x, move) < 1e-3
@@ -463,11 +473,7 @@ def test_llama_stream_read_by_rmsnorms_is_a_scale_family() -> None:
     }
     assert {p.param for p in fam.blocks["theta"]} == writers
 
-    def move(m: nn.Module) -> None:
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if name in writers:
-                    p.mul_(1.8)
+    move = _by_names(writers, (), 1.8)
 
     exact = copy.deepcopy(model)
     for name in norms:
@@ -538,11 +544,7 @@ def test_vit_stream_through_patches_class_token_and_position_is_a_scale_family()
     assert sorted(fam.absorbed_by) == ["layers.0.ln_1", "layers.0.ln_2", "layers.1.ln_1",
                                        "layers.1.ln_2", "ln"]  # fmt: skip
 
-    def move(m: nn.Module) -> None:
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if name in writers:
-                    p.mul_(1.4)
+    move = _by_names(writers, (), 1.4)
 
     assert _output_change(_without_eps(model), x, move) < 1e-12
     assert 1e-9 < _output_change(model, x, move) < 1e-3
@@ -568,13 +570,7 @@ def test_convnext_stream_through_permutes_and_layer_scale(gamma_last: bool) -> N
     assert {p.param for p in fam.blocks["theta_1"]} == writers
     assert {p.param for p in fam.blocks["theta_2"]} == readers
 
-    def move(m: nn.Module) -> None:
-        with torch.no_grad():
-            for name, p in m.named_parameters():
-                if name in writers:
-                    p.mul_(0.6)
-                elif name in readers:
-                    p.div_(0.6)
+    move = _by_names(writers, readers, 0.6)
 
     exact = copy.deepcopy(model)
     for m in (exact.stem[1], exact.head[0]):
