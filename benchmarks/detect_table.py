@@ -203,10 +203,11 @@ def _block_cases() -> list[tuple[str, Callable[[], tuple[nn.Module, object, obje
     x = torch.randn(4, 1, 8, 8, generator=gen, dtype=torch.float64)
     y = torch.tensor([0, 1, 2, 3])
     # ConvNeXt (2 blocks, C 8): dwconv → Permute → LayerNorm scale (1 group each), LayerNorm →
-    # pwconv1 norm_rescale 8 each, pwconv2 ↔ layer scale γ rescale 8 each, head T 8 + 1 (the
-    # stream stops at the permutes: a note says so).
+    # pwconv1 norm_rescale 8 each, pwconv2 ↔ layer scale γ rescale 8 each, head T 8 + 1; the
+    # stream (stem LayerNorm2d and each γ written, the depthwise convs read, the head's
+    # LayerNorm2d normalises over the channels): stream_rescale of 1 group.
     convnext = {"scale": (2, 2), "norm_rescale": (2, 16), "rescale": (2, 16),
-                "translation": (2, 9)}  # fmt: skip
+                "translation": (2, 9), "stream_rescale": (1, 1)}  # fmt: skip
     cases.append(("ConvNeXt blocks", lambda: (TinyConvNeXt(), x, y), convnext))
     return cases
 
