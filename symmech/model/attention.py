@@ -247,7 +247,9 @@ def attention_families(trace: Trace, note: Callable[[str], None]) -> list[Family
         r = next((len(x[0]) for x in rows.values() if x), None)
         if r is None:
             continue
-        layer = _layer_name(*[e.target for e in ends.values() if e is not None])
+        known = [e.target for e in ends.values() if e is not None]
+        # one projection known (rotary q/k): name the attention module, not the projection
+        layer = _layer_name(*known) if len(known) > 1 else known[0].rsplit(".", 1)[0]
         for side in "qk":
             if ends[side] is None:
                 blocker = walked[side][2]
