@@ -425,10 +425,11 @@ def confirm(
             fam.confirmed = not failure
             if failure:
                 fam.reason = failure
-                if eval_bn and i in stats:
+                if eval_bn and (i in stats or "(batch mean)" in fam.layer):
+                    what = "scale symmetry" if i in stats else "the shift a batch mean removes"
                     fam.reason += (
                         "; the model is in eval mode, where BatchNorm uses running statistics "
-                        "and scale symmetry does not hold (confirm in train mode)"
+                        f"and {what} does not hold (confirm in train mode)"
                     )
             elif i in stats:
                 st = stats[i]

@@ -376,6 +376,9 @@ def test_eval_mode_is_handled_and_restored() -> None:
         assert f.confirmed is (f.symmetry != "scale" and "(batch mean)" not in f.layer), f
     bad = next(f for f in fams if f.symmetry == "scale")
     assert "running statistics" in bad.reason
+    shift = next(f for f in fams if "(batch mean)" in f.layer)
+    assert shift.reason.endswith("running statistics and the shift a batch mean removes does not "
+                                 "hold (confirm in train mode)")  # fmt: skip
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing was changed
 
