@@ -171,11 +171,11 @@ def _cnn_cases() -> list[tuple[str, Callable[[], tuple[nn.Module, object, object
 
 
 def _block_cases() -> list[tuple[str, Callable[[], tuple[nn.Module, object, object]], dict]]:
-    """A Llama built by hand and from Hugging Face's config, and ConvNeXt blocks (the test
+    """A Llama built by hand and from Hugging Face's config, ConvNeXt and Swin blocks (the test
     models of ``tests/support/blocks.py``: rotary attention, SwiGLU MLP, RMSNorm; depthwise conv
-    → Permute → LayerNorm → MLP → layer scale)."""
+    → Permute → LayerNorm → MLP → layer scale; shifted windows and patch merging)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from support.blocks import TinyConvNeXt, TinyLlama
+    from support.blocks import TinyConvNeXt, TinyLlama, TinySwin
 
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 20, (3, 6), generator=gen)
@@ -209,6 +209,13 @@ def _block_cases() -> list[tuple[str, Callable[[], tuple[nn.Module, object, obje
     convnext = {"scale": (2, 2), "norm_rescale": (2, 16), "rescale": (2, 16),
                 "translation": (2, 9), "stream_rescale": (1, 1)}  # fmt: skip
     cases.append(("ConvNeXt blocks", lambda: (TinyConvNeXt(), x, y), convnext))
+    # Swin (2 stages of 2 blocks, d 8 then 16, windows 2, shift 1): conv → Permute → LayerNorm
+    # scale 1; norm2 → mlp.0 norm_rescale 8, 8, 16, 16 and the merging's LayerNorm(32) →
+    # reduction 32; the two stage streams (stem LN / reduction, attention proj and MLP outputs
+    # written; norm1, norm2, the merging's or the final LayerNorm reading): scale 1 each;
+    # head T 16 + 1. (The windowed attention calls F.linear: no attention families.)
+    swin = {"scale": (3, 3), "norm_rescale": (5, 80), "translation": (2, 17)}
+    cases.append(("Swin blocks", lambda: (TinySwin(), x, y), swin))
     return cases
 
 

@@ -20,7 +20,7 @@ from torch import Tensor, fx, nn
 from .graph import _function_kind, _module_kind
 from .trace import DROPOUTS, Trace, is_scalar_scale, tensor_arg
 
-__all__ = ["carried_axis", "is_add", "joined", "source_axis"]
+__all__ = ["carried_axis", "channel_cat", "is_add", "joined", "source_axis"]
 
 _ADDS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 _CATS = {torch.cat, torch.concat, torch.concatenate}
@@ -38,6 +38,17 @@ def is_add(trace: Trace, node: fx.Node) -> bool:
         return False
     tensors = [a for a in node.args[:2] if isinstance(trace.values.get(a), Tensor)]
     return len(node.args) == 2 and len(tensors) == 2 and not node.kwargs
+
+
+def channel_cat(trace: Trace, node: fx.Node, axis: int) -> list[fx.Node] | None:
+    """The pieces of a concatenation along the channel axis ``axis`` (Swin's patch merging), or
+    None."""
+    dim, value = _cat_dim(node), trace.values.get(node)
+    if dim is None or not isinstance(value, Tensor) or dim % value.ndim != axis:
+        return None
+    pieces = node.args[0]
+    ok = isinstance(pieces, (list, tuple)) and all(isinstance(p, fx.Node) for p in pieces)
+    return list(pieces) if ok else None
 
 
 def _cat_dim(node: fx.Node) -> int | None:
@@ -97,6 +108,11 @@ def _index_axis(node: fx.Node, before: Tensor, after: Tensor, axis: int) -> int 
         if axis in dims:
             return None
         return axis if keep else axis - sum(d < axis for d in dims)
+    if target in ("roll", torch.roll):
+        dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
+        dims = dims if isinstance(dims, (list, tuple)) else (dims,)
+        ok = None not in dims and all(isinstance(d, int) and d % before.ndim != axis for d in dims)
+        return axis if ok else None  # a cyclic shift of other axes (Swin's shifted windows)
     if target is operator.getitem:
         return _picked_axis(node.args[1], before, axis)
     if target is torch.select and len(node.args) == 3:
@@ -116,6 +132,10 @@ def _reshaped_axis(before: Tensor, after: Tensor, axis: int) -> int | None:
 def _picked_axis(index: Any, before: Tensor, axis: int) -> int | None:
     """``x[:, 0]``-style picks: integers and whole slices before or after the channel axis."""
     index = index if isinstance(index, tuple) else (index,)
+    if index.count(Ellipsis) == 1:  # x[..., 0::2, :]: the ellipsis stands for whole axes
+        at = index.index(Ellipsis)
+        fill = (slice(None),) * (before.ndim - len(index) + 1)
+        index = index[:at] + fill + index[at + 1 :]
     if any(i is None or i is Ellipsis or isinstance(i, (Tensor, list)) for i in index):
         return None
     if len(index) > axis:

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .actions import BlockSlice, Family
-from .channel_flow import carried_axis, is_add, joined, source_axis
+from .channel_flow import carried_axis, channel_cat, is_add, joined, source_axis
 from .layout import in_axis, in_features, is_linear, out_axis, out_features
 from .norms import is_rms_norm, norm_eps
 from .trace import Trace, is_meta, is_scalar_scale, tensor_arg
@@ -72,6 +72,8 @@ class _Stream:
     stops: list[tuple[str, str]] = field(default_factory=list)
     #: normalisations that read the stream and undo α: name -> "channel" or "all" (see _absorber)
     absorbers: dict[str, str] = field(default_factory=dict)
+    #: concatenations along the channel axis that read the stream (Swin's patch merging)
+    channel_cats: set[fx.Node] = field(default_factory=set)
 
     @property
     def nodes(self) -> set[fx.Node]:
@@ -84,10 +86,14 @@ def _last(trace: Trace, node: fx.Node, axis: int) -> bool:
 
 def _reader(trace: Trace, node: fx.Node, source: fx.Node, s: _Stream) -> BlockSlice | None:
     """The slice of ``node``'s parameters that reads channel i of the stream tensor ``source``."""
+    axis = s.axes[source]
+    if node.target is F.linear and node.args[:1] == (source,) and _last(trace, source, axis):
+        weight = _parameter(trace, node.args[1] if len(node.args) > 1 else None)
+        ok = weight is not None and weight.ndim == 2 and weight.shape[1] == s.n
+        return BlockSlice(str(node.args[1].target), 1) if ok else None
     module = trace.module(node)
     if module is None or node in trace.shared or trace.tied(node) or node.args[:1] != (source,):
         return None
-    axis = s.axes[source]
     if is_linear(module) and _last(trace, source, axis) and in_features(module) == s.n:
         return BlockSlice(f"{node.target}.weight", in_axis(module))
     if isinstance(module, nn.modules.conv._ConvNd) and axis == 1 and module.in_channels == s.n:
@@ -136,6 +142,14 @@ def _functional_writer(trace: Trace, node: fx.Node, axis: int, n: int) -> list[B
             if proj.bias is not None:
                 pieces.append(BlockSlice(f"{node.args[0].target}.out_proj.bias", 0))
             return pieces if proj.out_features == n and node.args[0] not in trace.shared else None
+    if node.target is F.linear and axis == rank - 1 and _parameter(trace, node.args[1]) is not None:
+        weight, bias = node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if _parameter(trace, weight).shape[0] != n:
+            return None
+        pieces = [BlockSlice(str(weight.target), 0)]
+        return pieces + (
+            [BlockSlice(str(bias.target), 0)] if _parameter(trace, bias) is not None else []
+        )
     if node.target is F.layer_norm and axis == rank - 1:
         shape, weight, bias = _layer_norm_args(node)
         params = [p for p in (weight, bias) if _parameter(trace, p) is not None]
@@ -284,6 +298,8 @@ def _grow(trace: Trace, start: fx.Node, s: _Stream) -> None:
             ) is not None:
                 s.axes[user] = at
                 frontier.append(user)
+            elif channel_cat(trace, user, axis) is not None:
+                s.channel_cats.add(user)  # checked once the stream is complete (_cat_absorbers)
             elif (piece := _reader(trace, user, node, s)) is None:
                 if (kind := _absorber(trace, user, node, s)) is not None:
                     s.absorbers[_norm_name(trace, user)] = kind
@@ -299,9 +315,33 @@ def _grow(trace: Trace, start: fx.Node, s: _Stream) -> None:
                 s.readers[piece.param] = piece
 
 
+def _cat_absorbers(trace: Trace, s: _Stream) -> None:
+    """A concatenation of pieces of the stream along its channels (Swin's patch merging: four
+    strided picks) scales by the stream's α when that α is common to all channels; a LayerNorm
+    or RMSNorm over all the concatenated channels that alone reads it undoes that α."""
+    for cat in s.channel_cats:
+        pieces = channel_cat(trace, cat, (trace.rank(cat) or 1) - 1) or []
+        users = [u for u in cat.users if not is_meta(u)]
+        norm = trace.module(users[0]) if len(users) == 1 else None
+        width = int(trace.values[cat].shape[-1])
+        ok = (
+            bool(pieces)
+            and all(p in s.axes and _last(trace, p, s.axes[p]) for p in pieces)
+            and users[0].args[:1] == (cat,)
+            and (isinstance(norm, nn.LayerNorm) and tuple(norm.normalized_shape) == (width,)
+                 or is_rms_norm(norm) and norm.weight.numel() == width)
+        )  # fmt: skip
+        if ok:
+            s.absorbers[str(users[0].target)] = "all"
+        else:
+            s.stops.append((_what(trace, cat), "concatenate the stream along its channels with "
+                            "other tensors, or not into a normalisation over all of them"))  # fmt: skip
+
+
 def _try(trace: Trace, add: fx.Node, s: _Stream) -> None:
     """Grow ``s`` from ``add`` and check it is a family: writers, readers, no layer in both."""
     _grow(trace, add, s)
+    _cat_absorbers(trace, s)
     if s.stops:
         by_reason: dict[str, list[str]] = {}
         for what, why in s.stops:

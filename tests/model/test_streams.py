@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from support.blocks import TinyConvNeXt, TinyLlama
+from support.blocks import TinyConvNeXt, TinyLlama, TinySwin
 from support.sgd import digits_batches
 from support.zoo import resnet18, transformer_block
 from torch import nn
@@ -330,7 +330,7 @@ class _Concat(nn.Module):
             _PreActivation(nn.GroupNorm(2, 4)),
             "bn (GroupNorm) read the stream and normalise across its channels",
         ),
-        (_Concat(), "cat (cat) read the stream and are neither linear readers"),
+        (_Concat(), "cat (cat) concatenate the stream along its channels with other tensors"),
     ],
 )
 def test_streams_that_cannot_be_rescaled_say_why(model: nn.Module, reason: str) -> None:
@@ -579,6 +579,37 @@ def test_convnext_stream_through_permutes_and_layer_scale(gamma_last: bool) -> N
     assert 1e-12 < _output_change(model, x, move) < 1e-3
     confirm(model, found, (x, y))
     assert fam.confirmed and fam.reason.startswith("approximate: head.0 eps=1e-06")
+
+
+def test_swin_streams_through_shifted_windows_and_patch_merging() -> None:
+    # Stage 1's stream: the stem's LayerNorm (after conv → Permute), each block's attention proj
+    # (F.linear, after windows back and the reverse roll) and MLP output write it; norm1, norm2
+    # and patch merging's LayerNorm(4d), through the concatenation of four strided picks, read
+    # it. Stage 2's: the merging's reduction, then the same; the final norm reads it.
+    torch.manual_seed(0)
+    model = TinySwin().double()
+    ((x, y),) = digits_batches(1, 16)
+    x = x.reshape(16, 1, 8, 8)
+    found = detect(model, x)
+    fams = [f for f in found if f.absorbed_by]
+    assert [(f.symmetry, f.n_groups) for f in fams] == [("scale", 1), ("scale", 1)]
+
+    def blocks(stage: int) -> set[str]:
+        return {f"features.{stage}.{b}.{w}.{p}" for b in (0, 1) for w in ("attn.proj", "mlp.2")
+                for p in ("weight", "bias")}  # fmt: skip
+
+    writers = [{"features.0.2.weight", "features.0.2.bias"} | blocks(1),
+               {"features.2.reduction.weight"} | blocks(3)]  # fmt: skip
+    norms = [[f"features.1.{b}.norm{k}" for b in (0, 1) for k in (1, 2)] + ["features.2.norm"],
+             [f"features.3.{b}.norm{k}" for b in (0, 1) for k in (1, 2)] + ["norm"]]  # fmt: skip
+    for fam, mine, absorbing in zip(fams, writers, norms, strict=True):
+        assert {p.param for p in fam.blocks["theta"]} == mine
+        assert sorted(fam.absorbed_by) == sorted(absorbing)
+        move = _by_names(mine, (), 1.5)
+        assert _output_change(_without_eps(model), x, move) < 1e-12
+        assert 1e-9 < _output_change(model, x, move) < 1e-3
+    confirm(model, found, (x, y))
+    assert all(f.confirmed and f.reason.startswith("approximate:") for f in fams)
 
 
 def test_confirmation_refuses_a_stream_with_a_reader_left_out() -> None:

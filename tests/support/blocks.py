@@ -186,3 +186,80 @@ class TinyConvNeXt(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.avgpool(self.blocks(self.stem(x))))
+
+
+# ----------------------------------------------------------------------------- Swin
+
+
+class WindowAttention(nn.Module):
+    """torchvision's ShiftedWindowAttention in small (no relative position bias, no mask):
+    roll, windows, ``F.linear`` with the qkv and proj weights, windows back, roll back."""
+
+    def __init__(self, d: int, heads: int, window: int, shift: int) -> None:
+        super().__init__()
+        self.heads, self.window, self.shift = heads, window, shift
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        s, ws = self.shift, self.window
+        if s:
+            x = torch.roll(x, shifts=(-s, -s), dims=(1, 2))
+        x = x.view(b, h // ws, ws, w // ws, ws, c).permute(0, 1, 3, 2, 4, 5)
+        x = x.reshape(-1, ws * ws, c)
+        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)
+        qkv = qkv.reshape(x.size(0), x.size(1), 3, self.heads, c // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        attn = (q * (c // self.heads) ** -0.5).matmul(k.transpose(-2, -1)).softmax(dim=-1)
+        x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), x.size(1), c)
+        x = F.linear(x, self.proj.weight, self.proj.bias)
+        x = x.view(b, h // ws, w // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+        if s:
+            x = torch.roll(x, shifts=(s, s), dims=(1, 2))
+        return x
+
+
+class SwinBlock(nn.Module):
+    """Pre-LN: x + attention(norm1(x)), then x + mlp(norm2(x)) (stochastic depth 0)."""
+
+    def __init__(self, d: int, heads: int, window: int, shift: int) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(d), WindowAttention(d, heads, window, shift)
+        self.norm2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerging(nn.Module):
+    """Four strided picks concatenated along the channels → LayerNorm(4d) → Linear(4d → 2d)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.norm, self.reduction = nn.LayerNorm(4 * d), nn.Linear(4 * d, 2 * d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        picks = [x[..., i::2, j::2, :] for j in (0, 1) for i in (0, 1)]
+        return self.reduction(self.norm(torch.cat(picks, -1)))
+
+
+class TinySwin(nn.Module):
+    """torchvision's Swin in small: 2×2 patches of an 8×8 image → 4×4 tokens of d channels (conv
+    → Permute → LayerNorm); two blocks (window 2, shifts 0 and 1); patch merging → 2×2 tokens of
+    2d; two blocks; LayerNorm; mean over the tokens; head."""
+
+    def __init__(self, d: int = 8) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Sequential(nn.Conv2d(1, d, 2, 2), Permute([0, 2, 3, 1]), nn.LayerNorm(d)),
+            nn.Sequential(SwinBlock(d, 2, 2, 0), SwinBlock(d, 2, 2, 1)),
+            PatchMerging(d),
+            nn.Sequential(SwinBlock(2 * d, 2, 2, 0), SwinBlock(2 * d, 2, 2, 0)),
+        )
+        self.norm, self.head = nn.LayerNorm(2 * d), nn.Linear(2 * d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.features(x))
+        return self.head(x.permute(0, 3, 1, 2).mean((2, 3)))
