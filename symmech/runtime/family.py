@@ -298,8 +298,8 @@ class Family:
             else None
         )
         observed = self.run("charge", th, roles=("theta",)) if need_q else None
-        if first_q:
-            self.q0 = observed
+        if first_q:  # a copy: a per-entry group's charge may be a view of the parameter itself
+            self.q0 = None if observed is None else observed.clone()
         self._pending = None
         self.residual = None
         if not self.tracked:

@@ -120,8 +120,9 @@ def _independent(tracker, model) -> list[tuple]:
         b, m = f.binding, f.module
         const = (b.constants,) if m.CONSTANTS else ()
         th = _plain(b, lambda p: p)
-        q = m.charge(th, *const).reshape(-1)
-        r = m.residual(th, _plain(b, lambda p: p.grad), *const).reshape(-1)
+        # copies: a per-entry group's value may be a view of the live tensor itself
+        q = m.charge(th, *const).reshape(-1).clone()
+        r = m.residual(th, _plain(b, lambda p: p.grad), *const).reshape(-1).clone()
         if f.symmetry.startswith("attention"):
             weights = torch.tensor(
                 [entries[(f.symmetry, lab)] for lab in b.labels], dtype=torch.float64
@@ -250,3 +251,23 @@ def test_reductions_shared_within_a_hook_call_only() -> None:
         w.mul_(2.0)
     moved = cache.slice(w, b, "theta").dot(cache.slice(g, b))
     assert moved is not first and torch.allclose(moved, 2.0 * ref, rtol=1e-14, atol=0)
+
+
+def test_first_charge_kept_as_a_copy() -> None:
+    """A translation family with one group per entry of a bias: its charge is the bias itself,
+    so Q₀ must be a copy, not a view that follows training (checked against the initial bias)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 4).double()
+    start = lin.bias.detach().clone()
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    tracker = symmech.track(lin, opt, [symmech.bind("translation", theta=[(lin.bias, 0)])])
+    x = torch.randn(8, 3, dtype=torch.float64)
+    for _ in range(3):
+        opt.zero_grad()
+        lin(x).square().sum().backward()
+        opt.step()
+    assert not torch.equal(lin.bias.detach(), start)  # training moved the bias
+    family = tracker.families[0]
+    assert family.n_groups == 4
+    assert torch.equal(family.q0, start)
+    assert torch.equal(family.state_dict()["q0"], start)
