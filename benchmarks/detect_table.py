@@ -210,11 +210,12 @@ def _block_cases() -> list[tuple[str, Callable[[], tuple[nn.Module, object, obje
                 "translation": (2, 9), "stream_rescale": (1, 1)}  # fmt: skip
     cases.append(("ConvNeXt blocks", lambda: (TinyConvNeXt(), x, y), convnext))
     # Swin (2 stages of 2 blocks, d 8 then 16, windows 2, shift 1): conv → Permute → LayerNorm
-    # scale 1; norm2 → mlp.0 norm_rescale 8, 8, 16, 16 and the merging's LayerNorm(32) →
-    # reduction 32; the two stage streams (stem LN / reduction, attention proj and MLP outputs
-    # written; norm1, norm2, the merging's or the final LayerNorm reading): scale 1 each;
-    # head T 16 + 1. (The windowed attention calls F.linear: no attention families.)
-    swin = {"scale": (3, 3), "norm_rescale": (5, 80), "translation": (2, 17)}
+    # scale 1; norm1 → qkv (through the roll and the windows) and norm2 → mlp.0 norm_rescale
+    # 2 × (8, 8, 16, 16) and the merging's LayerNorm(32) → reduction 32; the two stage streams
+    # (stem LN / reduction, attention proj and MLP outputs written; norm1, norm2, the merging's
+    # or the final LayerNorm reading): scale 1 each; head T 16 + 1. (The windowed attention
+    # calls F.linear on q·kᵀ it builds itself: no attention families.)
+    swin = {"scale": (3, 3), "norm_rescale": (9, 128), "translation": (2, 17)}
     cases.append(("Swin blocks", lambda: (TinySwin(), x, y), swin))
     return cases
 

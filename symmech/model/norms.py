@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .actions import BlockSlice, Family
@@ -90,7 +91,13 @@ def _reads_channels(
     trace: Trace, user: fx.Node, node: fx.Node, axis_last: bool, n: int
 ) -> tuple[str, int] | None:
     """(parameter, axis) whose slice i reads channel i of ``node``'s output, or None: the
-    input columns of a Linear (the rows of a Conv1D, whose weight is (in, out)) or a conv."""
+    input columns of a Linear (the rows of a Conv1D, whose weight is (in, out)) or a conv, or
+    of the weight an ``F.linear`` call is given (Swin's windowed attention)."""
+    if user.target is F.linear and axis_last and user.args[:1] == (node,) and len(user.args) > 1:
+        weight = user.args[1]
+        value = trace.values.get(weight) if isinstance(weight, fx.Node) else None
+        ok = weight.op == "get_attr" and isinstance(value, nn.Parameter) and value.ndim == 2
+        return (str(weight.target), 1) if ok and value.shape[1] == n else None
     module = trace.module(user)
     if user in trace.shared or module is None or trace.tied(user):
         return None
@@ -106,9 +113,13 @@ def _reads_channels(
     return None
 
 
+_MOVES = {"permute", torch.permute, "roll", torch.roll, "transpose", torch.transpose}
+
+
 def _passes_channels(trace: Trace, user: fx.Node, axis_last: bool) -> bool:
     """Dropout, identity, or (channels last) a mean or a pick (``select``) over other axes, or a
-    view / reshape / contiguous copy that keeps the last axis whole."""
+    view / reshape / contiguous copy that keeps the last axis whole, or a permute / transpose /
+    roll that leaves it last."""
     if isinstance(trace.module(user), (nn.Dropout, nn.Identity)) or user.target in DROPOUTS:
         return True
     if not axis_last or not user.args or not isinstance(user.args[0], fx.Node):
@@ -122,11 +133,23 @@ def _passes_channels(trace: Trace, user: fx.Node, axis_last: bool) -> bool:
         return ok and before.shape[-1:] == after.shape[-1:]
     if user.target is torch.select and rank is not None and len(user.args) == 3:
         return user.args[1] % rank != rank - 1
+    if user.target in _MOVES and rank is not None:  # Swin's windows: the features stay last
+        from .channel_flow import carried_axis  # (channel_flow reads graph, which reads norms)
+
+        value = trace.values.get(user)
+        n = int(trace.values[user.args[0]].shape[-1])
+        moved = carried_axis(trace, user, user.args[0], rank - 1, n)
+        return isinstance(value, Tensor) and moved == value.ndim - 1
     if user.target in ("mean", torch.mean):
         dims = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim")
         dims = dims if isinstance(dims, (list, tuple)) else (dims,)
         return rank is not None and None not in dims and all(d % rank != rank - 1 for d in dims)
     return False
+
+
+def _reader_name(user: fx.Node, param: str) -> str:
+    """The module that reads: the call's, or (``F.linear``) the owner of the weight it is given."""
+    return str(user.target) if user.op == "call_module" else param.rsplit(".", 1)[0]
 
 
 def norm_rescale_families(
@@ -168,7 +191,7 @@ def norm_rescale_families(
                     continue
                 param = _reads_channels(trace, user, current, axis_last, n)
                 if param is not None:
-                    readers.append((user.target, param))
+                    readers.append((_reader_name(user, param[0]), param))
                 elif _passes_channels(trace, user, axis_last):
                     frontier.append(user)
                 else:

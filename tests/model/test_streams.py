@@ -610,6 +610,21 @@ def test_swin_streams_through_shifted_windows_and_patch_merging() -> None:
         assert 1e-9 < _output_change(model, x, move) < 1e-3
     confirm(model, found, (x, y))
     assert all(f.confirmed and f.reason.startswith("approximate:") for f in fams)
+    # norm1 reaches the windowed attention's F.linear through roll, views and permutes that keep
+    # the features last: norm_rescale against the qkv weight's columns (the shifted block too)
+    norm = {f.layer for f in found if f.symmetry == "norm_rescale"}
+    assert {f"features.{s}.{b}.norm1 → features.{s}.{b}.attn.qkv" for s in (1, 3)
+            for b in (0, 1)} <= norm  # fmt: skip
+    d = torch.linspace(0.5, 2.0, 8, dtype=torch.float64)
+    block = "features.1.1"
+
+    def rescale(m: nn.Module) -> None:
+        with torch.no_grad():
+            m.get_submodule(f"{block}.norm1").weight.mul_(d)
+            m.get_submodule(f"{block}.norm1").bias.mul_(d)
+            m.get_submodule(f"{block}.attn.qkv").weight.div_(d)
+
+    assert _output_change(model, x, rescale) < 1e-12
 
 
 def test_confirmation_refuses_a_stream_with_a_reader_left_out() -> None:
