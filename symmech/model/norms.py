@@ -183,28 +183,81 @@ def norm_rescale_families(
             n, axis_last = shape[0], True
         else:
             n, axis_last = norm.weight.numel(), False
-        readers, frontier, ok = [], [node], True
-        while frontier and ok:
-            current = frontier.pop()
-            for user in current.users:
-                if is_meta(user):
-                    continue
-                param = _reads_channels(trace, user, current, axis_last, n)
-                if param is not None:
-                    readers.append((_reader_name(user, param[0]), param))
-                elif _passes_channels(trace, user, axis_last):
-                    frontier.append(user)
-                else:
-                    ok = False
-                    if trace.tied(user):
-                        note(f"no norm_rescale family for {node.target} → {user.target}: "
-                             f"{user.target}.weight is tied to another parameter (the same "
-                             "tensor), which the symmetry does not move alike")  # fmt: skip
-        if not ok or not readers or len({p for _, (p, _) in readers}) != len(readers):
-            continue
-        theta_1 = [BlockSlice(f"{node.target}.{w}", 0) for w in ("weight", "bias")
-                   if isinstance(getattr(norm, w, None), Tensor)]  # fmt: skip
-        label = f"{node.target} → " + ", ".join(t for t, _ in readers)
-        theta_2 = [BlockSlice(p, axis) for _, (p, axis) in readers]
-        fams.append(Family("norm_rescale", label, {"theta_1": theta_1, "theta_2": theta_2}, n))
+        readers = _readers(trace, node, n, axis_last, note)
+        affine = [f"{node.target}.{w}" for w in ("weight", "bias")
+                  if isinstance(getattr(norm, w, None), Tensor)]  # fmt: skip
+        fams += _family(str(node.target), affine, readers, n)
+    for node, n, affine in _functional_layer_norms(trace):
+        fams += _family(
+            affine[0].rsplit(".", 1)[0], affine, _readers(trace, node, n, True, note), n
+        )
     return fams
+
+
+def _family(name: str, affine: list[str], readers: list | None, n: int) -> list[Family]:
+    if not readers or len({p for _, (p, _) in readers}) != len(readers):
+        return []
+    theta_1 = [BlockSlice(p, 0) for p in affine]
+    label = f"{name} → " + ", ".join(t for t, _ in readers)
+    theta_2 = [BlockSlice(p, axis) for _, (p, axis) in readers]
+    return [Family("norm_rescale", label, {"theta_1": theta_1, "theta_2": theta_2}, n)]
+
+
+def _functional_layer_norms(trace: Trace) -> list[tuple[fx.Node, int, list[str]]]:
+    """``F.layer_norm`` calls with a weight parameter over one axis (a LayerNorm that fx traces
+    into, such as torchvision's LayerNorm2d): (node, features, affine parameter names)."""
+    found = []
+    for node in trace.gm.graph.nodes:
+        if node.target is not F.layer_norm:
+            continue
+        args = list(node.args[1:4]) + [None] * 3
+        shape, weight, bias = (node.kwargs.get(k, a) for k, a in
+                               zip(("normalized_shape", "weight", "bias"), args[:3]))  # fmt: skip
+        params = [p for p in (weight, bias) if isinstance(p, fx.Node) and p.op == "get_attr"
+                  and isinstance(trace.values.get(p), nn.Parameter)]  # fmt: skip
+        if params[:1] and params[0] is weight and len(tuple(shape or ())) == 1:
+            found.append((node, int(tuple(shape)[0]), [str(p.target) for p in params]))
+    return found
+
+
+def _readers(
+    trace: Trace, node: fx.Node, n: int, axis_last: bool, note: Callable[[str], None]
+) -> list[tuple[str, tuple[str, int]]] | None:
+    """Every layer that reads the normalised features of ``node`` linearly, or None when
+    something else does. Index operations are followed; a permute that moves the features
+    between the last axis and axis 1 (LayerNorm2d's permute back) changes where they are."""
+    readers, frontier = [], [(node, axis_last)]
+    while frontier:
+        current, last = frontier.pop()
+        for user in current.users:
+            if is_meta(user):
+                continue
+            param = _reads_channels(trace, user, current, last, n)
+            if param is not None:
+                readers.append((_reader_name(user, param[0]), param))
+            elif _passes_channels(trace, user, last):
+                frontier.append((user, last))
+            elif (moved := _permuted(trace, user, current, last)) is not None:
+                frontier.append((user, moved))
+            else:
+                if trace.tied(user):
+                    note(f"no norm_rescale family for {node.target} → {user.target}: "
+                         f"{user.target}.weight is tied to another parameter (the same "
+                         "tensor), which the symmetry does not move alike")  # fmt: skip
+                return None
+    return readers
+
+
+def _permuted(trace: Trace, user: fx.Node, source: fx.Node, last: bool) -> bool | None:
+    """Whether the features are last after a permute that moves them between the last axis
+    and axis 1 (NHWC ↔ NCHW), or None for anything else."""
+    if user.target not in ("permute", torch.permute) or user.args[:1] != (source,):
+        return None
+    from .channel_flow import carried_axis  # (channel_flow reads graph, which reads norms)
+
+    rank, value = trace.rank(source), trace.values.get(source)
+    if rank is None or rank < 3 or not isinstance(value, Tensor):
+        return None
+    axis = rank - 1 if last else 1
+    moved = carried_axis(trace, user, source, axis, int(value.shape[axis]))
+    return {rank - 1: True, 1: False}.get(moved) if moved is not None else None

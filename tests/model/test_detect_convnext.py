@@ -18,7 +18,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from support.blocks import TinyConvNeXt
+from support.blocks import LayerNorm2d, TinyConvNeXt
 from support.counting import counts
 from torch import nn
 
@@ -141,3 +141,25 @@ def test_permute_with_dims_computed_at_run_time_is_not_followed() -> None:
 
     fams = detect(Dynamic(), torch.randn(2, 1, 6, 6))
     assert counts(fams) == {"norm_rescale": (1, 4)}  # ln → fc; no scale through the permute
+
+
+def test_layernorm2d_traced_into_rescales_against_the_downsampling_conv() -> None:
+    # torchvision's LayerNorm2d calls F.layer_norm between two permutes (fx traces into it):
+    # its affine γ_c, β_c against the input channel c of the 2×2 conv that downsamples after it
+    # (ConvNeXt's stage transition) is a norm_rescale of 8 groups, found through the permute back
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 2, 2), LayerNorm2d(8, eps=1e-6), nn.Conv2d(8, 16, 2, 2),
+                        nn.Flatten(), nn.Linear(64, 10)).double()  # fmt: skip
+    x, y = images()
+    fams = detect(net, x, confirm_batch=(x, y))
+    (norm,) = [f for f in fams if f.symmetry == "norm_rescale"]
+    assert (norm.layer, norm.n_groups) == ("1 → 2", 8)
+    assert norm.blocks == {"theta_1": [BlockSlice("1.weight", 0), BlockSlice("1.bias", 0)],
+                           "theta_2": [BlockSlice("2.weight", 1)]}  # fmt: skip
+    assert norm.confirmed, format_table(fams)
+    d = torch.linspace(0.5, 2.0, 8, dtype=torch.float64)
+    base = float(F.cross_entropy(net(x), y))
+    moved = loss_after(
+        net, (x, y), {"1.weight": d, "1.bias": d, "2.weight": 1 / d.reshape(1, 8, 1, 1)}
+    )
+    assert abs(moved - base) <= 1e-12 * base
