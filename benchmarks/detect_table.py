@@ -175,7 +175,7 @@ def _block_cases() -> list[tuple[str, Callable[[], tuple[nn.Module, object, obje
     models of ``tests/support/blocks.py``: rotary attention, SwiGLU MLP, RMSNorm; depthwise conv
     → Permute → LayerNorm → MLP → layer scale; shifted windows and patch merging)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from support.blocks import TinyConvNeXt, TinyLlama, TinySwin
+    from support.blocks import TinyConvNeXt, TinyLlama, TinySwin, TinyViT, bottleneck_resnet
 
     gen = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 20, (3, 6), generator=gen)
@@ -217,6 +217,20 @@ def _block_cases() -> list[tuple[str, Callable[[], tuple[nn.Module, object, obje
     # calls F.linear on q·kᵀ it builds itself: no attention families.)
     swin = {"scale": (3, 3), "norm_rescale": (9, 128), "translation": (2, 17)}
     cases.append(("Swin blocks", lambda: (TinySwin(), x, y), swin))
+    # ViT (2 layers, d 8, 2 heads of r 4, nn.MultiheadAttention, GELU): q/k and v/o 10 entries
+    # × 2 heads per layer; ln_1 → in_proj, ln_2 → mlp.0 and the final ln → x[:, 0] → head
+    # norm_rescale 5 × 8; the stream (patch conv, class token, position, out_proj, MLP outputs;
+    # read only by the LayerNorms): scale 1; head T 8 + 1.
+    vit = {"attention_qk": (20, 40), "attention_vo": (20, 40), "norm_rescale": (5, 40),
+           "scale": (1, 1), "translation": (2, 9)}  # fmt: skip
+    cases.append(("ViT blocks", lambda: (TinyViT(), x, y), vit))
+    # ResNet-50-style (stem with max-pool, 2 stages of 2 bottlenecks, widths 4 → 16, 8 → 32):
+    # S every conv → BN: 15 convs, 8 + 40 + 24 + 80 + 48 = 200 channels; R bn1 → relu → conv2
+    # and bn2 → relu → conv3 in each block: 8 families, 2·(4+4+8+8) = 48; streams 16 + 32;
+    # T 32 + 1.
+    bottleneck = {"scale": (15, 200), "rescale": (8, 48), "stream_rescale": (2, 48),
+                  "translation": (2, 33)}  # fmt: skip
+    cases.append(("ResNet-50-style bottlenecks", lambda: (bottleneck_resnet(), x, y), bottleneck))
     return cases
 
 

@@ -13,6 +13,7 @@ both linear in it: one family moves both input columns.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 import torch
@@ -113,13 +114,14 @@ def _reads_channels(
     return None
 
 
-_MOVES = {"permute", torch.permute, "roll", torch.roll, "transpose", torch.transpose}
+_MOVES = {"permute", torch.permute, "roll", torch.roll, "transpose", torch.transpose,
+          operator.getitem}  # fmt: skip
 
 
 def _passes_channels(trace: Trace, user: fx.Node, axis_last: bool) -> bool:
     """Dropout, identity, or (channels last) a mean or a pick (``select``) over other axes, or a
     view / reshape / contiguous copy that keeps the last axis whole, or a permute / transpose /
-    roll that leaves it last."""
+    roll / pick (``x[:, 0]``) that leaves it last."""
     if isinstance(trace.module(user), (nn.Dropout, nn.Identity)) or user.target in DROPOUTS:
         return True
     if not axis_last or not user.args or not isinstance(user.args[0], fx.Node):
@@ -133,7 +135,7 @@ def _passes_channels(trace: Trace, user: fx.Node, axis_last: bool) -> bool:
         return ok and before.shape[-1:] == after.shape[-1:]
     if user.target is torch.select and rank is not None and len(user.args) == 3:
         return user.args[1] % rank != rank - 1
-    if user.target in _MOVES and rank is not None:  # Swin's windows: the features stay last
+    if user.target in _MOVES and rank is not None:  # Swin's windows, ViT's x[:, 0]: still last
         from .channel_flow import carried_axis  # (channel_flow reads graph, which reads norms)
 
         value = trace.values.get(user)

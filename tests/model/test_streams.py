@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from support.blocks import TinyConvNeXt, TinyLlama, TinySwin
+from support.blocks import TinyConvNeXt, TinyLlama, TinySwin, TinyViT, bottleneck_resnet
 from support.sgd import digits_batches
 from support.zoo import resnet18, transformer_block
 from torch import nn
@@ -112,48 +112,13 @@ def test_resnet18_one_stream_per_stage_by_hand() -> None:
         _check_by_hand(copy.deepcopy(model), x.double(), writers, readers)
 
 
-class _Bottleneck(nn.Module):
-    """torchvision's Bottleneck: 1×1 → 3×3 → 1×1 (×4), BN after each, projection shortcut."""
-
-    def __init__(self, c_in: int, width: int, stride: int) -> None:
-        super().__init__()
-        out = 4 * width
-        self.conv1, self.bn1 = nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
-        self.bn2, self.relu = nn.BatchNorm2d(width), nn.ReLU(inplace=True)
-        self.conv3, self.bn3 = nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out)
-        self.downsample = None
-        if stride != 1 or c_in != out:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(c_in, out, 1, stride, bias=False), nn.BatchNorm2d(out)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        out += identity
-        return self.relu(out)
-
-
-def _bottleneck_net() -> nn.Module:
-    return nn.Sequential(OrderedDict(
-        conv1=nn.Conv2d(1, 8, 3, padding=1, bias=False), bn1=nn.BatchNorm2d(8),
-        relu=nn.ReLU(inplace=True), maxpool=nn.MaxPool2d(2),
-        layer1=nn.Sequential(_Bottleneck(8, 4, 1), _Bottleneck(16, 4, 1)),
-        layer2=nn.Sequential(_Bottleneck(16, 8, 2), _Bottleneck(32, 8, 1)),
-        avgpool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(32, 10),
-    ))  # fmt: skip
-
-
 def test_bottleneck_resnet_streams_by_hand() -> None:
     # The stem (conv1 → bn1 → relu → maxpool) feeds layer1.0's conv1 and its downsample, not an
     # add: bn1 → relu → maxpool → {conv1, downsample conv} is no stream (no add) but a branching
     # chain. Stage 1's stream (16 channels) is written by layer1.0's bn3 and downsample bn and by
     # layer1.1.bn3, read by layer1.1.conv1 and layer2.0's conv1 and downsample conv; stage 2's
     # (32) by layer2.0.bn3, its downsample bn, layer2.1.bn3, read by layer2.1.conv1 and the fc.
-    model = _bottleneck_net()
+    model = bottleneck_resnet()
     x = digits_batches(1, 8)[0][0].reshape(8, 1, 8, 8).float()
     fams = _streams(detect(model, x))
     expected = [
@@ -485,51 +450,12 @@ def test_llama_stream_read_by_rmsnorms_is_a_scale_family() -> None:
     assert fam.confirmed and fam.reason.startswith("approximate: layers.0.input_layernorm")
 
 
-class _EncoderBlock(nn.Module):
-    """torchvision's ViT EncoderBlock: pre-LN, nn.MultiheadAttention, GELU MLP."""
-
-    def __init__(self, d: int, heads: int, hidden: int) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(d)
-        self.self_attention = nn.MultiheadAttention(d, heads, batch_first=True)
-        self.ln_2 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        x = self.ln_1(inputs)
-        x, _ = self.self_attention(x, x, x, need_weights=False)
-        x = x + inputs
-        return x + self.mlp(self.ln_2(x))
-
-
-class _ViT(nn.Module):
-    """torchvision's VisionTransformer in small: conv patches → reshape → permute, a class token
-    concatenated before the patches, a position embedding added, encoder blocks, LayerNorm, the
-    class token's features → head."""
-
-    def __init__(self, d: int = 8, heads: int = 2, hidden: int = 16, layers: int = 2) -> None:
-        super().__init__()
-        self.conv_proj = nn.Conv2d(1, d, kernel_size=4, stride=4)
-        self.class_token = nn.Parameter(0.1 * torch.randn(1, 1, d))
-        self.pos_embedding = nn.Parameter(0.1 * torch.randn(1, 5, d))
-        self.layers = nn.Sequential(*(_EncoderBlock(d, heads, hidden) for _ in range(layers)))
-        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        x = self.conv_proj(x)
-        x = x.reshape(n, x.shape[1], -1).permute(0, 2, 1)
-        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
-        x = self.ln(self.layers(x + self.pos_embedding))
-        return self.head(x[:, 0])
-
-
 def test_vit_stream_through_patches_class_token_and_position_is_a_scale_family() -> None:
     # The stream starts at the patch conv (channels on axis 1, then last after the permute),
     # the class token (concatenated along the tokens) and the position embedding; every
     # attention's out_proj and MLP output write it; ln_1, ln_2 and the final ln read it.
     torch.manual_seed(0)
-    model = _ViT().double()
+    model = TinyViT().double()
     ((x, y),) = digits_batches(1, 16)
     x = x.reshape(16, 1, 8, 8)
     found = detect(model, x)

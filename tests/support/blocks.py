@@ -13,6 +13,8 @@ structure of Hugging Face's ``modeling_llama`` and torchvision's ``convnext``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -263,3 +265,84 @@ class TinySwin(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(self.features(x))
         return self.head(x.permute(0, 3, 1, 2).mean((2, 3)))
+
+
+# ----------------------------------------------------------------------------- ViT
+
+
+class EncoderBlock(nn.Module):
+    """torchvision's ViT EncoderBlock: pre-LN, nn.MultiheadAttention, GELU MLP."""
+
+    def __init__(self, d: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.self_attention = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = self.ln_1(inputs)
+        x, _ = self.self_attention(x, x, x, need_weights=False)
+        x = x + inputs
+        return x + self.mlp(self.ln_2(x))
+
+
+class TinyViT(nn.Module):
+    """torchvision's VisionTransformer in small: conv patches → reshape → permute, a class token
+    concatenated before the patches, a position embedding added, encoder blocks, LayerNorm, the
+    class token's features → head."""
+
+    def __init__(self, d: int = 8, heads: int = 2, hidden: int = 16, layers: int = 2) -> None:
+        super().__init__()
+        self.conv_proj = nn.Conv2d(1, d, kernel_size=4, stride=4)
+        self.class_token = nn.Parameter(0.1 * torch.randn(1, 1, d))
+        self.pos_embedding = nn.Parameter(0.1 * torch.randn(1, 5, d))
+        self.layers = nn.Sequential(*(EncoderBlock(d, heads, hidden) for _ in range(layers)))
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        x = self.conv_proj(x)
+        x = x.reshape(n, x.shape[1], -1).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
+        x = self.ln(self.layers(x + self.pos_embedding))
+        return self.head(x[:, 0])
+
+
+# ----------------------------------------------------------------------------- ResNet-50-style bottlenecks
+
+
+class Bottleneck(nn.Module):
+    """torchvision's Bottleneck: 1×1 → 3×3 → 1×1 (×4), BN after each, projection shortcut."""
+
+    def __init__(self, c_in: int, width: int, stride: int) -> None:
+        super().__init__()
+        out = 4 * width
+        self.conv1, self.bn1 = nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2, self.relu = nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        self.conv3, self.bn3 = nn.Conv2d(width, out, 1, bias=False), nn.BatchNorm2d(out)
+        self.downsample = None
+        if stride != 1 or c_in != out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, out, 1, stride, bias=False), nn.BatchNorm2d(out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
+
+
+def bottleneck_resnet() -> nn.Module:
+    """A ResNet-50-style net in small: stem with max-pool, two stages of two bottlenecks."""
+    return nn.Sequential(OrderedDict(
+        conv1=nn.Conv2d(1, 8, 3, padding=1, bias=False), bn1=nn.BatchNorm2d(8),
+        relu=nn.ReLU(inplace=True), maxpool=nn.MaxPool2d(2),
+        layer1=nn.Sequential(Bottleneck(8, 4, 1), Bottleneck(16, 4, 1)),
+        layer2=nn.Sequential(Bottleneck(16, 8, 2), Bottleneck(32, 8, 1)),
+        avgpool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(32, 10),
+    ))  # fmt: skip
