@@ -45,9 +45,10 @@ class Bank:
         return self._stack(values, [d is not None for d in data], field)
 
     def _stack(
-        self, values: list[torch.Tensor | None], live: list[bool], field: str
+        self, values: list[torch.Tensor | None], live: list[bool], field: str, scale: float = 1.0
     ) -> torch.Tensor | None:
-        """Per-family values over the bank's groups; a family without data gives NaN.
+        """Per-family values over the bank's groups, times ``scale``; a family without data
+        gives NaN.
 
         ``residual``, ``gJg`` and ``mixed`` may be None (zero), ``xi_b``, ``restart`` and ``dJd``
         None (NaN: carry on, or not measured): None for the bank when every family's is.
@@ -65,8 +66,10 @@ class Bank:
                     (f.n_groups,), fill, dtype=torch.float64, device=self.laws.q0.device
                 )
             parts.append(value if value.ndim == 1 else value.reshape(-1))
-        # one conversion for the bank (float32 → float64 is exact; cat promotes mixed dtypes)
-        return torch.cat(parts).to(torch.float64)
+        # one conversion for the bank (float32 → float64 is exact; cat promotes mixed dtypes),
+        # after the one product by ``scale`` (in the values' dtype, as each family's would be)
+        out = torch.cat(parts)
+        return (out * scale if scale != 1.0 else out).to(torch.float64)
 
     def _flags(self, data: list[StepData | None], field: str) -> torch.Tensor | bool:
         """A per-family flag over the bank's groups (False when no family sets it)."""
@@ -122,13 +125,18 @@ class Bank:
             raise RuntimeError("families of one bank disagree in the kind of step")
         parts = [None if d is None else d.general for d in data]
         alive = [g is not None for g in parts]
+        scales = {g.scale for g in parts if g is not None}
+        shared = scales.pop() if len(scales) == 1 else None  # one product for the bank
 
-        def stack(name: str) -> torch.Tensor | None:
-            return self._stack(
-                [None if g is None else getattr(g, name) for g in parts], alive, name
+        def stack(name: str, i: int | None = None) -> torch.Tensor | None:
+            values = [None if g is None else getattr(g, name) for g in parts]
+            if i is None or shared is not None:
+                return self._stack(values, alive, name, 1.0 if i is None else shared[i])
+            return self._stack(  # settings differ: each family's own product
+                [v if g is None else v * g.scale[i] for v, g in zip(values, parts)], alive, name
             )
 
-        xi_a, aJa = stack("xi_a"), stack("aJa")
+        xi_a, aJa = stack("xi_a", 0), stack("aJa", 1)
         assert xi_a is not None and aJa is not None
         return StepData(
             hyper,

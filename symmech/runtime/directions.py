@@ -54,6 +54,7 @@ __all__ = [
     "UnsupportedOptimizerError",
     "direction",
     "directions",
+    "directions_of",
     "modelled",
     "not_modelled_reason",
 ]
@@ -109,7 +110,8 @@ def _check(group: Group, param: torch.Tensor, call: str, scalars: tuple[str, ...
 
 
 def _grad(group: Group, param: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
-    g = (param.grad if grad is None else grad).detach()
+    g = param.grad if grad is None else grad
+    g = g.detach() if g.requires_grad else g  # a plain gradient as it is (no alias op)
     return -g if group["maximize"] else g
 
 
@@ -274,6 +276,93 @@ def direction(
     if param.grad is None:
         return Direction(1.0, _value(found["lr"]), torch.zeros_like(param))
     return model(optimizer, found, param, call, grad)
+
+
+#: the largest tensor whose direction :func:`directions_of` computes in a batch
+SMALL = 1 << 16
+
+
+@torch.no_grad()
+def directions_of(
+    optimizer: torch.optim.Optimizer,
+    group: int,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor | None] | None = None,
+) -> list[Direction]:
+    """:func:`direction` of several parameters of one group, with Adam's and AdamW's element-wise
+    work done by one ``torch._foreach_*`` call per operation for all of them with at most
+    :data:`SMALL` elements (the same operations in the same order: the values of
+    :func:`direction`, round-off of a fused kernel aside). Larger tensors go one by one: each
+    operation then finds the previous one's output in cache, which on a CPU outweighs the
+    dispatch saved (measured: all 2.4 M entries of a VGG through foreach, 1.1-1.3× slower).
+
+    Other optimizers, ``capturable`` Adam, parameters without a gradient or state, and step
+    counters that are not CPU tensors of one dtype take :func:`direction` per parameter.
+    ``grads`` replace the parameters' ``.grad`` where not None.
+    """
+    grads = list(grads) if grads is not None else [None] * len(params)
+    out: list[Direction | None] = [None] * len(params)
+    small = [i for i, p in enumerate(params) if p.numel() <= SMALL]
+    if 0 <= group < len(optimizer.param_groups) and len(small) > 1:
+        found = optimizer.param_groups[group]
+        fast = _adam_batch(optimizer, found, [params[i] for i in small], [grads[i] for i in small])
+        for i, d in zip(small, fast or ()):
+            out[i] = d
+    return [
+        d if d is not None else direction(optimizer, group, p, grad=g)
+        for d, p, g in zip(out, params, grads)
+    ]
+
+
+def _adam_batch(
+    opt: torch.optim.Optimizer,
+    group: Group,
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor | None],
+) -> list[Direction] | None:
+    """:func:`_adam`'s non-capturable path for many parameters at once (None: not applicable)."""
+    if type(opt) not in (torch.optim.Adam, torch.optim.AdamW) or len(params) < 2:
+        return None
+    if group["capturable"] or group["differentiable"]:
+        return None
+    call = f"directions_of({type(opt).__name__}, [{len(params)} params])"
+    names = ("exp_avg", "exp_avg_sq", "step") + (("max_exp_avg_sq",) if group["amsgrad"] else ())
+    states = [opt.state.get(p, {}) for p in params]
+    members = {id(p) for p in group["params"]}
+    if any(
+        p.grad is None or id(p) not in members or any(k not in s for k in names)
+        for p, s in zip(params, states)
+    ):
+        return None
+    steps = [s["step"] for s in states]
+    if not all(isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in steps):
+        return None
+    if len({t.dtype for t in steps}) != 1:
+        return None
+    for p in params:
+        _check(group, p, call, ("lr", "betas", "weight_decay"))
+    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+    beta1, beta2 = group["betas"]
+    g = [_grad(group, p, gr) for p, gr in zip(params, grads)]
+    shrink = 1.0
+    if wd != 0:
+        if group.get("decoupled_weight_decay", False):
+            shrink = 1 - lr * wd
+        else:
+            g = torch._foreach_add(g, [p.detach() for p in params], alpha=wd)
+    m = torch._foreach_lerp([s["exp_avg"] for s in states], g, 1 - beta1)
+    v = torch._foreach_mul([s["exp_avg_sq"] for s in states], beta2)
+    torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+    if group["amsgrad"]:
+        v = torch._foreach_maximum([s["max_exp_avg_sq"] for s in states], v)
+    # each counter + 1 in its own dtype (torch's step_t += 1), read in one transfer
+    counts = torch.stack(steps).add_(1).tolist()
+    bc1 = [1 - beta1**k for k in counts]
+    torch._foreach_sqrt_(v)
+    torch._foreach_div_(v, [(1 - beta2**k) ** 0.5 for k in counts])
+    torch._foreach_add_(v, eps)
+    torch._foreach_div_(m, v)
+    return [Direction(shrink, lr / b, a) for b, a in zip(bc1, m)]
 
 
 def modelled(optimizer: torch.optim.Optimizer) -> bool:

@@ -25,7 +25,7 @@ from symmech.reference.any_optimizer import angular_equilibrium
 
 from .batched import Batch, signature
 from .binding import Binding
-from .directions import Direction, direction, modelled
+from .directions import Direction, direction, directions_of, modelled
 from .reductions import GridSlice, ReductionCache
 from .stepper import General, Hyper, StepData, update_forms
 
@@ -135,6 +135,9 @@ class Family:
             )
         elif self.tracked and self.precision():
             self.approximate(self.precision(), warn=False)  # the tracker warns once for all
+        if self.tracked and not self.frozen:
+            for t, g in zip(binding.tensors, self.group_indices):
+                cache.bound.setdefault(g, {})[id(t)] = t
 
     @property
     def tracked(self) -> bool:
@@ -221,7 +224,15 @@ class Family:
     def hyper(self) -> tuple[Hyper, bool]:
         """The settings of the first bound tensor's group, and whether the step needs the
         general law: an optimizer other than SGD, settings that differ between the bound
-        tensors' groups, or ``maximize``."""
+        tensors' groups, or ``maximize``. Read once per hook call for all families that bind
+        tensors of the same param groups."""
+        key = ("hyper", self.group_indices)
+        found = self.step_cache.get(key)
+        if found is None:
+            found = self.step_cache[key] = self._read_settings()
+        return found
+
+    def _read_settings(self) -> tuple[Hyper, bool]:
         groups = [self.optimizer.param_groups[i] for i in dict.fromkeys(self.group_indices)]
         keys = ("lr", "momentum", "dampening", "weight_decay", "nesterov")
         mixed = any(any(g.get(k, 0.0) != groups[0].get(k, 0.0) for k in keys) for g in groups[1:])
@@ -356,7 +367,14 @@ class Family:
             self._restart = None
 
     def _rotation_eq(self, hyper: Hyper) -> float | None:
-        """The random-walk equilibrium angle for this step's settings (None: no model)."""
+        """The random-walk equilibrium angle for this step's settings (None: no model), once
+        per hook call and param group."""
+        key = ("rotation_eq", self.group_indices[0], hyper)
+        if key not in self.step_cache:
+            self.step_cache[key] = self._equilibrium_angle(hyper)
+        return self.step_cache[key]
+
+    def _equilibrium_angle(self, hyper: Hyper) -> float | None:
         name = type(self.optimizer).__name__
         group = self.optimizer.param_groups[self.group_indices[0]]
         if name == "Adam" and group.get("decoupled_weight_decay", False):
@@ -367,10 +385,26 @@ class Family:
     def _direction(self, tensor: torch.Tensor, group: int) -> Direction:
         """The tensor's coming step, computed once per hook call for every family."""
         key = ("direction", id(tensor))
+        if key not in self.step_cache and ("directions", group) not in self.step_cache:
+            self._directions(group)
         if key not in self.step_cache:
             grad = self.cache.grads.get(id(tensor))
             self.step_cache[key] = direction(self.optimizer, group, tensor, grad=grad)
         return self.step_cache[key]
+
+    def _directions(self, group: int) -> None:
+        """The coming steps of every tracked tensor of the param group, in one batch
+        (:func:`~.directions.directions_of`); on any error each is left to :meth:`_direction`
+        alone, so the error reaches only the families that bind the failing tensor."""
+        self.step_cache[("directions", group)] = True
+        tensors = list(self.cache.bound.get(group, {}).values())
+        grads = [self.cache.grads.get(id(t)) for t in tensors]
+        try:
+            found = directions_of(self.optimizer, group, tensors, grads)
+        except (SymmechError, ValueError, IndexError, RuntimeError):
+            return
+        for t, d in zip(tensors, found):
+            self.step_cache[("direction", id(t))] = d
 
     def _temporary(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         if key not in self.step_cache:
@@ -412,9 +446,8 @@ class Family:
         kappa = float(m.KAPPA)
         mixed = dJd = None
         if all(d.shrink == s0 for d in dirs):
-            xi_a = self.run("residual", th, step_views, roles=("theta", step)) * (
-                by[0] * s0 ** (kappa - 1.0)
-            )
+            xi_a = self.run("residual", th, step_views, roles=("theta", step))
+            scale = (by[0] * s0 ** (kappa - 1.0), by[1])
         else:
             shrunk = self.views_of(
                 lambda p: self._temporary(
@@ -422,7 +455,8 @@ class Family:
                 ),
                 share="shrunk",
             )
-            xi_a = self.run("residual", shrunk, step_views, roles=("shrunk", step)) * by[0]
+            xi_a = self.run("residual", shrunk, step_views, roles=("shrunk", step))
+            scale = by
             q = observed if observed is not None else self.run("charge", th, roles=("theta",))
             mixed = self.run("charge", shrunk, roles=("shrunk",)) - s0**kappa * q
             if self.rotation:
@@ -437,8 +471,9 @@ class Family:
                     share="moved",
                 )
                 dJd = self.run("quadratic", moved, roles=("moved",))
-        aJa = self.run("quadratic", step_views, roles=(step,)) * by[1]
-        general = General(s0, xi_a, aJa, mixed=mixed, dJd=dJd)
+        # xi_a and aJa raw: the bank multiplies them by ``scale`` for all its families at once
+        aJa = self.run("quadratic", step_views, roles=(step,))
+        general = General(s0, xi_a, aJa, mixed=mixed, dJd=dJd, scale=scale)
         self._pending = _Pending(
             hyper,
             self.residual if self.residuals else None,

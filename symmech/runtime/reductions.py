@@ -45,6 +45,9 @@ class ReductionCache:
         self._slices: dict[tuple[int, str], tuple[torch.Tensor, tuple, GridSlice]] = {}
         #: families that differ only in their constants, by what they share (:mod:`.batched`)
         self.batches: dict[tuple, Any] = {}
+        #: every tracked family's bound tensors by param group index (kept across hook calls):
+        #: their coming steps are computed together (:func:`~.directions.directions_of`)
+        self.bound: dict[int, dict[int, torch.Tensor]] = {}
 
     def slice(self, raw: torch.Tensor, spec: BoundSlice, role: str | None = None) -> GridSlice:
         """``raw`` of ``spec``'s tensor as a :class:`GridSlice`; with a ``role`` ("theta",
@@ -53,12 +56,14 @@ class ReductionCache:
         role: keeping them would hold memory that ``zero_grad(set_to_none=True)`` frees."""
         if role is None:  # for this hook call only, shared by every slice of the same content
             key = ("slice", id(spec.tensor), spec.dim, spec.view, _key(raw), raw.dtype)
+            # a gradient or temporary needs no detach (one alias op fewer per slice and call)
+            plain = raw.detach() if raw.requires_grad else raw
             try:
                 found = self.grids.get(key)
             except TypeError:  # a view that cannot be hashed
-                return GridSlice(raw.detach(), spec, self)
+                return GridSlice(plain, spec, self)
             if found is None:
-                found = self.grids[key] = GridSlice(raw.detach(), spec, self)
+                found = self.grids[key] = GridSlice(plain, spec, self)
             return found
         key = (id(spec), role)
         where = (raw.data_ptr(), raw.shape, raw.stride(), raw.dtype, id(spec.tensor) in self.absent)

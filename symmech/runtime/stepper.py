@@ -104,6 +104,9 @@ class General:
     aJa: torch.Tensor
     mixed: torch.Tensor | None = None
     dJd: torch.Tensor | None = None
+    #: factors ``xi_a`` and ``aJa`` are still to be multiplied by (η s^(κ−1), η²: a family hands
+    #: its raw sums, and its bank multiplies all of its families' at once)
+    scale: tuple[float, float] = (1.0, 1.0)
 
 
 def update_forms(case: str, hyper: Hyper, B: Forms) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,6 +167,11 @@ _STATE = (
 )
 #: The momentum share ⟨ξ, b⟩ split by where it came from, one per part of the anatomy.
 _SPLIT = dict(zip(ANATOMY, ("xi_b_decay", "xi_b_breaking", "xi_b_step", "xi_b_history")))
+#: The rows of the stack :meth:`Laws._sgd_step` advances at once: each law of Q and each part
+#: of its anatomy, with the share of the buffer that feeds it in the same row of
+#: :data:`_XI_ROWS`; the first three take the step's ½η²uᵀJu (and lose η uᵀJb from the share).
+_ROWS = ("discrete", "discrete_residual", "dQ_step", "dQ_decay", "dQ_breaking", "dQ_history")
+_XI_ROWS = ("xi_b", "xi_b_residual", *(_SPLIT[name] for name in _ROWS[2:]))
 
 
 class Laws:
@@ -257,48 +265,39 @@ class Laws:
         assert data.uJu is not None and data.uJb is not None
         uJu = data.uJu.to(torch.float64)
         uJb = data.uJb.to(torch.float64)
-        xi_b, xi_b_res = self.xi_b, self.xi_b_residual
-        split = {part: getattr(self, name) for part, name in _SPLIT.items()}
+        # One (6, G) stack advances every linear share together (rows: :data:`_ROWS`): the
+        # predictions Q, the buffer's shares ⟨ξ, b⟩ and the sources p that feed them.
+        q_res = self.discrete_residual
+        Q = torch.stack([getattr(self, name) for name in _ROWS])
+        X = torch.stack([getattr(self, name) for name in _XI_ROWS])
         if data.xi_b is not None:  # a buffer the law has not followed: its measured share
             measured = data.xi_b.to(torch.float64)
-            known = torch.isnan(measured)
-            xi_b = torch.where(known, xi_b, measured)
-            xi_b_res = torch.where(known, xi_b_res, measured)
-            for part in split:  # what the buffer held when tracking began is history
-                new = measured if part == "dQ_history" else zero
-                split[part] = torch.where(known, split[part], new)
-        q_res = self.discrete_residual
-        p, p_res = kl * self.discrete, r + kl * q_res
-        parts = {"dQ_decay": kl * q_res, "dQ_breaking": r, "dQ_step": zero, "dQ_history": zero}
+            # what the buffer held when tracking began is history; the other parts start at 0
+            fill = torch.stack([measured, measured, zero, zero, zero, measured])
+            X = torch.where(torch.isnan(measured), X, fill)
+        kq = kl * Q[:2]  # κλ Qₖ of the pure law and of the law fed rₖ
+        k_res = kq[1]
+        P = torch.stack([kq[0], r + k_res, zero, k_res, r, zero])
         if beta == 0.0:
-            v, v_res, vs = p, p_res, parts
-            m, m_res = xi_b, xi_b_res  # the buffer stays; the law re-reads it when β returns
-            ms = split
+            V, M = P, X  # the buffer stays; the law re-reads it when β returns
         else:
             fresh = self.steps == 0 if data.fresh is None else data.fresh
-            m = _pick(fresh, p, lambda: beta * xi_b + (1.0 - tau) * p)
-            m_res = _pick(fresh, p_res, lambda: beta * xi_b_res + (1.0 - tau) * p_res)
-            ms = {
-                k: _pick(fresh, parts[k], lambda k=k: beta * split[k] + (1.0 - tau) * parts[k])
-                for k in parts
-            }
-            if h.nesterov:
-                v, v_res = p + beta * m, p_res + beta * m_res
-                vs = {k: parts[k] + beta * ms[k] for k in parts}
-            else:
-                v, v_res, vs = m, m_res, ms
+            M = _pick(fresh, P, lambda: beta * X + (1.0 - tau) * P)
+            V = P + beta * M if h.nesterov else M
         half_lr2 = 0.5 * lr * lr
-        self.second_order_rate = _pick(start, -v, lambda: self.second_order_rate)
-        self.discrete = self.discrete - lr * v + half_lr2 * uJu
-        self.discrete_residual = q_res - lr * v_res + half_lr2 * uJu
-        for k in parts:
-            setattr(self, k, getattr(self, k) - lr * vs[k])
-        self.dQ_step = self.dQ_step + half_lr2 * uJu
-        if beta != 0.0:  # ⟨ξ(θₖ₊₁), bₖ⟩ = mₖ − ηₖ⟨uₖ, J bₖ⟩
-            self.xi_b, self.xi_b_residual = m - lr * uJb, m_res - lr * uJb
-            ms = {**ms, "dQ_step": ms["dQ_step"] - lr * uJb}
-        for part, name in _SPLIT.items():
-            setattr(self, name, ms[part])
+        if not (isinstance(start, bool) and not start):
+            self.second_order_rate = _pick(start, -V[0], lambda: self.second_order_rate)
+        Q = Q - lr * V
+        Q[:3] += half_lr2 * uJu  # the step's own ½η²uᵀJu: both laws and dQ_step
+        for name, row in zip(_ROWS, Q.unbind(0)):
+            setattr(self, name, row)
+        shares = zip(_XI_ROWS, M.unbind(0))
+        if beta != 0.0:  # ⟨ξ(θₖ₊₁), bₖ⟩ = mₖ − ηₖ⟨uₖ, J bₖ⟩ (the step part included)
+            M[:3] -= lr * uJb  # M is this step's own tensor (P's, or a new one)
+        else:  # only the split is re-read; ⟨ξ, b⟩ itself waits for β to return
+            shares = list(shares)[2:]
+        for name, row in shares:
+            setattr(self, name, row)
         # the equilibrium of the exact law under stationary forcing (heavy ball or plain SGD)
         if kl > 0.0 and lr > 0.0 and not h.nesterov:
             self.equilibrium = ((1.0 - beta) * 0.5 * lr * uJu + beta * lr * uJb) / (
@@ -330,19 +329,25 @@ class Laws:
         close here (NaN). Returns the change of ``discrete_residual`` and ⟨δ, Jδ⟩."""
         s, k = g.shrink, self.kappa
         sk = s**k
-        X = g.xi_a.to(torch.float64)
-        A = g.aJa.to(torch.float64)
-        mixed = torch.zeros_like(X) if g.mixed is None else g.mixed.to(torch.float64)
+        X = (g.xi_a * g.scale[0] if g.scale[0] != 1.0 else g.xi_a).to(torch.float64)
+        A = (g.aJa * g.scale[1] if g.scale[1] != 1.0 else g.aJa).to(torch.float64)
+        mixed = None if g.mixed is None else g.mixed.to(torch.float64)  # None: zero
         q_res = self.discrete_residual
-        self.discrete = sk * self.discrete + mixed - X + 0.5 * A
-        self.discrete_residual = sk * q_res + mixed - X + 0.5 * A
-        self.dQ_decay = self.dQ_decay + (sk - 1.0) * q_res + mixed
+        half_a = 0.5 * A
+        # both laws at once: sQ + mixed − X + ½A, in that order, for the pure law and the fed one
+        both = sk * torch.stack([self.discrete, q_res])
+        if mixed is not None:
+            both = both + mixed
+        self.discrete, self.discrete_residual = (both - X + half_a).unbind(0)
+        self.dQ_decay = self.dQ_decay + (sk - 1.0) * q_res
+        if mixed is not None:
+            self.dQ_decay = self.dQ_decay + mixed
         self.dQ_breaking = self.dQ_breaking - X
-        self.dQ_step = self.dQ_step + 0.5 * A
+        self.dQ_step = self.dQ_step + half_a
         nan = torch.full_like(X, float("nan"))
         self.first_order = self.second_order = self.second_order_rate = nan
         # the SGD buffer share is not followed in this mode: re-measured when SGD's law resumes
-        self.equilibrium = (0.5 * A - X) / (1.0 - sk) if sk < 1.0 else nan
+        self.equilibrium = (half_a - X) / (1.0 - sk) if sk < 1.0 else nan
         if g.dJd is not None:
             delta_sq = g.dJd.to(torch.float64)
         elif s != 0.0:  # δ = (s − 1)θ − ηa and ⟨ξ(θ), ηa⟩ = X / s for a ½|θ|² charge
