@@ -99,7 +99,10 @@ class Bank:
         if any(g is not None for g in general):
             self.laws.step(self._general(data, hyper, live))
             return
-        uju, ujb = self._column(data, "uJu"), self._column(data, "uJb")
+        uju = self._column(data, "uJu")
+        # heavy ball and first steps hand one tensor for both (uₖ = bₖ): one stack for the bank
+        same = all(d is None or d.uJu is d.uJb for d in data)
+        ujb = uju if same else self._column(data, "uJb")
         assert uju is not None and ujb is not None
         self.laws.step(
             StepData(

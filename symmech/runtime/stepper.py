@@ -308,7 +308,9 @@ class Laws:
         # first-order modified flow, forcing held over the step (exact exponential update)
         decay = math.exp(-kl * lr)
         phi = -math.expm1(-kl * lr) / kl if kl > 0.0 else lr
-        self.first_order = decay * self.first_order + 0.5 * lr * phi * gJg
+        self.first_order = decay * self.first_order
+        if data.gJg is not None:  # no forcing measured (momentum): zero, nothing to add
+            self.first_order = self.first_order + 0.5 * lr * phi * gJg
         # second-order (momentum) modified flow
         mass = lr * (1.0 + beta) / 2.0
         stiffness = (1.0 - tau) * kl if beta > 0.0 else kl
