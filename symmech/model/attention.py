@@ -235,6 +235,12 @@ def attention_families(trace: Trace, note: Callable[[str], None]) -> list[Family
             note(f"no attention families at {_layer_name(*tied)}: a projection weight is tied to "
                  "another parameter, which the head symmetries would move too")  # fmt: skip
             continue
+        if not any(ends.values()):
+            blockers = sorted({w[2].name for w in walked.values() if w[2] is not None})
+            note(f"no attention families at the attention core {out.name}: q, k and v are made "
+                 f"by {', '.join(blockers)}, not by a Linear or Conv1D module (a functional "
+                 "F.linear is not read as a projection)")  # fmt: skip
+            continue
         chains = set().union(*(w[1] for w in walked.values()))
         seeds = {}
         for node in {e for e in ends.values() if e is not None}:

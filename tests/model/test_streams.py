@@ -519,6 +519,8 @@ def test_swin_streams_through_shifted_windows_and_patch_merging() -> None:
     found = detect(model, x)
     fams = [f for f in found if f.absorbed_by]
     assert [(f.symmetry, f.n_groups) for f in fams] == [("scale", 1), ("scale", 1)]
+    # the windowed attention projects with F.linear: no attention families, and a note per core
+    assert sum("q, k and v are made by linear" in n for n in found.notes) == 4
 
     def blocks(stage: int) -> set[str]:
         return {f"features.{stage}.{b}.{w}.{p}" for b in (0, 1) for w in ("attn.proj", "mlp.2")
