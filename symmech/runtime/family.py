@@ -105,6 +105,7 @@ class Family:
         )
         self.q0: torch.Tensor | None = None
         self.residual: torch.Tensor | None = None  # rₖ measured at the current step, if any
+        self._residual_aliases: bool | None = None  # whether rₖ shares a gradient's memory
         self._pending: _Pending | None = None
         self._xi_known = False  # whether the laws follow the momentum buffer
         self._restart: str | None = None  # why the laws start anew at the next step
@@ -278,6 +279,21 @@ class Family:
         self.note = note
         self._pending = None
 
+    def _owned(self, value: torch.Tensor | None) -> torch.Tensor | None:
+        """``value``, or a copy when it shares memory with a bound gradient (a one-entry group's
+        ⟨ξ, g⟩ is the gradient entry itself, which ``zero_grad`` would change under the family);
+        decided on the first value."""
+        if value is None:
+            return None
+        if self._residual_aliases is None:
+            try:
+                ptr = value.untyped_storage().data_ptr()
+                grads = [t.grad for t in self.binding.tensors if t.grad is not None]
+                self._residual_aliases = any(g.untyped_storage().data_ptr() == ptr for g in grads)
+            except (RuntimeError, NotImplementedError):  # no plain storage: copy to be safe
+                self._residual_aliases = True
+        return value.clone() if self._residual_aliases else value
+
     def approximate(self, why: str, warn: bool = True) -> None:
         """Keep predicting, but say the laws hold only approximately here, and why."""
         if self.status == TRACKED and warn:
@@ -340,7 +356,7 @@ class Family:
         need_grad = self.residuals or log or not heavy_ball
         gr = self.views("grad") if need_grad else None
         if self.residuals or log:
-            self.residual = self.run("residual", th, gr, roles=("theta", "grad"))
+            self.residual = self._owned(self.run("residual", th, gr, roles=("theta", "grad")))
         residual = self.residual if self.residuals else None
         self._pending = _Pending(
             hyper,
@@ -442,7 +458,9 @@ class Family:
             )
             step, by = "eta_a", (1.0, 1.0)
         if self.residuals or log:
-            self.residual = self.run("residual", th, self.views("grad"), roles=("theta", "grad"))
+            self.residual = self._owned(
+                self.run("residual", th, self.views("grad"), roles=("theta", "grad"))
+            )
         kappa = float(m.KAPPA)
         mixed = dJd = None
         if all(d.shrink == s0 for d in dirs):
@@ -495,7 +513,9 @@ class Family:
             if id(t) not in self.copies:
                 self.copies[id(t)] = t.detach().clone()
         if self.residuals or log:
-            self.residual = self.run("residual", th, self.views("grad"), roles=("theta", "grad"))
+            self.residual = self._owned(
+                self.run("residual", th, self.views("grad"), roles=("theta", "grad"))
+            )
         self._pending = _Pending(
             hyper,
             self.residual if self.residuals else None,

@@ -271,3 +271,21 @@ def test_first_charge_kept_as_a_copy() -> None:
     assert family.n_groups == 4
     assert torch.equal(family.q0, start)
     assert torch.equal(family.state_dict()["q0"], start)
+
+
+def test_measured_residual_kept_as_a_copy() -> None:
+    """The same family: rₖ = ⟨ξ, gₖ⟩ of a one-entry group is the gradient entry itself, so the
+    residual the family holds must not change when the gradient is zeroed in place."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 4).double()
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    tracker = symmech.track(lin, opt, [symmech.bind("translation", theta=[(lin.bias, 0)])])
+    x = torch.randn(8, 3, dtype=torch.float64)
+    opt.zero_grad()
+    lin(x).square().sum().backward()
+    grad = lin.bias.grad.detach().clone()
+    opt.step()
+    family = tracker.families[0]
+    assert torch.equal(family.residual, grad)  # ξ = 1 per entry: rₖ is the gradient entry
+    opt.zero_grad(set_to_none=False)  # zeroes .grad in place
+    assert torch.equal(family.residual, grad)
