@@ -32,6 +32,7 @@ stopped it. A ResNet gives one family per stage, a MobileNetV2 one per stage wit
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,7 +71,7 @@ class _Stream:
     readers: dict[str, BlockSlice] = field(default_factory=dict)
     #: (what, why) for every operation that keeps the stream from being rescaled per channel
     stops: list[tuple[str, str]] = field(default_factory=list)
-    #: normalisations that read the stream and undo α: name -> "channel" or "all" (see _absorber)
+    #: normalisations that read the stream and undo α: name -> "channel", "group:G" or "all"
     absorbers: dict[str, str] = field(default_factory=dict)
     #: concatenations along the channel axis that read the stream (Swin's patch merging)
     channel_cats: set[fx.Node] = field(default_factory=set)
@@ -236,7 +237,8 @@ def _what(trace: Trace, node: fx.Node) -> str:
 
 def _absorber(trace: Trace, user: fx.Node, node: fx.Node, s: _Stream) -> str | None:
     """How a normalisation that reads the stream undoes α (up to its eps): ``"channel"`` for a
-    BatchNorm, which normalises each channel on its own (a per-channel α), ``"all"`` for a
+    BatchNorm, which normalises each channel on its own (a per-channel α), ``"group:G"`` for a
+    GroupNorm of G groups (one α per group of channels), ``"all"`` for a
     LayerNorm or RMSNorm over the stream's channels (one α for all of them), None otherwise."""
     axis, last = s.axes[node], _last(trace, node, s.axes[node])
     if user.target is F.layer_norm and user.args[:1] == (node,) and last:
@@ -251,6 +253,8 @@ def _absorber(trace: Trace, user: fx.Node, node: fx.Node, s: _Stream) -> str | N
         return None
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and axis == 1:
         return "channel" if module.num_features == s.n else None
+    if isinstance(module, nn.GroupNorm) and axis == 1 and module.num_channels == s.n:
+        return f"group:{module.num_groups}"  # one α per group of channels
     if isinstance(module, nn.LayerNorm) and last and tuple(module.normalized_shape) == (s.n,):
         return "all"
     if is_rms_norm(module) and last and module.weight.numel() == s.n:
@@ -404,29 +408,51 @@ def stream_families(
             pieces.update({p: pieces.pop(p) for p in ranked})
         writers = list(dict.fromkeys(_module_of(p) for p in found.writers))
         readers = list(dict.fromkeys(_module_of(p) for p in found.readers))
-        fams.append(_family(found, writers, readers))
+        shapes = {n: tuple(p.shape) for n, p in trace.gm.named_parameters()}
+        fams.append(_family(found, writers, readers, shapes))
     return fams
 
 
-def _family(s: _Stream, writers: list[str], readers: list[str]) -> Family:
+def _family(
+    s: _Stream, writers: list[str], readers: list[str], shapes: dict[str, tuple[int, ...]]
+) -> Family:
     """The stream's family: ``stream_rescale`` per channel; when normalisations read the stream
-    too, per channel if all of them are BatchNorms, else one group (a common α), and ``scale``
-    when they are its only readers."""
+    too, per channel if all of them are BatchNorms, per group of channels if GroupNorms of G
+    groups are among them, else one group (a common α), and ``scale`` when they are its only
+    readers."""
     label = f"stream {', '.join(writers)} → {', '.join(readers)}"
     if not s.absorbers:
         blocks = {"theta_1": list(s.writers.values()), "theta_2": list(s.readers.values())}
         return Family("stream_rescale", label, blocks, s.n)
-    per_channel = all(kind == "channel" for kind in s.absorbers.values())
+    kinds = set(s.absorbers.values())
+    counts = {int(k.split(":")[1]) for k in kinds if k.startswith("group:")}
+    if kinds <= {"channel"}:
+        groups = s.n
+    elif "all" in kinds or len(counts) != 1:
+        groups = 1  # an α common to all channels is undone by every normalisation
+    else:
+        groups = counts.pop()
     norms = tuple(s.absorbers)
     label = (
         label.rstrip(" →") + (" and " if readers else " ") + f"(normalised by {', '.join(norms)})"
     )
 
     def pieces(found: dict[str, BlockSlice]) -> list[BlockSlice]:
-        return list(found.values()) if per_channel else [BlockSlice(p, None) for p in found]
+        if groups == s.n:
+            return list(found.values())
+        if groups == 1:
+            return [BlockSlice(p, None) for p in found]
+        return [_grouped(piece, shapes[piece.param], groups) for piece in found.values()]
 
-    groups = s.n if per_channel else 1
     if not readers:
         return Family("scale", label, {"theta": pieces(s.writers)}, groups, absorbed_by=norms)
     blocks = {"theta_1": pieces(s.writers), "theta_2": pieces(s.readers)}
     return Family("stream_rescale", label, blocks, groups, absorbed_by=norms)
+
+
+def _grouped(piece: BlockSlice, shape: tuple[int, ...], groups: int) -> BlockSlice:
+    """The slice of channel c along ``piece.dim`` regrouped as G consecutive groups of channels:
+    the tensor seen as (leading, G, rest) and cut along its middle axis."""
+    dim = piece.dim if piece.dim is not None else 0
+    lead = math.prod(shape[:dim])
+    return BlockSlice(piece.param, 1, (lead, groups, math.prod(shape[dim:]) // groups))

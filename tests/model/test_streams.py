@@ -292,8 +292,8 @@ class _Concat(nn.Module):
     ("model", "reason"),
     [
         (
-            _PreActivation(nn.GroupNorm(2, 4)),
-            "bn (GroupNorm) read the stream and normalise across its channels",
+            _PreActivation(nn.Tanh()),
+            "bn (Tanh) read the stream and are neither linear readers (conv, Linear) nor",
         ),
         (_Concat(), "cat (cat) concatenate the stream along its channels with other tensors"),
     ],
@@ -315,7 +315,7 @@ def _without_eps(model: nn.Module) -> nn.Module:
     their scale invariance is then exact to round-off."""
     model = copy.deepcopy(model).double()
     for m in model.modules():
-        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+        if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
             m.eps = 1e-300
     return model
 
@@ -363,6 +363,30 @@ def test_stream_read_by_a_batchnorm_is_per_channel_and_approximate() -> None:
     assert 1e-9 < _output_change(model.double(), x, move) < 1e-3
     confirm(model.double(), found, (x, y))
     assert fam.confirmed and fam.reason.startswith("approximate: bn eps=1e-05 moves the loss by")
+
+
+def test_stream_read_by_a_groupnorm_is_per_group_of_channels() -> None:
+    # GroupNorm(2, 4) normalises channels {0, 1} and {2, 3} together: it undoes one α per group,
+    # so the family has 2 groups, each writer's and reader's channels viewed as (2, 2)
+    model = _PreActivation(nn.GroupNorm(2, 4))
+    ((x, y),) = digits_batches(1, 16)
+    x = x.reshape(16, 1, 8, 8)
+    found = detect(model, x.float())
+    (fam,) = _streams(found)
+    assert (fam.n_groups, fam.absorbed_by) == (2, ("bn",))
+    alpha = torch.tensor([0.6, 0.6, 1.7, 1.7], dtype=torch.float64)  # one α per group
+
+    def move(m: nn.Module) -> None:
+        _move_by_hand(m, ["stem", "conv"], ["head"], alpha)
+
+    def per_channel(m: nn.Module) -> None:  # not a symmetry: α differs inside a group
+        _move_by_hand(m, ["stem", "conv"], ["head"], torch.tensor([0.6, 1.7, 1.3, 0.8]).double())
+
+    assert _output_change(_without_eps(model), x, move) < 1e-12
+    assert 1e-9 < _output_change(model.double(), x, move) < 1e-3
+    assert _output_change(_without_eps(model), x, per_channel) > 1e-3
+    confirm(model.double(), found, (x, y))
+    assert fam.confirmed and fam.reason.startswith("approximate: bn eps=1e-05")
 
 
 class _PostNorm(nn.Module):
