@@ -647,3 +647,37 @@ def test_resnet_streams_tracked_exactly_200_float64_steps(optimizer: str) -> Non
         assert [r["observed"] for r in final] == pytest.approx(truth.tolist(), abs=1e-12 * scale)
         moved = float((truth - q0).abs().max())
         assert moved > 1e-3 * scale  # the charge moved: the law was not checked on a constant
+
+
+def test_groupnorm_stream_tracked_with_its_measured_residual() -> None:
+    # the per-group family (views (lead, 2, rest)) bound and tracked: the exact law fed the
+    # measured rₖ holds over 100 float64 SGD steps, Q matches the weights, training unchanged
+    torch.manual_seed(0)
+    model = _PreActivation(nn.GroupNorm(2, 4)).double()
+    twin = copy.deepcopy(model)
+    ((x, y),) = digits_batches(1, 16)
+    x = x.reshape(16, 1, 8, 8)
+    fams = _streams(detect(model, x))
+
+    def run(m: nn.Module, opt: torch.optim.Optimizer) -> None:
+        for _ in range(100):
+            opt.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    tracker = symmech.track(model, opt, bindings_from_families(model, fams), log_every=10)
+    run(model, opt)
+    run(twin, torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4))
+    for a, b in zip(model.state_dict().values(), twin.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    rows = tracker.records()
+    params = dict(model.named_parameters())
+    truth = torch.zeros(2, dtype=torch.float64)  # ½(Σ writers' rows² − head columns²) per group
+    for name in ("stem.weight", "stem.bias", "conv.weight", "conv.bias"):
+        truth += 0.5 * (params[name].detach().reshape(4, -1) ** 2).sum(1).reshape(2, 2).sum(1)
+    truth -= 0.5 * (params["head.weight"].detach() ** 2).sum(0).reshape(2, 2).sum(1)
+    final = [r for r in rows if r["step"] == 100]
+    scale = max(abs(r["observed"]) for r in rows)
+    assert [r["observed"] for r in final] == pytest.approx(truth.tolist(), abs=1e-12 * scale)
+    assert max(abs(r["discrete_residual"] - r["observed"]) for r in rows) <= 1e-9 * scale
