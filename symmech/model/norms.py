@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from .actions import BlockSlice, Family
 from .layout import in_axis, in_features, is_linear
 from .trace import DROPOUTS, Trace, is_meta
 
-__all__ = ["is_rms_norm", "norm_eps", "norm_rescale_families"]
+__all__ = ["is_rms_norm", "layer_norm_args", "norm_eps", "norm_rescale_families"]
 
 _NORMS = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
@@ -95,10 +96,9 @@ def _reads_channels(
     input columns of a Linear (the rows of a Conv1D, whose weight is (in, out)) or a conv, or
     of the weight an ``F.linear`` call is given (Swin's windowed attention)."""
     if user.target is F.linear and axis_last and user.args[:1] == (node,) and len(user.args) > 1:
-        weight = user.args[1]
-        value = trace.values.get(weight) if isinstance(weight, fx.Node) else None
-        ok = weight.op == "get_attr" and isinstance(value, nn.Parameter) and value.ndim == 2
-        return (str(weight.target), 1) if ok and value.shape[1] == n else None
+        value = trace.parameter(user.args[1])
+        ok = value is not None and value.ndim == 2 and value.shape[1] == n
+        return (str(user.args[1].target), 1) if ok else None
     module = trace.module(user)
     if user in trace.shared or module is None or trace.tied(user):
         return None
@@ -205,6 +205,13 @@ def _family(name: str, affine: list[str], readers: list | None, n: int) -> list[
     return [Family("norm_rescale", label, {"theta_1": theta_1, "theta_2": theta_2}, n)]
 
 
+def layer_norm_args(node: fx.Node) -> tuple[Any, Any, Any]:
+    """(normalized_shape, weight, bias) of an ``F.layer_norm`` call, by position or keyword."""
+    args = list(node.args[1:4]) + [None] * 3
+    names = ("normalized_shape", "weight", "bias")
+    return tuple(node.kwargs.get(k, a) for k, a in zip(names, args[:3], strict=True))  # type: ignore[return-value]
+
+
 def _functional_layer_norms(trace: Trace) -> list[tuple[fx.Node, int, list[str]]]:
     """``F.layer_norm`` calls with a weight parameter over one axis (a LayerNorm that fx traces
     into, such as torchvision's LayerNorm2d): (node, features, affine parameter names)."""
@@ -212,11 +219,8 @@ def _functional_layer_norms(trace: Trace) -> list[tuple[fx.Node, int, list[str]]
     for node in trace.gm.graph.nodes:
         if node.target is not F.layer_norm:
             continue
-        args = list(node.args[1:4]) + [None] * 3
-        shape, weight, bias = (node.kwargs.get(k, a) for k, a in
-                               zip(("normalized_shape", "weight", "bias"), args[:3]))  # fmt: skip
-        params = [p for p in (weight, bias) if isinstance(p, fx.Node) and p.op == "get_attr"
-                  and isinstance(trace.values.get(p), nn.Parameter)]  # fmt: skip
+        shape, weight, bias = layer_norm_args(node)
+        params = [p for p in (weight, bias) if trace.parameter(p) is not None]
         if params[:1] and params[0] is weight and len(tuple(shape or ())) == 1:
             found.append((node, int(tuple(shape)[0]), [str(p.target) for p in params]))
     return found

@@ -44,7 +44,7 @@ from torch import Tensor, fx, nn
 from .actions import BlockSlice, Family
 from .channel_flow import carried_axis, channel_cat, is_add, joined, source_axis
 from .layout import in_axis, in_features, is_linear, out_axis, out_features
-from .norms import is_rms_norm, norm_eps
+from .norms import is_rms_norm, layer_norm_args, norm_eps
 from .trace import Trace, is_meta, is_scalar_scale, tensor_arg
 
 __all__ = ["stream_families"]
@@ -89,7 +89,7 @@ def _reader(trace: Trace, node: fx.Node, source: fx.Node, s: _Stream) -> BlockSl
     """The slice of ``node``'s parameters that reads channel i of the stream tensor ``source``."""
     axis = s.axes[source]
     if node.target is F.linear and node.args[:1] == (source,) and _last(trace, source, axis):
-        weight = _parameter(trace, node.args[1] if len(node.args) > 1 else None)
+        weight = trace.parameter(node.args[1] if len(node.args) > 1 else None)
         ok = weight is not None and weight.ndim == 2 and weight.shape[1] == s.n
         return BlockSlice(str(node.args[1].target), 1) if ok else None
     module = trace.module(node)
@@ -113,22 +113,15 @@ def _reader(trace: Trace, node: fx.Node, source: fx.Node, s: _Stream) -> BlockSl
     return None
 
 
-def _parameter(trace: Trace, node: object) -> nn.Parameter | None:
-    if isinstance(node, fx.Node) and node.op == "get_attr":
-        value = trace.values.get(node)
-        return value if isinstance(value, nn.Parameter) else None
-    return None
-
-
 def _functional_writer(trace: Trace, node: fx.Node, axis: int, n: int) -> list[BlockSlice] | None:
     """A parameter added in (``get_attr``), γ ⊙ x with γ a per-channel parameter (layer scale),
     an ``nn.MultiheadAttention``'s output (its out_proj rows), or ``F.layer_norm``'s affine."""
     rank = trace.rank(node) or 0
-    if (param := _parameter(trace, node)) is not None:
+    if (param := trace.parameter(node)) is not None:
         ok = param.ndim > 0 and param.shape[axis] == n
         return [BlockSlice(str(node.target), axis)] if ok else None
     if node.target in (operator.mul, torch.mul, "mul") and len(node.args) == 2 and not node.kwargs:
-        params = [(a, _parameter(trace, a)) for a in node.args if _parameter(trace, a) is not None]
+        params = [(a, trace.parameter(a)) for a in node.args if trace.parameter(a) is not None]
         if len(params) != 1 or len(params[0][0].users) != 1:
             return None
         ((name, gamma),) = params
@@ -143,27 +136,20 @@ def _functional_writer(trace: Trace, node: fx.Node, axis: int, n: int) -> list[B
             if proj.bias is not None:
                 pieces.append(BlockSlice(f"{node.args[0].target}.out_proj.bias", 0))
             return pieces if proj.out_features == n and node.args[0] not in trace.shared else None
-    if node.target is F.linear and axis == rank - 1 and _parameter(trace, node.args[1]) is not None:
+    if node.target is F.linear and axis == rank - 1 and trace.parameter(node.args[1]) is not None:
         weight, bias = node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        if _parameter(trace, weight).shape[0] != n:
+        if trace.parameter(weight).shape[0] != n:
             return None
         pieces = [BlockSlice(str(weight.target), 0)]
         return pieces + (
-            [BlockSlice(str(bias.target), 0)] if _parameter(trace, bias) is not None else []
+            [BlockSlice(str(bias.target), 0)] if trace.parameter(bias) is not None else []
         )
     if node.target is F.layer_norm and axis == rank - 1:
-        shape, weight, bias = _layer_norm_args(node)
-        params = [p for p in (weight, bias) if _parameter(trace, p) is not None]
-        if tuple(shape or ()) == (n,) and _parameter(trace, weight) is not None:
+        shape, weight, bias = layer_norm_args(node)
+        params = [p for p in (weight, bias) if trace.parameter(p) is not None]
+        if tuple(shape or ()) == (n,) and trace.parameter(weight) is not None:
             return [BlockSlice(str(p.target), 0) for p in params]
     return None
-
-
-def _layer_norm_args(node: fx.Node) -> tuple[object, object, object]:
-    """(normalized_shape, weight, bias) of an ``F.layer_norm`` call, by position or keyword."""
-    args = list(node.args[1:4]) + [None] * 3
-    names = ("normalized_shape", "weight", "bias")
-    return tuple(node.kwargs.get(k, a) for k, a in zip(names, args[:3], strict=True))  # type: ignore[return-value]
 
 
 def _writer(trace: Trace, node: fx.Node, s: _Stream) -> list[BlockSlice] | None:
@@ -243,8 +229,8 @@ def _absorber(trace: Trace, user: fx.Node, node: fx.Node, s: _Stream) -> str | N
     axis, last = s.axes[node], _last(trace, node, s.axes[node])
     if user.target is F.layer_norm and user.args[:1] == (node,) and last:
         # a LayerNorm that fx traces into (LayerNorm2d calls F.layer_norm): named by its weight
-        shape, weight, _ = _layer_norm_args(user)
-        param = _parameter(trace, weight)
+        shape, weight, _ = layer_norm_args(user)
+        param = trace.parameter(weight)
         owner = str(weight.target).rsplit(".", 1)[0] if param is not None else ""
         # (the traced module keeps only the weight; confirmation hooks the model's own module)
         return "all" if tuple(shape or ()) == (s.n,) and owner else None
@@ -266,7 +252,7 @@ def _norm_name(trace: Trace, user: fx.Node) -> str:
     """The module a normalisation call belongs to (an ``F.layer_norm`` call: its weight's)."""
     if user.op == "call_module":
         return str(user.target)
-    return str(_layer_norm_args(user)[1].target).rsplit(".", 1)[0]  # type: ignore[union-attr]
+    return str(layer_norm_args(user)[1].target).rsplit(".", 1)[0]  # type: ignore[union-attr]
 
 
 def _join_user(trace: Trace, user: fx.Node, node: fx.Node, axis: int) -> int | None:

@@ -81,6 +81,13 @@ class Trace:
         """The weight of ``node``'s module is tied to another parameter."""
         return node.op == "call_module" and f"{node.target}.weight" in self.tied_params
 
+    def parameter(self, node: object) -> nn.Parameter | None:
+        """The parameter a ``get_attr`` node reads, or None for anything else."""
+        if isinstance(node, fx.Node) and node.op == "get_attr":
+            value = self.values.get(node)
+            return value if isinstance(value, nn.Parameter) else None
+        return None
+
     def module(self, node: fx.Node) -> nn.Module | None:
         return self.modules.get(node.target) if node.op == "call_module" else None
 
