@@ -360,6 +360,8 @@ def stream_families(
     """``stream_rescale`` for every residual stream whose writers and readers are all linear in
     its channels (one family per stream, one group per channel)."""
     fams, seen = [], set()
+    order = {str(n.target): i for i, n in enumerate(trace.gm.graph.nodes)}
+    shapes = {n: tuple(p.shape) for n, p in trace.gm.named_parameters()}
     for node in trace.gm.graph.nodes:
         if node in seen or not is_add(trace, node):
             continue
@@ -387,14 +389,12 @@ def stream_families(
                 note(f"no stream_rescale family through {node.name}: {failure}")
             continue
         seen |= found.nodes
-        order = {str(n.target): i for i, n in enumerate(trace.gm.graph.nodes)}
         found.absorbers = dict(sorted(found.absorbers.items(), key=lambda kv: order.get(kv[0], 0)))
         for pieces in (found.writers, found.readers):  # in the order the model runs them
             ranked = sorted(pieces, key=lambda p: order.get(_module_of(p), order.get(p, 0)))
             pieces.update({p: pieces.pop(p) for p in ranked})
         writers = list(dict.fromkeys(_module_of(p) for p in found.writers))
         readers = list(dict.fromkeys(_module_of(p) for p in found.readers))
-        shapes = {n: tuple(p.shape) for n, p in trace.gm.named_parameters()}
         fams.append(_family(found, writers, readers, shapes))
     return fams
 
