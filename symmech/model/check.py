@@ -29,6 +29,7 @@ round-off when the eps mechanism is the only break. Likewise ``g2_minus_eps`` su
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -84,8 +85,10 @@ def _g2(
     coeffs: Tensor,
     eps_part: dict[str, Tensor] | None,
     gen: torch.Generator,
+    model_curvature: Callable[[], float],
 ) -> tuple[float, float, str]:
-    """(G2 residual, G2 residual minus the eps prediction, name of the denominator)."""
+    """(G2 residual, G2 residual minus the eps prediction, name of the denominator);
+    ``model_curvature()`` is |H v| for a random unit v on every entry (for flat families)."""
     names = family_params(fam)
     params = ev.params
     xi = generator(params, fam, coeffs)
@@ -107,7 +110,7 @@ def _g2(
     probe_full = {n: probe[n] * scale if n in probe else torch.zeros_like(p)
                   for n, p in params.items()}  # fmt: skip
     curvature = float(_norm(hvp(ev.loss, params, probe_full)))
-    if curvature <= _FLAT * _norm(xi) * _model_curvature(ev, gen):
+    if curvature <= _FLAT * _norm(xi) * model_curvature():
         return 0.0, 0.0, "flat: |Hξ̃| ≤ 1e-12·|Hv| (random v, all entries, same size)"
     den = max(curvature, _TINY)
     return float(_norm(total)) / den, float(_norm(left)) / den, "|Hξ̃| (random ξ̃, same entries)"
@@ -117,13 +120,10 @@ _FLAT = 1e-12
 
 
 def _model_curvature(ev: Evaluator, gen: torch.Generator) -> float:
-    """|H v| for a random unit v over every parameter (cached on the evaluator)."""
-    if getattr(ev, "_curvature", None) is None:
-        v = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64)
-             for n, p in ev.params.items()}  # fmt: skip
-        norm = _norm(v)
-        ev._curvature = float(_norm(hvp(ev.loss, ev.params, {n: t / norm for n, t in v.items()})))
-    return ev._curvature
+    """|H v| for a random unit v over every parameter."""
+    v = {n: torch.randn(p.shape, generator=gen, dtype=torch.float64) for n, p in ev.params.items()}
+    norm = _norm(v)
+    return float(_norm(hvp(ev.loss, ev.params, {n: t / norm for n, t in v.items()})))
 
 
 def _eps_gradient(pred: Tensor, coeffs: Tensor, params: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -166,6 +166,7 @@ def check(
         _, stats = norm_stats(ev, families, params=live, create_graph=True)
         g = torch.func.grad(ev.loss)(ev.params)
         total_g = sum(float((t**2).sum()) for t in g.values()) ** 0.5
+        model_curvature = functools.cache(lambda: _model_curvature(ev, gen))  # once, if asked
         for i, fam in enumerate(families):
             validate_family(fam, ev.params)
             xi = generator(ev.params, fam)
@@ -178,7 +179,7 @@ def check(
             pred = pred_live.detach() if pred_live is not None else torch.zeros_like(dots)
             coeffs = torch.randn(fam.n_groups, generator=gen, dtype=torch.float64)
             eps_part = None if pred_live is None else _eps_gradient(pred_live, coeffs, live)
-            g2, g2_left, g2_den = _g2(ev, g, fam, coeffs, eps_part, gen)
+            g2, g2_left, g2_den = _g2(ev, g, fam, coeffs, eps_part, gen, model_curvature)
             rows.append(
                 {
                     "layer": fam.layer,
