@@ -29,6 +29,20 @@ from symmech.runtime.attach import bindings_from_families
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+def _images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` digits as (n, 1, 8, 8) float64 images, and their labels."""
+    ((x, y),) = digits_batches(1, n)
+    return x.reshape(n, 1, 8, 8), y
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, batch, steps: int) -> None:
+    """``steps`` full-batch steps of cross-entropy."""
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(batch[0]), batch[1]).backward()
+        opt.step()
+
+
 def _streams(fams) -> list[Family]:
     return [f for f in fams if f.symmetry == "stream_rescale"]
 
@@ -89,7 +103,7 @@ def test_resnet18_one_stream_per_stage_by_hand() -> None:
     # and by every block's bn2; read by every block's conv1 in the stage and by the next stage's
     # first conv1 and downsample conv (the fc after the last stage, through avgpool + flatten).
     model = resnet18(num_classes=10, in_channels=1, base_width=4)
-    x = digits_batches(1, 8)[0][0].reshape(8, 1, 8, 8).float()
+    x = _images(8)[0].float()
     fams = _streams(detect(model, x))
     assert [f.n_groups for f in fams] == [4, 8, 16, 32]
     expected = []
@@ -119,7 +133,7 @@ def test_bottleneck_resnet_streams_by_hand() -> None:
     # layer1.1.bn3, read by layer1.1.conv1 and layer2.0's conv1 and downsample conv; stage 2's
     # (32) by layer2.0.bn3, its downsample bn, layer2.1.bn3, read by layer2.1.conv1 and the fc.
     model = bottleneck_resnet()
-    x = digits_batches(1, 8)[0][0].reshape(8, 1, 8, 8).float()
+    x = _images(8)[0].float()
     fams = _streams(detect(model, x))
     expected = [
         (["layer1.0.bn3", "layer1.0.downsample.1", "layer1.1.bn3"],
@@ -178,7 +192,7 @@ def test_mobilenet_v2_linear_bottleneck_streams_by_hand() -> None:
     # block 5's expand conv and the last 1×1 conv). Block 0's projection BN (no add) feeds block
     # 1's expand conv alone: that is norm_rescale, not a stream.
     model = _mobilenet_v2()
-    x = digits_batches(1, 8)[0][0].reshape(8, 1, 8, 8).float()
+    x = _images(8)[0].float()
     found = detect(model, x)
     fams = _streams(found)
     f = "features"
@@ -213,7 +227,7 @@ class _DepthwiseReader(nn.Module):
 
 def test_depthwise_conv_reads_a_stream_through_its_filters() -> None:
     model = _DepthwiseReader()
-    x = digits_batches(1, 8)[0][0].reshape(8, 1, 8, 8).float()
+    x = _images(8)[0].float()
     (fam,) = _streams(detect(model, x))
     assert (_modules(fam, "theta_1"), _modules(fam, "theta_2")) == (
         ["bn", "bn_b"],
@@ -299,7 +313,7 @@ class _Concat(nn.Module):
     ],
 )
 def test_streams_that_cannot_be_rescaled_say_why(model: nn.Module, reason: str) -> None:
-    x = digits_batches(1, 8)[0][0].reshape(8, 1, 8, 8).float()
+    x = _images(8)[0].float()
     with pytest.warns(symmech.SymmetryWarning, match="no stream_rescale family through add"):
         found = detect(model, x)
     assert not _streams(found)
@@ -348,8 +362,7 @@ def test_stream_read_by_a_batchnorm_is_per_channel_and_approximate() -> None:
     # normalises it per channel. Moving writers by α_c and the head's columns by 1/α_c changes
     # bn's input by α_c: exact without eps, a small change with bn's eps = 1e-5.
     model = _PreActivation()
-    ((x, y),) = digits_batches(1, 16)
-    x = x.reshape(16, 1, 8, 8)
+    x, y = _images(16)
     found = detect(model, x.float())
     (fam,) = _streams(found)
     assert (_modules(fam, "theta_1"), _modules(fam, "theta_2")) == (["conv", "stem"], ["head"])
@@ -369,8 +382,7 @@ def test_stream_read_by_a_groupnorm_is_per_group_of_channels() -> None:
     # GroupNorm(2, 4) normalises channels {0, 1} and {2, 3} together: it undoes one α per group,
     # so the family has 2 groups, each writer's and reader's channels viewed as (2, 2)
     model = _PreActivation(nn.GroupNorm(2, 4))
-    ((x, y),) = digits_batches(1, 16)
-    x = x.reshape(16, 1, 8, 8)
+    x, y = _images(16)
     found = detect(model, x.float())
     (fam,) = _streams(found)
     assert (fam.n_groups, fam.absorbed_by) == (2, ("bn",))
@@ -480,8 +492,7 @@ def test_vit_stream_through_patches_class_token_and_position_is_a_scale_family()
     # attention's out_proj and MLP output write it; ln_1, ln_2 and the final ln read it.
     torch.manual_seed(0)
     model = TinyViT().double()
-    ((x, y),) = digits_batches(1, 16)
-    x = x.reshape(16, 1, 8, 8)
+    x, y = _images(16)
     found = detect(model, x)
     (fam,) = [f for f in found if f.absorbed_by]
     assert (fam.symmetry, fam.n_groups) == ("scale", 1)
@@ -510,8 +521,7 @@ def test_convnext_stream_through_permutes_and_layer_scale(gamma_last: bool) -> N
     # normalises it over the channels: one α for all channels, 1/α on the depthwise filters.
     torch.manual_seed(0)
     model = TinyConvNeXt(gamma_last=gamma_last).double()
-    ((x, y),) = digits_batches(1, 16)
-    x = x.reshape(16, 1, 8, 8)
+    x, y = _images(16)
     found = detect(model, x)
     (fam,) = _streams(found)
     assert fam.n_groups == 1 and fam.absorbed_by == ("head.0",)
@@ -538,8 +548,7 @@ def test_swin_streams_through_shifted_windows_and_patch_merging() -> None:
     # it. Stage 2's: the merging's reduction, then the same; the final norm reads it.
     torch.manual_seed(0)
     model = TinySwin().double()
-    ((x, y),) = digits_batches(1, 16)
-    x = x.reshape(16, 1, 8, 8)
+    x, y = _images(16)
     found = detect(model, x)
     fams = [f for f in found if f.absorbed_by]
     assert [(f.symmetry, f.n_groups) for f in fams] == [("scale", 1), ("scale", 1)]
@@ -581,8 +590,7 @@ def test_swin_streams_through_shifted_windows_and_patch_merging() -> None:
 
 def test_confirmation_refuses_a_stream_with_a_reader_left_out() -> None:
     model = resnet18(num_classes=10, in_channels=1, base_width=4).double()
-    ((x, y),) = digits_batches(1, 16)
-    x = x.reshape(16, 1, 8, 8)
+    x, y = _images(16)
     found = detect(model, x)
     streams = _streams(found)
     broken = Family("stream_rescale", "stage 2 without its last reader",
@@ -613,8 +621,7 @@ def test_resnet_streams_tracked_exactly_200_float64_steps(optimizer: str) -> Non
     torch.manual_seed(0)
     model = resnet18(num_classes=10, in_channels=1, base_width=4).double()
     twin = copy.deepcopy(model)
-    ((x, y),) = digits_batches(1, 32)
-    x = x.reshape(32, 1, 8, 8)
+    x, y = _images(32)
     fams = _streams(detect(model, x))
     assert len(fams) == 4
 
@@ -623,17 +630,11 @@ def test_resnet_streams_tracked_exactly_200_float64_steps(optimizer: str) -> Non
             return torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         return torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.05)
 
-    def train(m: nn.Module, opt: torch.optim.Optimizer) -> None:
-        for _ in range(200):
-            opt.zero_grad()
-            nn.functional.cross_entropy(m(x), y).backward()
-            opt.step()
-
     opt = make(model)
     tracker = symmech.track(model, opt, bindings_from_families(model, fams), log_every=20)
     start = [_charges_by_hand(model, f) for f in fams]
-    train(model, opt)
-    train(twin, make(twin))
+    _train(model, opt, (x, y), 200)
+    _train(twin, make(twin), (x, y), 200)
     for a, b in zip(model.state_dict().values(), twin.state_dict().values(), strict=True):
         assert torch.equal(a, b)  # training bit-identical
     rows = tracker.records()
@@ -655,20 +656,14 @@ def test_groupnorm_stream_tracked_with_its_measured_residual() -> None:
     torch.manual_seed(0)
     model = _PreActivation(nn.GroupNorm(2, 4)).double()
     twin = copy.deepcopy(model)
-    ((x, y),) = digits_batches(1, 16)
-    x = x.reshape(16, 1, 8, 8)
+    x, y = _images(16)
     fams = _streams(detect(model, x))
-
-    def run(m: nn.Module, opt: torch.optim.Optimizer) -> None:
-        for _ in range(100):
-            opt.zero_grad()
-            nn.functional.cross_entropy(m(x), y).backward()
-            opt.step()
 
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     tracker = symmech.track(model, opt, bindings_from_families(model, fams), log_every=10)
-    run(model, opt)
-    run(twin, torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4))
+    _train(model, opt, (x, y), 100)
+    _train(twin, torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4),
+           (x, y), 100)  # fmt: skip
     for a, b in zip(model.state_dict().values(), twin.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     rows = tracker.records()
