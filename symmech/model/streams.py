@@ -58,7 +58,12 @@ _NORMS = (
 
 
 class _Stop(Exception):
-    """The stream cannot be rescaled per channel: the message says which operation stops it."""
+    """The stream cannot be rescaled per channel: the message says which operation stops it.
+    ``always`` says it even when no layer was reached (the rule itself failed)."""
+
+    def __init__(self, message: str, always: bool = False) -> None:
+        super().__init__(message)
+        self.always = always
 
 
 @dataclass
@@ -375,17 +380,19 @@ def stream_families(
                 attempts.append((s, stop))
                 continue
             except Exception as exc:  # noqa: BLE001 - a rule's bug never breaks detection
-                attempts.append((s, _Stop(f"the stream rule failed ({type(exc).__name__}: {exc})")))
-                s.writers.setdefault("?", BlockSlice("?", None))  # so the note is shown
+                failed = f"the stream rule failed ({type(exc).__name__}: {exc})"
+                attempts.append((s, _Stop(failed, always=True)))
                 continue
             attempts.append((s, None))
             break
         found, failure = attempts[-1]
         if failure is not None:
             found, failure = max(attempts, key=lambda a: (
-                bool(a[0].writers or a[0].readers), len(a[0].axes), -len(a[0].stops)))  # fmt: skip
+                a[1].always, bool(a[0].writers or a[0].readers), len(a[0].axes),
+                -len(a[0].stops)))  # fmt: skip
             seen |= {n for n in found.nodes if is_add(trace, n)} | {node}
-            if found.writers or found.readers:  # a residual stream of layers, not x·cos + y·sin
+            # a residual stream of layers (not x·cos + y·sin), or a failure of the rule itself
+            if found.writers or found.readers or failure.always:
                 note(f"no stream_rescale family through {node.name}: {failure}")
             continue
         seen |= found.nodes

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import re
 from collections import OrderedDict
+from unittest import mock
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from support.zoo import resnet18, transformer_block
 from torch import nn
 
 import symmech
+from symmech.model import streams as stream_rule
 from symmech.model.actions import Family
 from symmech.model.confirm import confirm
 from symmech.model.detect import detect
@@ -676,3 +678,14 @@ def test_groupnorm_stream_tracked_with_its_measured_residual() -> None:
     scale = max(abs(r["observed"]) for r in rows)
     assert [r["observed"] for r in final] == pytest.approx(truth.tolist(), abs=1e-12 * scale)
     assert max(abs(r["discrete_residual"] - r["observed"]) for r in rows) <= 1e-9 * scale
+
+
+def test_a_failure_of_the_stream_rule_is_a_note_not_an_exception() -> None:
+    # detection never breaks on a bug of one rule: the stream rule raising inside is reported
+    model = resnet18(num_classes=10, in_channels=1, base_width=4)
+    with mock.patch.object(stream_rule, "_grow", side_effect=RuntimeError("boom")):
+        with pytest.warns(symmech.SymmetryWarning, match="the stream rule failed"):
+            found = detect(model, _images(4)[0].float())
+    assert not _streams(found)
+    assert any(n.endswith("the stream rule failed (RuntimeError: boom)") for n in found.notes)
+    assert {f.symmetry for f in found} >= {"scale", "rescale", "translation"}  # the others ran
