@@ -689,3 +689,26 @@ def test_a_failure_of_the_stream_rule_is_a_note_not_an_exception() -> None:
     assert not _streams(found)
     assert any(n.endswith("the stream rule failed (RuntimeError: boom)") for n in found.notes)
     assert {f.symmetry for f in found} >= {"scale", "rescale", "translation"}  # the others ran
+
+
+def test_a_stream_missing_a_reader_is_not_reported_exact_when_tracked() -> None:
+    # the law wrong on purpose: stage 2's stream bound without its last reader is no symmetry;
+    # tracked anyway (bound by hand, no confirmation), its rows say approximate with the measured
+    # residual, the law without rₖ misses Q, and the law fed rₖ still matches it
+    torch.manual_seed(0)
+    model = resnet18(num_classes=10, in_channels=1, base_width=4).double()
+    x, y = _images(16)
+    good = _streams(detect(model, x))[1]
+    broken = Family("stream_rescale", "stage 2 without its last reader",
+                    {"theta_1": good.blocks["theta_1"],
+                     "theta_2": good.blocks["theta_2"][:-1]}, good.n_groups)  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    with pytest.warns(symmech.TrackerWarning, match="approximate"):
+        tracker = symmech.track(model, opt, bindings_from_families(model, [broken]), log_every=5)
+        _train(model, opt, (x, y), 30)
+        rows = tracker.records()
+    (fam,) = tracker.families
+    assert fam.status.startswith("approximate: |r| = "), fam.status
+    scale = max(abs(r["observed"]) for r in rows)
+    assert max(abs(r["discrete"] - r["observed"]) for r in rows) > 1e-6 * scale
+    assert max(abs(r["discrete_residual"] - r["observed"]) for r in rows) <= 1e-9 * scale
