@@ -14,14 +14,17 @@ Modes (:data:`MODE`, or the environment variable ``SYMMECH_REDUCTIONS``):
 
 * ``"eager"``: every product reduced when asked (no compilation);
 * ``"compiled"``: compile from the second hook call on;
-* ``"auto"`` (default): on CUDA, compile once the plan has been asked for on :data:`AUTO_AFTER`
-  hook calls and covers at least :data:`AUTO_MIN_ELEMENTS` entries (compiling takes seconds, so
-  short runs and small models stay eager); on the CPU stay eager. There the compiled pass was
-  measured no faster (Inductor's C++ loop reduces a 512×512×3×3 conv weight along its input
-  channels in 3.5 ms, the eager product and matrix-vector product with 𝟙 in 0.9 ms, one
-  thread), and batching the learnt products into one ``_foreach_mul`` measured slower than
-  reducing each when asked (the plan's bookkeeping costs more Python than the operations it
-  saves), while compiling costs seconds.
+* ``"native"``: on the CPU, symmech's C++ kernel (:mod:`.native`: one sweep per tensor that
+  reads each source once, for the groups along every dimension), built when first needed and
+  waited for; on other devices as ``"compiled"``;
+* ``"auto"`` (default): on the CPU, the C++ kernel once its build (started in a background
+  thread the first time a tracked model covers :data:`AUTO_MIN_ELEMENTS` entries; cached per
+  machine, so later runs load it in about a second) is ready, eager until then; on CUDA,
+  compile once the plan has been asked for on :data:`AUTO_AFTER` hook calls and covers at least
+  :data:`AUTO_MIN_ELEMENTS` entries (compiling takes seconds, so short runs and small models stay
+  eager). ``torch.compile`` is not used on the CPU: Inductor's C++ loops reduce a
+  512×512×3×3 conv weight along its input channels in 3.5 ms against the eager 0.9 ms (one
+  thread), and a layout's row and column reductions become two loops.
 
 If compilation fails, a warning says so once and every product is reduced eagerly from then on.
 A third tensor joins a layout's pass when it is asked for in two calls in a row at the same
@@ -39,8 +42,11 @@ from typing import Any
 
 import torch
 
+from . import native
+
 #: "eager", "compiled" or "auto" (see the module docstring)
 MODE = os.environ.get("SYMMECH_REDUCTIONS", "auto")
+MODES = ("eager", "compiled", "native", "auto")
 #: in "auto" mode: hook calls with the same plan before compiling, and the entries it must cover
 AUTO_AFTER = 50
 AUTO_MIN_ELEMENTS = 1_000_000
@@ -112,10 +118,18 @@ def all_products(structure: Structure, members: list[list[torch.Tensor]]) -> lis
     ]
 
 
+_compiles = 0
+
+
 def _compile(structure: Structure) -> Callable[..., list[torch.Tensor]]:
     def run(members: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         return all_products(structure, members)
 
+    # a code object of its own per model layout: dynamo counts recompilations per code object,
+    # and the ninth layout of one shared ``run`` would hit its limit and fail (fullgraph)
+    global _compiles
+    _compiles += 1
+    run.__code__ = run.__code__.replace(co_name=f"symmech_fused_products_{_compiles}")
     return torch.compile(run, dynamic=False, fullgraph=True)
 
 
@@ -229,21 +243,32 @@ class Plan:
         """A hook call ended: forget its values; count it if products were asked for."""
         if self.phase is not None:
             self.phase.stable = 0 if self._grew else self.phase.stable + 1
-            if MODE == "auto" and self.phase.stable >= 2:
-                elements = sum(lay.spec.tensor.numel() for lay in self.phase.layouts.values())
+            if MODE == "auto" and self.phase.stable >= 2 and not self.off:
+                layouts = list(self.phase.layouts.values())
+                elements = sum(lay.spec.tensor.numel() for lay in layouts)
                 self.off = elements < AUTO_MIN_ELEMENTS
+                if not self.off and layouts and _engine(layouts[0].spec.tensor) == "native":
+                    native.start()  # in the background: eager until it is ready
         self.phase = None
         self._grew = self._computed = False
         self.results.clear()
         self.versions.clear()
 
     def _active(self, phase: _Phase) -> bool:
-        if _failed is not None or MODE == "eager":
+        layouts = list(phase.layouts.values())
+        engine = _engine(layouts[0].spec.tensor) if layouts else None
+        if engine is None or phase.stable < 1:
             return False
-        if MODE == "compiled":
-            return phase.stable >= 1
-        elements = sum(lay.spec.tensor.numel() for lay in phase.layouts.values())
-        return phase.stable >= AUTO_AFTER and elements >= AUTO_MIN_ELEMENTS
+        if MODE == "compiled" or (MODE == "native" and engine == "compiled"):
+            return True
+        if MODE == "native":
+            return native.build() or bool(_warn_native())
+        elements = sum(lay.spec.tensor.numel() for lay in layouts)
+        if elements < AUTO_MIN_ELEMENTS:
+            return False
+        if engine == "native":
+            return native.ready()
+        return phase.stable >= AUTO_AFTER
 
     def lookup(
         self,
@@ -255,10 +280,7 @@ class Plan:
         """The per-group product of the two ``roles`` ("t", "g" or a tensor) in ``layout`` from
         this call's fused pass (None: not fused; the caller reduces it eagerly, and the plan
         includes it from the next call)."""
-        if MODE == "eager" or _failed is not None:
-            return None
-        if MODE == "auto" and spec.tensor.device.type != "cuda":
-            self.off = True  # stays eager on the CPU
+        if _engine(spec.tensor) is None or (self.off and MODE == "auto"):
             return None
         keys = tuple(_key(r) if isinstance(r, torch.Tensor) else r for r in roles)
         if self.phase is None:
@@ -302,9 +324,44 @@ class Plan:
             names.append((layout, pairs))
             structure.append((layout[2], pairs))
             members.append(m)
-        values = run_compiled(tuple(structure), members)
+        if not members:
+            return
+        if _engine(members[0][0]) == "native":
+            values: list[torch.Tensor | None] | None = native.layout_products(structure, members)
+        else:
+            values = run_compiled(tuple(structure), members)
         if values is None:
             return
         for (layout, pairs), v in zip(names, values, strict=True):
+            if v is None:
+                continue
             self.results[layout] = {p: v[i] for i, p in enumerate(pairs)}
             self.versions[layout] = phase.layouts[layout].version(read_grad)
+
+
+_native_warned = False
+
+
+def _engine(tensor: torch.Tensor) -> str | None:
+    """What computes the fused products of tensors on this one's device under :data:`MODE`:
+    ``"native"`` (the C++ kernel, CPU), ``"compiled"`` (``torch.compile``) or None (eager)."""
+    if MODE not in MODES or MODE == "eager":
+        return None
+    if tensor.device.type == "cpu" and MODE in ("native", "auto"):
+        return "native" if native.failure() is None else _warn_native()
+    if MODE == "auto" and tensor.device.type != "cuda":
+        return None
+    return None if _failed is not None else "compiled"
+
+
+def _warn_native() -> None:
+    """Say once that the C++ kernel could not be built (the products stay eager)."""
+    global _native_warned
+    if not _native_warned:
+        _native_warned = True
+        warnings.warn(
+            f"symmech: the C++ kernel for the tracker's products could not be built "
+            f"({native.failure()}); reducing every product eagerly (same values, slower)",
+            RuntimeWarning,
+            stacklevel=3,
+        )

@@ -1,0 +1,186 @@
+"""Every product of a hook call in one sweep per tensor on the CPU: symmech's C++ kernel.
+
+On the CPU, ``torch.compile`` does not turn the tracker's reductions into one read of each tensor
+(a reduction along a conv weight's input channels and one along its output channels are two
+loops, each about twice as slow as a dot product), and the eager path makes a product and two
+reductions per pair. ``csrc/group_products.cpp`` reads each tensor's sources (θ, g, the momentum
+buffer) once and returns, per asked pair, the sums along every row (the groups of the first
+dimension) and along every column (reduced here to the groups of any other dimension),
+accumulated in double, four rows at a time, split across torch's threads.
+
+It is built once per machine with :func:`torch.utils.cpp_extension.load` (a C++ compiler and
+ninja are needed; the build lies in torch's extension folder, ``TORCH_EXTENSIONS_DIR``) and
+loaded in about a second afterwards. :func:`build` builds it and waits; :func:`start` builds it
+in a background thread (the ``auto`` mode of :mod:`.fused`, so training never waits for the
+compiler). When the build fails, :func:`failure` says why and everything stays eager.
+
+    >>> import torch
+    >>> from symmech.runtime import native
+    >>> if native.build():
+    ...     theta, grad = torch.randn(8, 4, 3, 3), torch.randn(8, 4, 3, 3)
+    ...     (per_row,), = native.layout_products([(0, ((0, 1),))], [[theta, grad]])
+    ...     bool(torch.allclose(per_row[0], (theta * grad).sum((1, 2, 3)), atol=1e-5))
+    ... else:
+    ...     True
+    True
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+#: the kernel's source, shipped with the package
+SOURCE = Path(__file__).with_name("csrc") / "group_products.cpp"
+NAME = "symmech_group_products"
+#: a build lock older than this is left over from a build that was killed: removed
+STALE_LOCK_S = 600.0
+
+_module: Any = None
+_failed: str | None = None
+_thread: threading.Thread | None = None
+_lock = threading.Lock()
+
+
+def _build_directory() -> Path:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(NAME, verbose=False))
+
+
+def _load() -> None:
+    """Build (or find the cached build) and import it; on failure, remember why."""
+    global _module, _failed
+    try:
+        from torch.utils.cpp_extension import load
+
+        directory = _build_directory()
+        lock = directory / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+        module = load(
+            NAME,
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp-simd"],
+            build_directory=str(directory),
+            verbose=False,
+        )
+    except Exception as err:  # noqa: BLE001 - no compiler, no ninja, a failed build: stay eager
+        _failed = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1][:200]}"
+        return
+    _module = module
+
+
+def build() -> bool:
+    """Build or load the kernel now and wait for it; True when it is ready."""
+    with _lock:
+        thread = _thread
+    if thread is not None:
+        thread.join()
+    with _lock:
+        if _module is None and _failed is None:
+            _load()
+    return _module is not None
+
+
+def start() -> None:
+    """Build or load the kernel in a background thread (once); :func:`ready` says when done."""
+    global _thread
+    with _lock:
+        if _thread is not None or _module is not None or _failed is not None:
+            return
+        _thread = threading.Thread(target=_load, name="symmech-native-build", daemon=True)
+        _thread.start()
+
+
+def ready() -> bool:
+    """Whether the kernel is loaded (never waits)."""
+    return _module is not None
+
+
+def failure() -> str | None:
+    """Why the kernel could not be built (None: it was not, or it was built)."""
+    return _failed
+
+
+def eligible(members: list[torch.Tensor]) -> bool:
+    """Whether the kernel reads these sources: contiguous CPU float32/float64 tensors of one
+    shape and dtype, with at least one dimension."""
+    first = members[0]
+    return (
+        first.ndim >= 1
+        and first.device.type == "cpu"
+        and first.dtype in (torch.float32, torch.float64)
+        and all(
+            m.device == first.device
+            and m.dtype == first.dtype
+            and m.shape == first.shape
+            and m.is_contiguous()
+            for m in members
+        )
+    )
+
+
+def _source_key(members: list[torch.Tensor]) -> tuple:
+    return tuple((m.data_ptr(), tuple(m.shape), m.dtype) for m in members)
+
+
+def layout_products(
+    structure: list[tuple[int, tuple[tuple[int, int], ...]]] | tuple,
+    members: list[list[torch.Tensor]],
+) -> list[torch.Tensor | None]:
+    """For every layout (its group dimension and pairs, and its sources), the per-group sums
+    of each pair's product, stacked (len(pairs), G) in the sources' dtype, from one kernel call;
+    None for a layout the kernel does not read (:func:`eligible`). Layouts over the same sources
+    share one sweep (the rows serve dimension 0, the columns every other dimension)."""
+    if _module is None:
+        raise RuntimeError("symmech.runtime.native: build() the kernel first")
+    sweeps: dict[tuple, int] = {}
+    sources: list[list[torch.Tensor]] = []
+    pairs: list[list[tuple[int, int]]] = []
+    dims: list[list[int]] = []
+    plan: list[tuple[int, int, list[int]] | None] = []
+    for (dim, layout_pairs), m in zip(structure, members, strict=True):
+        if not m or not eligible(m):
+            plan.append(None)
+            continue
+        key = _source_key(m)
+        s = sweeps.get(key)
+        if s is None:
+            s = sweeps[key] = len(sources)
+            sources.append(list(m))
+            pairs.append([])
+            dims.append([])
+        index = []
+        for pair in layout_pairs:
+            pair = (min(pair), max(pair))
+            if pair not in pairs[s]:
+                pairs[s].append(pair)
+            index.append(pairs[s].index(pair))
+        dim = dim % m[0].ndim
+        if dim not in dims[s]:
+            dims[s].append(dim)
+        plan.append((s, dims[s].index(dim), index))
+    flat = [[k for pair in p for k in pair] for p in pairs]
+    swept = _module.group_products(sources, flat, dims) if sources else []
+    out: list[torch.Tensor | None] = []
+    for where in plan:
+        if where is None:
+            out.append(None)
+            continue
+        s, d, index = where
+        values = swept[s][d]
+        whole = len(index) == len(pairs[s]) and index == sorted(index)
+        out.append(values if whole else values[index])
+    return out
+
+
+def clear() -> None:
+    """Forget the loaded kernel and any failure (tests); a running build is left to finish."""
+    global _module, _failed, _thread
+    with _lock:
+        _module, _failed, _thread = None, None, None
