@@ -174,7 +174,7 @@ def layout_products(
             continue
         s, d, index = where
         values = swept[s][d]
-        whole = len(index) == len(pairs[s]) and index == sorted(index)
+        whole = index == list(range(len(pairs[s])))
         out.append(values if whole else values[index])
     return out
 

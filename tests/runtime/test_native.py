@@ -158,11 +158,6 @@ def test_threaded_sweep_matches_numpy(dtype) -> None:
         _check_layout(value, sources, dim, p)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="native.layout_products (native.py:177) takes index [1, 1] of pairs [(0, 0), (0, 1)] "
-    "for the whole sweep (len equal and sorted) and returns (0, 0)'s values for (0, 1)",
-)
 def test_a_pair_asked_in_both_orders() -> None:
     """One layout asks for (0, 1) and (1, 0), another layout of the same sources for (0, 0)."""
     gen = torch.Generator().manual_seed(11)
