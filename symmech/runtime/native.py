@@ -59,9 +59,7 @@ def _load() -> None:
         from torch.utils.cpp_extension import load
 
         directory = _build_directory()
-        lock = directory / "lock"
-        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
-            lock.unlink(missing_ok=True)
+        _wait_for_lock(directory / "lock")
         module = load(
             NAME,
             sources=[str(SOURCE)],
@@ -73,6 +71,20 @@ def _load() -> None:
         _failed = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1][:200]}"
         return
     _module = module
+
+
+def _wait_for_lock(lock: Path) -> None:
+    """Wait while another process builds; a lock older than :data:`STALE_LOCK_S` was left by a
+    build that was killed (torch's own wait would never end): remove it."""
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > STALE_LOCK_S:
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(0.5)
 
 
 def build() -> bool:

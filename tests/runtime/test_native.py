@@ -450,3 +450,28 @@ def test_compiled_layouts_beyond_the_recompile_limit(monkeypatch) -> None:
             outcomes.append(fused.run_compiled(((dim, pairs),), members) is not None)
     assert outcomes == [True, True, False], outcomes
     assert "RecompileLimit" in str(fused._failed), fused._failed
+
+
+def test_a_lock_left_by_a_killed_build_is_removed(tmp_path) -> None:
+    """torch waits for a build lock forever; one older than STALE_LOCK_S is removed instead, a
+    fresh one (a build running elsewhere) is waited for until it goes."""
+    import os
+    import threading
+    import time
+
+    stale = tmp_path / "stale" / "lock"
+    stale.parent.mkdir()
+    stale.write_text("")
+    old = time.time() - native.STALE_LOCK_S - 5
+    os.utime(stale, (old, old))
+    native._wait_for_lock(stale)
+    assert not stale.exists()
+
+    live = tmp_path / "live" / "lock"
+    live.parent.mkdir()
+    live.write_text("")
+    threading.Timer(0.6, live.unlink).start()
+    start = time.perf_counter()
+    native._wait_for_lock(live)
+    assert not live.exists() and time.perf_counter() - start >= 0.5
+    native._wait_for_lock(tmp_path / "none" / "lock")  # no lock: returns at once
