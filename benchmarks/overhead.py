@@ -1,7 +1,7 @@
 """Tracker overhead on a VGG-style network: ratios measured in one run, printed as one table.
 
     python benchmarks/overhead.py [--model vgg11|transformer] [--image-size 16] [--width 0.5]
-        [--steps 30] [--optimizer sgd|adamw] [--reductions eager,compiled] [--configs 0,1,2]
+        [--steps 30] [--optimizer sgd|adamw] [--reductions eager,native] [--configs 0,1,2]
 
 For several tracker configurations (laws advanced every step in all of them), prints
 * (training step with the tracker) / (training step without)          target ≤ 1.05;
@@ -9,9 +9,10 @@ For several tracker configurations (laws advanced every step in all of them), pr
   where tracker work is the time the step hooks add to ``optimizer.step()``.
 Plain and tracked models are stepped in turn, so drift in machine load hits all alike; the
 median over steps is reported. ``--reductions`` lists the ways the tracker's products are
-reduced (:mod:`symmech.runtime.fused`: ``eager``, one reduction per product; ``compiled``, every
-product of a hook call in one compiled pass; ``auto``): one tracked copy per configuration and
-way, one row each. The compiled pass is built during the three warm-up steps (not timed).
+reduced (:mod:`symmech.runtime.fused`: ``eager``, one reduction per product; ``native``, every
+product of a hook call by symmech's C++ kernel on the CPU, one sweep per tensor; ``compiled``, one
+``torch.compile``d pass; ``auto``): one tracked copy per configuration and way, one row each. The
+kernel is built (or loaded) and the compiled pass made during the three warm-up steps (not timed).
 ``--configs`` picks rows of :data:`CONFIGS` by index (default all three). Last, the tensor
 operations that one more ``optimizer.step()`` dispatches, hooks included (plain and per row).
 ``--model transformer`` times :func:`symmech.demo.models.transformer_block` with ``--d-model``
@@ -55,7 +56,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
-    parser.add_argument("--reductions", default="eager,compiled")
+    parser.add_argument("--reductions", default="eager,native")
     parser.add_argument("--configs", default="0,1,2")
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=32)
