@@ -18,8 +18,8 @@ compiler). When the build fails, :func:`failure` says why and everything stays e
     >>> from symmech.runtime import native
     >>> if native.build():
     ...     theta, grad = torch.randn(8, 4, 3, 3), torch.randn(8, 4, 3, 3)
-    ...     (per_row,), = native.layout_products([(0, ((0, 1),))], [[theta, grad]])
-    ...     bool(torch.allclose(per_row[0], (theta * grad).sum((1, 2, 3)), atol=1e-5))
+    ...     (values,) = native.layout_products([(0, ((0, 1),))], [[theta, grad]])
+    ...     bool(torch.allclose(values[0], (theta * grad).sum((1, 2, 3)), atol=1e-5))
     ... else:
     ...     True
     True

@@ -390,7 +390,7 @@ def test_auto_builds_in_the_background_then_uses_the_kernel(
     for name in ("_module", "_failed", "_thread"):
         monkeypatch.setattr(native, name, getattr(native, name))
     native.clear()
-    monkeypatch.setattr(fused, "AUTO_MIN_ELEMENTS", 1000)  # the model has 2265 entries
+    monkeypatch.setattr(fused, "AUTO_MIN_ELEMENTS_CPU", 1000)  # the model has 2265 entries
     assert sum(p.numel() for p in _model().parameters()) >= 1000
     started: list[int] = []
 
