@@ -44,7 +44,7 @@ import torch
 
 from . import native
 
-#: "eager", "compiled" or "auto" (see the module docstring)
+#: one of :data:`MODES` (see the module docstring)
 MODE = os.environ.get("SYMMECH_REDUCTIONS", "auto")
 MODES = ("eager", "compiled", "native", "auto")
 #: in "auto" mode: hook calls with the same plan before compiling, and the entries it must cover
@@ -249,10 +249,8 @@ class Plan:
         if self.phase is not None:
             self.phase.stable = 0 if self._grew else self.phase.stable + 1
             if MODE == "auto" and self.phase.stable >= 2 and not self.off:
-                layouts = list(self.phase.layouts.values())
-                elements = sum(lay.spec.tensor.numel() for lay in layouts)
-                self.off = not layouts or elements < _auto_min(layouts[0].spec.tensor)
-                if not self.off and _engine(layouts[0].spec.tensor) == "native":
+                self.off = not _large_enough(self.phase)
+                if not self.off and _engine(_first_tensor(self.phase)) == "native":
                     native.start()  # in the background: eager until it is ready
         self.phase = None
         self._grew = self._computed = False
@@ -260,16 +258,14 @@ class Plan:
         self.versions.clear()
 
     def _active(self, phase: _Phase) -> bool:
-        layouts = list(phase.layouts.values())
-        engine = _engine(layouts[0].spec.tensor) if layouts else None
+        engine = _engine(_first_tensor(phase)) if phase.layouts else None
         if engine is None or phase.stable < 1:
             return False
         if MODE == "compiled" or (MODE == "native" and engine == "compiled"):
             return True
         if MODE == "native":
             return native.build() or bool(_warn_native())
-        elements = sum(lay.spec.tensor.numel() for lay in layouts)
-        if elements < _auto_min(layouts[0].spec.tensor):
+        if not _large_enough(phase):
             return False
         if engine == "native":
             return native.ready()
@@ -347,9 +343,19 @@ class Plan:
 _native_warned = False
 
 
-def _auto_min(tensor: torch.Tensor) -> int:
-    """The entries a plan must cover before "auto" fuses on this tensor's device."""
-    return AUTO_MIN_ELEMENTS_CPU if tensor.device.type == "cpu" else AUTO_MIN_ELEMENTS
+def _first_tensor(phase: _Phase) -> torch.Tensor:
+    return next(iter(phase.layouts.values())).spec.tensor
+
+
+def _large_enough(phase: _Phase) -> bool:
+    """Whether the phase's layouts cover the entries "auto" asks for before it fuses on their
+    device (:data:`AUTO_MIN_ELEMENTS_CPU` on the CPU, else :data:`AUTO_MIN_ELEMENTS`)."""
+    if not phase.layouts:
+        return False
+    least = (
+        AUTO_MIN_ELEMENTS_CPU if _first_tensor(phase).device.type == "cpu" else AUTO_MIN_ELEMENTS
+    )
+    return sum(lay.spec.tensor.numel() for lay in phase.layouts.values()) >= least
 
 
 def _engine(tensor: torch.Tensor) -> str | None:

@@ -89,6 +89,8 @@ def _wait_for_lock(lock: Path) -> None:
 
 def build() -> bool:
     """Build or load the kernel now and wait for it; True when it is ready."""
+    if _module is not None:  # called once per hook call in mode "native": no lock then
+        return True
     with _lock:
         thread = _thread
     if thread is not None:
