@@ -18,8 +18,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.training import train_with_reductions
 
-import symmech
 from symmech.runtime import fused
 from symmech.runtime.binding import BoundSlice
 from symmech.runtime.reductions import GridSlice, ReductionCache
@@ -93,20 +93,10 @@ def _net() -> torch.nn.Module:
 
 
 def _train(mode: str | None, steps: int = 6):
-    model = _net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(16, 3, 6, 6, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 5, (16,), generator=gen)
-    tracker = None
-    if mode is not None:
-        fused.MODE = mode
-        tracker = symmech.track(model, opt, example_input=(x, y), log_every=1)
-    for _ in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model, tracker
+    return train_with_reductions(_net(), (x, y), mode, steps)
 
 
 @pytest.fixture

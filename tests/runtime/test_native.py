@@ -22,6 +22,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.training import train_with_reductions
 
 import symmech
 from symmech.demo.models import vgg
@@ -224,22 +225,10 @@ def _train(
 ) -> tuple[torch.nn.Module, symmech.Tracker | None]:
     """SGD with momentum and weight decay on one fixed float64 batch; ``between(step)`` runs
     after each step."""
-    model = _model()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(8, 3, 16, 16, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 5, (8,), generator=gen)
-    tracker = None
-    if mode is not None:
-        fused.MODE = mode
-        tracker = symmech.track(model, opt, example_input=(x, y), log_every=1, residuals=True)
-    for step in range(steps):
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        if between is not None:
-            between(step)
-    return model, tracker
+    return train_with_reductions(_model(), (x, y), mode, steps, between, residuals=True)
 
 
 def _records(tracker: symmech.Tracker | None) -> list[dict]:

@@ -230,6 +230,34 @@ def train(
             sched.step()
 
 
+def train_with_reductions(
+    model: nn.Module,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    mode: str | None,
+    steps: int,
+    between: Callable[[int], None] | None = None,
+    **track_options,
+) -> tuple[nn.Module, symmech.Tracker | None]:
+    """SGD (lr 0.05, momentum 0.9, weight decay 1e-3) on one fixed batch, cross-entropy; with
+    ``mode`` set, the tracker's products reduced that way (``fused.MODE``) and a tracker attached
+    with ``track_options`` (None: untracked). ``between(step)`` runs after each step."""
+    from symmech.runtime import fused
+
+    x, y = batch
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    tracker = None
+    if mode is not None:
+        fused.MODE = mode
+        tracker = symmech.track(model, opt, example_input=(x, y), log_every=1, **track_options)
+    for step in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if between is not None:
+            between(step)
+    return model, tracker
+
+
 def columns(rows: list[dict], layer: str) -> dict[str, np.ndarray]:
     """Tracker rows of one family as (n_steps+1, G) arrays (None -> nan)."""
     mine = [r for r in rows if r["layer"] == layer]
