@@ -227,6 +227,10 @@ def worker(rank: int, kind: str, nets: tuple[str, ...], port: int, out: str) -> 
         if kind == "fsdp":
             result["refusal"] = _refusal(rank)
         torch.save(result, Path(out) / f"{kind}_{rank}.pt")
+        # no rank tears gloo down while the other still has collectives in flight (ZeRO's
+        # broadcasts): that aborted a process once ("terminate called without an active
+        # exception") under load
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
