@@ -227,6 +227,8 @@ class _Phase:
     def __init__(self) -> None:
         self.layouts: dict[tuple, _Layout] = {}
         self.stable = 0
+        #: (number of layouts, entries of their distinct tensors), counted for that many
+        self.entries: tuple[int, int] | None = None
 
 
 class Plan:
@@ -305,7 +307,8 @@ class Plan:
             entry.pairs.add(pair)
             self._grew = True
             return None
-        if self._computed and self.versions.get(layout) != entry.version(read_grad):
+        known = self.versions.get(layout)  # None: the pass gave this layout nothing
+        if self._computed and known is not None and known != entry.version(read_grad):
             self._computed = False  # a source changed since the pass (outside a hook call)
             self.results.clear()
         if not self._computed:
@@ -355,7 +358,11 @@ def _large_enough(phase: _Phase) -> bool:
     least = (
         AUTO_MIN_ELEMENTS_CPU if _first_tensor(phase).device.type == "cpu" else AUTO_MIN_ELEMENTS
     )
-    return sum(lay.spec.tensor.numel() for lay in phase.layouts.values()) >= least
+    if phase.entries is None or phase.entries[0] != len(phase.layouts):
+        # each tensor once, however many layouts (dims, views) read it
+        tensors = {id(lay.spec.tensor): lay.spec.tensor for lay in phase.layouts.values()}
+        phase.entries = (len(phase.layouts), sum(t.numel() for t in tensors.values()))
+    return phase.entries[1] >= least
 
 
 def _engine(tensor: torch.Tensor) -> str | None:

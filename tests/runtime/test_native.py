@@ -398,6 +398,32 @@ def test_auto_builds_in_the_background_then_uses_the_kernel(
     assert _worst_difference(_records(tracker), eager_run[1]) <= 1e-12
 
 
+def test_auto_below_the_threshold_counts_each_tensor_once_and_stays_eager(
+    restore_mode, spy, monkeypatch, eager_run
+) -> None:
+    # between the model's entries and the sum over its layouts (a tensor read along two dims
+    # is two layouts): the model is below the threshold, as auto must see it
+    entries = sum(p.numel() for p in _model().parameters())
+    monkeypatch.setattr(fused, "AUTO_MIN_ELEMENTS_CPU", entries + 1)
+    monkeypatch.setattr(native, "_thread", None)
+    asked: list[int] = []
+    monkeypatch.setattr(
+        fused,
+        "_large_enough",
+        lambda phase, real=fused._large_enough: asked.append(1) or real(phase),
+    )
+    _, tracker = _train("auto")
+    assert tracker is not None
+    plan = tracker.cache.plan
+    layouts = [lay for phase in plan.phases.values() for lay in phase.layouts.values()]
+    assert sum(lay.spec.tensor.numel() for lay in layouts) > entries  # the old count was above
+    assert plan.off, "auto kept fusing a model below its threshold"
+    assert native._thread is None and spy.calls == 0
+    # asked once per hook call at most (it was asked on every product before)
+    assert len(asked) <= 2 * STEPS, len(asked)
+    assert _worst_difference(_records(tracker), eager_run[1]) <= 1e-12
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. torch.compile: one code object per compiled function
 # ---------------------------------------------------------------------------------------------
