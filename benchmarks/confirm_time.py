@@ -1,6 +1,7 @@
 """Detection and confirmation time on reference CNNs at 32×32, one table.
 
     python benchmarks/confirm_time.py [--batch 16] [--threads 2] [--models resnet18,vgg11_bn,...]
+        [--samples all|N]
 
 torchvision is not a dependency, so the reference models are built here: ``resnet18`` (BasicBlocks,
 :func:`symmech.demo.models.resnet18`), ``vgg11_bn`` (:func:`symmech.demo.models.vgg`, width 1.0),
@@ -8,7 +9,8 @@ torchvision is not a dependency, so the reference models are built here: ``resne
 ``efficientnet_b0`` (MBConv blocks with squeeze-excitation and SiLU, the b0 widths). For each the
 table gives the families found, the seconds ``symmech.detect(model, x)`` takes (structure only),
 the seconds confirmation adds (``detect(..., confirm_batch=(x, y))`` minus the first), and how
-many families were confirmed. Run it with ``PYTHONPATH`` set to another checkout to time that one.
+many families were confirmed. Confirmation evaluates the batch's first ``confirm_samples``
+samples (symmech's default unless ``--samples`` is given; ``all`` for the whole batch). Run it with ``PYTHONPATH`` set to another checkout to time that one.
 """
 
 from __future__ import annotations
@@ -119,10 +121,15 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--samples", default=None, help="all, or how many (default: symmech's)")
     args = parser.parse_args()
+    options = {}
+    if args.samples is not None:
+        options["confirm_samples"] = None if args.samples == "all" else int(args.samples)
     torch.set_num_threads(args.threads)
-    print(f"batch {args.batch}, 32x32, {torch.get_num_threads()} threads, symmech from "
-          f"{symmech.__file__}")  # fmt: skip
+    samples = options.get("confirm_samples", "default") if args.samples is not None else "default"
+    print(f"batch {args.batch}, 32x32, {torch.get_num_threads()} threads, confirmed on samples: "
+          f"{samples or 'all'}, symmech from {symmech.__file__}")  # fmt: skip
     print(f"{'model':16s} {'params':>9s} {'families':>8s} {'detect s':>9s} {'confirm s':>9s} "
           f"{'confirmed':>9s}")  # fmt: skip
     for name in args.models.split(","):
@@ -134,7 +141,7 @@ def main() -> None:
         found = symmech.detect(model, x)
         t_detect = time.perf_counter() - start
         start = time.perf_counter()
-        confirmed = symmech.detect(model, x, confirm_batch=(x, y))
+        confirmed = symmech.detect(model, x, confirm_batch=(x, y), **options)
         t_confirm = time.perf_counter() - start - t_detect
         ok = sum(bool(getattr(f, "confirmed", False)) for f in confirmed)
         n_params = sum(p.numel() for p in model.parameters())

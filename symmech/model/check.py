@@ -38,7 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from .actions import Family, family_params, generator, group_sum, spec_action, validate_family
-from .confirm import Evaluator, evaluation_mode, norm_stats
+from .confirm import norm_stats
+from .evaluator import Evaluator, evaluation_mode
 
 __all__ = ["check", "format_check", "hvp", "math_attention"]
 

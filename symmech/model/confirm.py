@@ -1,5 +1,9 @@
 """Numerical confirmation of detected symmetry families on a real batch, in float64.
 
+The passes run on the batch's first :data:`~.evaluator.CONFIRM_SAMPLES` samples (8; ``samples``
+of :func:`confirm`): a symmetry of the loss holds on any batch, and the time of the float64
+passes, the whole cost, then stays bounded whatever the training batch size.
+
 For each family a few random groups are picked and moved by ψ with a random α (multiplicative
 α ∈ [0.5, 0.84] ∪ [1.19, 2], additive α ∈ ±[0.25, 1]) on a float64 copy of the parameters, through
 ``torch.func.functional_call``: the model itself is never changed (its buffers, mode and RNG state
@@ -37,16 +41,13 @@ running statistics) each group is tried alone with the tolerance ``rtol·|L| + 2
 
 from __future__ import annotations
 
-import inspect
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -60,92 +61,12 @@ from .actions import (
     spec_action,
     validate_family,
 )
+from .evaluator import CONFIRM_SAMPLES, Evaluator, evaluation_mode, first_samples
 from .norms import is_rms_norm, norm_eps
 
-__all__ = ["Evaluator", "NormStats", "confirm", "evaluation_mode", "norm_stats"]
+__all__ = ["NormStats", "confirm", "norm_stats"]
 
 _NORMS = (_BatchNorm, nn.GroupNorm, nn.LayerNorm)
-
-
-@contextmanager
-def evaluation_mode(model: nn.Module, train: bool) -> Iterator[None]:
-    """Put ``model`` in train mode (``train=True``) or leave its mode; restore everything after.
-
-    BatchNorm layers that run on batch statistics get ``track_running_stats=False`` meanwhile, so
-    no evaluation updates running statistics (and torch.func transforms see no in-place update).
-    """
-    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
-    try:
-        if train:
-            model.train()
-        for m in model.modules():
-            if isinstance(m, _BatchNorm) and m.training:
-                m.track_running_stats = False
-        yield
-    finally:
-        for m, training, track in saved:
-            m.training = training
-            if track is not None:
-                m.track_running_stats = track
-
-
-class Evaluator:
-    """The loss as a function of a parameter dict, in float64, with a fixed dropout seed."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        batch: tuple[Any, Tensor],
-        loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
-        seed: int = 0,
-    ) -> None:
-        x, y = batch
-        self.model, self.loss_fn, self.seed = model, loss_fn or _cross_entropy, seed
-        #: the model is given the labels and its own ``.loss`` is used, with these options
-        self.own_loss, self.kwargs = _own_loss(model) if loss_fn is None else (False, {})
-        self.params = {n: p.detach().to(torch.float64) for n, p in model.named_parameters()}
-        self.buffers = {
-            n: b.detach().to(torch.float64) if b.is_floating_point() else b.detach()
-            for n, b in model.named_buffers()
-        }
-        inputs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-        self.inputs = tuple(
-            t.detach().to(torch.float64) if isinstance(t, Tensor) and t.is_floating_point() else t
-            for t in inputs
-        )
-        self.target = y.detach().to(torch.float64) if y.is_floating_point() else y
-        self.devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
-
-    def loss(self, params: Mapping[str, Tensor]) -> Tensor:
-        """L(θ) for the given parameters (any subset replaced; the rest from the model)."""
-        with torch.random.fork_rng(devices=self.devices):
-            torch.manual_seed(self.seed)
-            kwargs = {**self.kwargs, "labels": self.target} if self.own_loss else {}
-            out = torch.func.functional_call(self.model, ({**self.params, **params}, self.buffers),
-                                             self.inputs, kwargs)  # fmt: skip
-            if kwargs and isinstance(getattr(out, "loss", None), Tensor):
-                return out.loss
-            logits = getattr(out, "logits", None)
-            return self.loss_fn(out if logits is None else logits, self.target)
-
-
-def _own_loss(model: nn.Module) -> tuple[bool, dict[str, Any]]:
-    """Whether the forward takes ``labels`` (and computes its own loss), and the options it is
-    called with then (no cache)."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False, {}
-    if "labels" not in params:
-        return False, {}
-    return True, {"use_cache": False} if "use_cache" in params else {}
-
-
-def _cross_entropy(out: Tensor, target: Tensor) -> Tensor:
-    """Cross-entropy; a sequence output (..., T, V) against (..., T) has its classes last."""
-    if out.ndim >= 3 and target.ndim == out.ndim - 1 and not target.is_floating_point():
-        return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
-    return F.cross_entropy(out, target)
 
 
 @dataclass
@@ -357,6 +278,7 @@ def confirm(
     *,
     mode: str = "train",
     seed: int = 0,
+    samples: int | None = CONFIRM_SAMPLES,
 ) -> list[Family]:
     """Mark each family ``confirmed`` True/False by moving random groups and re-evaluating L.
 
@@ -371,6 +293,11 @@ def confirm(
     same list is returned; ``reason`` holds the measured change when a family fails, and the
     eps allowance when a normalisation eps was accounted for. Groups with a nonzero gradient on
     the batch are tried first.
+
+    The passes evaluate the first ``samples`` samples of ``batch`` (default
+    :data:`~.evaluator.CONFIRM_SAMPLES`; None: all), which bounds the time whatever the batch
+    size (see :func:`~.evaluator.first_samples`); when the cut batch cannot be evaluated (inputs
+    that are not batch-first, say) the whole batch is.
     """
     if mode not in ("train", "as_is"):
         raise ValueError(f"confirm(mode={mode!r}): mode must be 'train' or 'as_is'")
@@ -382,6 +309,25 @@ def confirm(
             SymmetryWarning,
             stacklevel=2,
         )
+    few = first_samples(batch, samples)
+    if few is not batch:
+        try:
+            return _confirm(model, families, few, loss_fn, n_trials, rtol, mode, seed)
+        except Exception:  # noqa: BLE001 - the whole batch decides, as without ``samples``
+            pass
+    return _confirm(model, families, batch, loss_fn, n_trials, rtol, mode, seed)
+
+
+def _confirm(
+    model: nn.Module,
+    families: list[Family],
+    batch: tuple[Any, Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
+    n_trials: int,
+    rtol: float,
+    mode: str,
+    seed: int,
+) -> list[Family]:
     eval_bn = mode == "as_is" and any(
         isinstance(m, _BatchNorm) and not m.training and m.track_running_stats
         for m in model.modules()

@@ -19,6 +19,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .actions import DetectionResult, SymmetryWarning, format_table
+from .evaluator import CONFIRM_SAMPLES
 from .graph import Op, export_graph, fx_graph, module_graph
 from .rules import families as find_families
 from .rules import note as _note
@@ -76,6 +77,7 @@ def detect(
     confirm_batch: tuple[Any, Tensor] | None = None,
     *,
     n_trials: int = 3,
+    confirm_samples: int | None = CONFIRM_SAMPLES,
 ) -> DetectionResult:
     """Find the symmetry families of ``model`` (translation, scale, rescale, attention heads,
     norm_rescale); confirm them on a batch.
@@ -85,7 +87,9 @@ def detect(
     its ``logits``); it is run once to learn shapes, without changing the model. With
     ``confirm_batch=(x, y)`` each family is checked numerically (see :func:`confirm`) with
     ``loss_fn`` (default: the model's own loss when its forward takes ``labels``, else
-    cross-entropy). Problems are reported as :class:`SymmetryWarning`, never raised: the result's
+    cross-entropy), on its first ``confirm_samples`` samples (None: all of them; a symmetry of
+    the loss holds on any batch, and the tracker measures its residual on every training batch
+    after). Problems are reported as :class:`SymmetryWarning`, never raised: the result's
     ``path`` ("fx", "export" or "modules") says how the graph was read and ``notes`` what was
     left out.
     """
@@ -106,7 +110,9 @@ def detect(
         from .confirm import confirm
 
         try:
-            confirm(model, result, confirm_batch, loss_fn, n_trials=n_trials)
+            confirm(
+                model, result, confirm_batch, loss_fn, n_trials=n_trials, samples=confirm_samples
+            )
         except Exception as exc:  # noqa: BLE001 - detection never breaks training
             _note(notes, f"confirmation failed ({type(exc).__name__}: {exc}); left unconfirmed")
     return result

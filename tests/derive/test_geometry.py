@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from support import nets
 from support.nets import DTYPE, Problem
@@ -193,6 +193,9 @@ def test_e1_gradient_equivariance(case: str, data) -> None:
     predicted = prob.scatter(pulled, base=g_moved)  # parameters outside the blocks: ∂ψ/∂θ = I
     assert rel((g - predicted).norm(), g.norm()) < ROUND_OFF
     if not case.startswith("translation"):
+        # a draw whose block gets no gradient at all (a ReLU after the norm closed for every
+        # input: seen for a one-channel conv) moves nothing; E1 held, but it says nothing
+        assume(float(g[prob.in_blocks()].norm()) > 1e-6 * float(g.norm()))
         # away from the identity the gradient really changes, so E1 is not trivially g = g̃
         assert float((g - g_moved).norm()) > 1e-6 * float(g.norm())
 

@@ -26,8 +26,8 @@ from symmech.model.actions import (
     validate_family,
 )
 from symmech.model.check import check, format_check, hvp
-from symmech.model.confirm import Evaluator
 from symmech.model.detect import detect
+from symmech.model.evaluator import Evaluator
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:`torch.jit.script` is deprecated:DeprecationWarning"  # torch-internal, forward AD
