@@ -402,25 +402,13 @@ class Family:
         """The tensor's coming step, computed once per hook call for every family."""
         key = ("direction", id(tensor))
         if key not in self.step_cache and ("directions", group) not in self.step_cache:
-            self._directions(group)
+            coming_steps(self.optimizer, self.cache, self.step_cache, group)
         if key not in self.step_cache:
             grad = self.cache.grads.get(id(tensor))
-            self.step_cache[key] = direction(self.optimizer, group, tensor, grad=grad)
+            found = direction(self.optimizer, group, tensor, grad=grad)
+            self.step_cache[key] = found
+            self.cache.named[("a", id(tensor))] = found.a
         return self.step_cache[key]
-
-    def _directions(self, group: int) -> None:
-        """The coming steps of every tracked tensor of the param group, in one batch
-        (:func:`~.directions.directions_of`); on any error each is left to :meth:`_direction`
-        alone, so the error reaches only the families that bind the failing tensor."""
-        self.step_cache[("directions", group)] = True
-        tensors = list(self.cache.bound.get(group, {}).values())
-        grads = [self.cache.grads.get(id(t)) for t in tensors]
-        try:
-            found = directions_of(self.optimizer, group, tensors, grads)
-        except (SymmechError, ValueError, IndexError, RuntimeError):
-            return
-        for t, d in zip(tensors, found):
-            self.step_cache[("direction", id(t))] = d
 
     def _temporary(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
         if key not in self.step_cache:
@@ -574,3 +562,23 @@ class Family:
             restart=p.restart,
             rotation_eq=p.rotation_eq,
         )
+
+
+def coming_steps(
+    optimizer: torch.optim.Optimizer, cache: ReductionCache, step_cache: dict, group: int
+) -> None:
+    """The coming steps of every tracked tensor of the param group, in one batch
+    (:func:`~.directions.directions_of`), kept for this hook call in ``step_cache`` and, for the
+    fused pass to read by name, as ``cache.named[("a", id(p))]``. On any error each is left to
+    :meth:`Family._direction` alone, so the error reaches only the families that bind the failing
+    tensor."""
+    step_cache[("directions", group)] = True
+    tensors = list(cache.bound.get(group, {}).values())
+    grads = [cache.grads.get(id(t)) for t in tensors]
+    try:
+        found = directions_of(optimizer, group, tensors, grads)
+    except (SymmechError, ValueError, IndexError, RuntimeError):
+        return
+    for t, d in zip(tensors, found):
+        step_cache[("direction", id(t))] = d
+        cache.named[("a", id(t))] = d.a

@@ -17,9 +17,11 @@ Modes (:data:`MODE`, or the environment variable ``SYMMECH_REDUCTIONS``):
 * ``"native"``: on the CPU, symmech's C++ kernel (:mod:`.native`: one sweep per tensor that
   reads each source once, for the groups along every dimension), built when first needed and
   waited for; on other devices as ``"compiled"``;
-* ``"auto"`` (default): on the CPU, the C++ kernel once its build (started in a background
-  thread the first time a tracked model covers :data:`AUTO_MIN_ELEMENTS_CPU` entries; cached per
-  machine, so later runs load it in about a second) is ready, eager until then; on CUDA,
+* ``"auto"`` (default): on the CPU, the C++ kernel once its build is ready, eager until then.
+  The build starts in a background thread the first time a tracked model covers
+  :data:`AUTO_MIN_ELEMENTS_CPU` entries (:data:`AUTO_MIN_ELEMENTS_CPU_ADAPTIVE` when the pass
+  reads an adaptive optimizer's step) and is cached per machine, so later runs load it in about
+  a second. On CUDA,
   compile once the plan has been asked for on :data:`AUTO_AFTER` hook calls and covers at least
   :data:`AUTO_MIN_ELEMENTS` entries (compiling takes seconds, so short runs and small models stay
   eager). ``torch.compile`` is not used on the CPU: Inductor's C++ loops reduce a
@@ -28,8 +30,10 @@ Modes (:data:`MODE`, or the environment variable ``SYMMECH_REDUCTIONS``):
 
 If compilation fails, a warning says so once and every product is reduced eagerly from then on.
 A third tensor joins a layout's pass when it is asked for in two calls in a row at the same
-storage (torch's momentum buffer); temporaries (the general law's ηa) and sharded, absent or
-low-precision slices are always reduced eagerly. The fused values equal the eager ones
+storage (torch's momentum buffer), or when it is a named tensor of the hook call (role ``"a"``:
+the coming step aₖ of an adaptive optimizer, made anew each call, registered in
+:attr:`.reductions.ReductionCache.named` and read by name); other temporaries (ηa when the η
+differ between tensors) and sharded, absent or low-precision slices are always reduced eagerly. The fused values equal the eager ones
 to round-off (tests/runtime/test_fused.py); training is untouched and nothing waits for the device.
 """
 
@@ -55,6 +59,11 @@ AUTO_MIN_ELEMENTS = 1_000_000
 #: work 2.46–2.52× optimizer.step() against 2.34–2.41× eager), above it faster (width 1.0,
 #: 9.5 M entries: 1.09× against 1.55–1.79×): small tensors stay in cache between eager passes.
 AUTO_MIN_ELEMENTS_CPU = 4_000_000
+#: the same when the pass also reads an adaptive optimizer's coming step aₖ (role "a"), whose
+#: eager products each make a temporary: vgg11-bn width 0.5 (2.4 M entries) under AdamW measured
+#: tracker work 1.87× optimizer.step() with the kernel against 2.80× eager, while a transformer
+#: block of 0.8 M entries in 71 small tensors measured 3.43× against 2.72× (one thread)
+AUTO_MIN_ELEMENTS_CPU_ADAPTIVE = 1_000_000
 #: compiled functions kept (one per model layout: shapes, strides, dtypes, group dims, products)
 MAX_COMPILED = 8
 
@@ -164,8 +173,14 @@ def run_compiled(
         return None
 
 
+#: reads a role of a parameter in this hook call: ("t", p) → θ, ("g", p) → its gradient, a named
+#: role ("a") → the tensor registered under it; None when there is none
+Reader = Callable[[str, torch.Tensor], torch.Tensor | None]
+
+
 class _Layout:
-    """One layout's sources ("t": θ, "g": its gradient, or a kept tensor) and products asked."""
+    """One layout's sources ("t": θ, "g": its gradient, a named role, or a kept tensor) and the
+    products asked."""
 
     __slots__ = ("spec", "sources", "pairs", "seen")
 
@@ -198,23 +213,27 @@ class _Layout:
         }
         return len(self.sources) - 1
 
-    def members(self, read_grad) -> list[torch.Tensor] | None:
+    def members(self, read: Reader) -> list[torch.Tensor] | None:
         out = []
         for s in self.sources:
             if isinstance(s, torch.Tensor):
                 out.append(s)
                 continue
-            t = self.spec.tensor if s == "t" else read_grad(self.spec.tensor)
+            t = read(s, self.spec.tensor)
             if t is None or t.dtype != self.spec.tensor.dtype:
                 return None
             out.append(self.spec.shaped(t.detach()))
         return out if len({(m.shape, m.dtype) for m in out}) == 1 else None
 
-    def version(self, read_grad) -> tuple:
+    def version(self, read: Reader) -> tuple:
         """What identifies the sources' current values (in-place updates bump ``_version``)."""
-        grad = read_grad(self.spec.tensor)
+        p = self.spec.tensor
+        named = tuple(
+            None if t is None else (id(t), t._version)
+            for t in (read(s, p) for s in self.sources if isinstance(s, str) and s != "t")
+        )
         kept = tuple(s._version for s in self.sources if isinstance(s, torch.Tensor))
-        return self.spec.tensor._version, None if grad is None else (id(grad), grad._version), kept
+        return p._version, named, kept
 
 
 def _key(x: torch.Tensor) -> tuple:
@@ -227,8 +246,9 @@ class _Phase:
     def __init__(self) -> None:
         self.layouts: dict[tuple, _Layout] = {}
         self.stable = 0
-        #: (number of layouts, entries of their distinct tensors), counted for that many
-        self.entries: tuple[int, int] | None = None
+        #: (number of layouts, entries of their distinct tensors, whether one reads role "a"),
+        #: counted for that many layouts
+        self.entries: tuple[int, int, bool] | None = None
 
 
 class Plan:
@@ -278,10 +298,10 @@ class Plan:
         layout: tuple,
         spec: Any,
         roles: tuple[str | torch.Tensor, str | torch.Tensor],
-        read_grad: Callable[[torch.Tensor], torch.Tensor | None],
+        read: Reader,
     ) -> torch.Tensor | None:
-        """The per-group product of the two ``roles`` ("t", "g" or a tensor) in ``layout`` from
-        this call's fused pass (None: not fused; the caller reduces it eagerly, and the plan
+        """The per-group product of the two ``roles`` ("t", "g", a named role or a tensor) in
+        ``layout`` from this call's fused pass (None: not fused; the caller reduces it eagerly, and the plan
         includes it from the next call)."""
         if _engine(spec.tensor) is None or (self.off and MODE == "auto"):
             return None
@@ -308,20 +328,20 @@ class Plan:
             self._grew = True
             return None
         known = self.versions.get(layout)  # None: the pass gave this layout nothing
-        if self._computed and known is not None and known != entry.version(read_grad):
+        if self._computed and known is not None and known != entry.version(read):
             self._computed = False  # a source changed since the pass (outside a hook call)
             self.results.clear()
         if not self._computed:
             self._computed = True
             if self._active(phase):
-                self._compute(phase, read_grad)
+                self._compute(phase, read)
         got = self.results.get(layout)
         return None if got is None else got.get(pair)
 
-    def _compute(self, phase: _Phase, read_grad) -> None:
+    def _compute(self, phase: _Phase, read: Reader) -> None:
         names, structure, members = [], [], []
         for layout, entry in phase.layouts.items():
-            m = entry.members(read_grad)
+            m = entry.members(read)
             if m is None or not entry.pairs:
                 continue
             pairs = tuple(sorted(entry.pairs))
@@ -340,7 +360,7 @@ class Plan:
             if v is None:
                 continue
             self.results[layout] = {p: v[i] for i, p in enumerate(pairs)}
-            self.versions[layout] = phase.layouts[layout].version(read_grad)
+            self.versions[layout] = phase.layouts[layout].version(read)
 
 
 _native_warned = False
@@ -355,14 +375,15 @@ def _large_enough(phase: _Phase) -> bool:
     device (:data:`AUTO_MIN_ELEMENTS_CPU` on the CPU, else :data:`AUTO_MIN_ELEMENTS`)."""
     if not phase.layouts:
         return False
-    least = (
-        AUTO_MIN_ELEMENTS_CPU if _first_tensor(phase).device.type == "cpu" else AUTO_MIN_ELEMENTS
-    )
     if phase.entries is None or phase.entries[0] != len(phase.layouts):
         # each tensor once, however many layouts (dims, views) read it
         tensors = {id(lay.spec.tensor): lay.spec.tensor for lay in phase.layouts.values()}
-        phase.entries = (len(phase.layouts), sum(t.numel() for t in tensors.values()))
-    return phase.entries[1] >= least
+        adaptive = any("a" in lay.sources for lay in phase.layouts.values())
+        phase.entries = (len(phase.layouts), sum(t.numel() for t in tensors.values()), adaptive)
+    _, entries, adaptive = phase.entries
+    if _first_tensor(phase).device.type != "cpu":
+        return entries >= AUTO_MIN_ELEMENTS
+    return entries >= (AUTO_MIN_ELEMENTS_CPU_ADAPTIVE if adaptive else AUTO_MIN_ELEMENTS_CPU)
 
 
 def _engine(tensor: torch.Tensor) -> str | None:

@@ -35,6 +35,9 @@ class ReductionCache:
         self.grids: dict[tuple, torch.Tensor] = {}
         #: gradients to read instead of ``.grad`` (unscaled ones under a GradScaler), by id
         self.grads: dict[int, torch.Tensor] = {}
+        #: tensors of this hook call that the fused pass reads by name, by (role, id of the
+        #: parameter): ("a", id(p)) is p's coming step aₖ under an adaptive optimizer
+        self.named: dict[tuple[str, int], torch.Tensor] = {}
         #: ids of bound tensors whose terms another rank computes (ZeRO: not owned here)
         self.absent: set[int] = set()
         self._alive: list[torch.Tensor] = []  # temporaries, kept so no storage is reused
@@ -87,6 +90,7 @@ class ReductionCache:
         self.plan.end_call()
         self.grids.clear()
         self.grads.clear()
+        self.named.clear()
         self._alive.clear()
 
 
@@ -159,20 +163,29 @@ class GridSlice:
         p = spec.tensor
         if p.dtype not in (torch.float32, torch.float64) or self.value.dtype != p.dtype:
             return None
-        grads = self.cache.grads
+        grads, named = self.cache.grads, self.cache.named
         grad = grads.get(id(p), p.grad)
+        step = named.get(("a", id(p)))
         roles: list[str | torch.Tensor] = []
         for v in (self.value, other.value):
             if v.data_ptr() == p.data_ptr():
                 roles.append("t")
             elif grad is not None and v.data_ptr() == grad.data_ptr():
                 roles.append("g")
+            elif step is not None and v.data_ptr() == step.data_ptr():
+                roles.append("a")
             else:
                 roles.append(v)
         layout = (id(p), spec.view, spec.dim % max(self.value.ndim, 1))
-        return self.cache.plan.lookup(
-            layout, spec, (roles[0], roles[1]), lambda t: grads.get(id(t), t.grad)
-        )
+        return self.cache.plan.lookup(layout, spec, (roles[0], roles[1]), self._read)
+
+    def _read(self, role: str, p: torch.Tensor) -> torch.Tensor | None:
+        """θ ("t"), its gradient ("g") or a named tensor of this hook call (:mod:`.fused`)."""
+        if role == "t":
+            return p
+        if role == "g":
+            return self.cache.grads.get(id(p), p.grad)
+        return self.cache.named.get((role, id(p)))
 
     def gram(self, other: GridSlice, rows: int, cols: int) -> torch.Tensor | None:
         """Per group, Σ over every axis but the group axis and the last of x[..., a] y[..., b]:

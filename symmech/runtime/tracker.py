@@ -26,11 +26,12 @@ import torch
 
 from symmech.errors import BindingError, explain
 
+from . import fused
 from .bank import Bank
 from .binding import Binding
 from .directions import modelled, not_modelled_reason
 from .evidence import judge_residuals, mark_non_finite
-from .family import Family, TrackerWarning
+from .family import Family, TrackerWarning, coming_steps
 from .history import History, Snapshot
 from .reductions import ReductionCache
 
@@ -250,6 +251,12 @@ class Tracker:
                 for p in group["params"]:
                     if p.grad is not None:
                         self.cache.grads[id(p)] = self.cache.keep(p.grad / grad_scale)
+        if self._steps_first():
+            for group in list(self.cache.bound):
+                try:
+                    coming_steps(self.optimizer, self.cache, self._step_cache, group)
+                except Exception:  # noqa: BLE001 - each family meets its own error, as before
+                    pass
         observed = {
             id(f): self._guard(f, "before", lambda f=f: f.before_step(self.step, log))
             for f in self.families
@@ -264,6 +271,19 @@ class Tracker:
             self.history.add(self._snapshots(observed))
         self.cache.clear()
         self._step_cache.clear()
+
+    def _steps_first(self) -> bool:
+        """Whether to compute every tracked tensor's coming step aₖ before any family asks for a
+        product: under an adaptive optimizer the fused pass, made at the first product asked,
+        then reads aₖ with θ and g (one sweep per tensor) instead of leaving ⟨θ, a⟩ and ⟨a, a⟩
+        eager. The families would compute the same steps a moment later."""
+        return (
+            fused.MODE != "eager"
+            and not (fused.MODE == "auto" and self.cache.plan.off)
+            and type(self.optimizer) is not torch.optim.SGD
+            and modelled(self.optimizer)
+            and any(f.tracked for f in self.families)
+        )
 
     @torch.no_grad()
     def _after(self, optimizer, args, kwargs) -> None:

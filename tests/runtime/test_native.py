@@ -221,14 +221,19 @@ def _model() -> torch.nn.Module:
 
 
 def _train(
-    mode: str | None, steps: int = STEPS, between: Callable[[int], None] | None = None
+    mode: str | None,
+    steps: int = STEPS,
+    between: Callable[[int], None] | None = None,
+    optimizer: Callable | None = None,
 ) -> tuple[torch.nn.Module, symmech.Tracker | None]:
-    """SGD with momentum and weight decay on one fixed float64 batch; ``between(step)`` runs
-    after each step."""
+    """SGD with momentum and weight decay (or ``optimizer(parameters)``) on one fixed float64
+    batch; ``between(step)`` runs after each step."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(8, 3, 16, 16, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 5, (8,), generator=gen)
-    return train_with_reductions(_model(), (x, y), mode, steps, between, residuals=True)
+    return train_with_reductions(
+        _model(), (x, y), mode, steps, between, optimizer=optimizer, residuals=True
+    )
 
 
 def _records(tracker: symmech.Tracker | None) -> list[dict]:
@@ -276,6 +281,7 @@ class KernelSpy:
     def __init__(self) -> None:
         self.calls = 0
         self.layouts = 0
+        self.sources = 0  # the most sources one computed layout read
         self.wrong: list[str] = []
         self.original = native.layout_products
 
@@ -285,6 +291,7 @@ class KernelSpy:
         for value, (dim, pairs), sources in zip(got, structure, members, strict=True):
             if value is not None:
                 self.layouts += 1
+                self.sources = max(self.sources, len(sources))
                 try:
                     _check_layout(value, sources, dim, pairs, cancelling=True)
                 except AssertionError as err:
@@ -348,6 +355,29 @@ def test_native_tracker_equals_eager_and_training_is_untouched(
             assert abs(miss - eager_misses[family][0]) <= 1e-10 * max(miss, 1.0), family
         else:
             assert miss <= 1e-10, (family, miss)
+
+
+def _adamw(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.05)
+
+
+def test_adamw_steps_join_the_native_pass_by_name(restore_mode, spy) -> None:
+    # AdamW's coming step aₖ is made anew every hook call: read by name ("a"), it joins θ and g
+    # in the kernel's sweep (as a storage-keyed kept tensor it never did: the plan never settled)
+    plain, _ = _train(None, optimizer=_adamw)
+    eager_model, eager_tracker = _train("eager", optimizer=_adamw)
+    eager_rows = _records(eager_tracker)
+    native_model, tracker = _train("native", optimizer=_adamw)
+    assert spy.calls >= STEPS - 2 and spy.layouts > 0, (spy.calls, spy.layouts)
+    assert spy.sources == 3  # θ, g and aₖ (AdamW keeps no momentum buffer)
+    assert not spy.wrong, spy.wrong[:3]
+    for a, b, c in zip(plain.parameters(), eager_model.parameters(), native_model.parameters()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    rows = _records(tracker)
+    assert _worst_difference(rows, eager_rows) <= 1e-12
+    # the general law under AdamW, fed the measured rₖ, holds to round-off in both runs
+    for family, (_, miss_fed) in _law_misses(rows).items():
+        assert miss_fed <= 1e-10, (family, miss_fed)
 
 
 def test_failed_build_warns_once_and_gives_the_eager_records(
@@ -422,6 +452,17 @@ def test_auto_below_the_threshold_counts_each_tensor_once_and_stays_eager(
     # asked once per hook call at most (it was asked on every product before)
     assert len(asked) <= 2 * STEPS, len(asked)
     assert _worst_difference(_records(tracker), eager_run[1]) <= 1e-12
+
+
+def test_auto_fuses_smaller_models_under_an_adaptive_optimizer(restore_mode, spy, monkeypatch):
+    entries = sum(p.numel() for p in _model().parameters())
+    monkeypatch.setattr(fused, "AUTO_MIN_ELEMENTS_CPU", entries + 1)
+    monkeypatch.setattr(fused, "AUTO_MIN_ELEMENTS_CPU_ADAPTIVE", entries // 2)
+    _, sgd = _train("auto")
+    assert sgd is not None and sgd.cache.plan.off and spy.calls == 0
+    _, adamw = _train("auto", optimizer=_adamw)  # the kernel is loaded (the module fixture)
+    assert adamw is not None and not adamw.cache.plan.off
+    assert spy.calls > 0 and spy.sources == 3 and not spy.wrong, (spy.calls, spy.wrong[:3])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -236,15 +237,20 @@ def train_with_reductions(
     mode: str | None,
     steps: int,
     between: Callable[[int], None] | None = None,
+    optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
     **track_options,
 ) -> tuple[nn.Module, symmech.Tracker | None]:
-    """SGD (lr 0.05, momentum 0.9, weight decay 1e-3) on one fixed batch, cross-entropy; with
-    ``mode`` set, the tracker's products reduced that way (``fused.MODE``) and a tracker attached
-    with ``track_options`` (None: untracked). ``between(step)`` runs after each step."""
+    """SGD (lr 0.05, momentum 0.9, weight decay 1e-3; or ``optimizer(parameters)``) on one fixed
+    batch, cross-entropy; with ``mode`` set, the tracker's products reduced that way
+    (``fused.MODE``) and a tracker attached with ``track_options`` (None: untracked).
+    ``between(step)`` runs after each step."""
     from symmech.runtime import fused
 
     x, y = batch
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    if optimizer is not None:
+        opt = optimizer(model.parameters())
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     tracker = None
     if mode is not None:
         fused.MODE = mode
