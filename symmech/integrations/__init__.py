@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from symmech.errors import BindingError, explain
-from symmech.runtime.attach import bindings_from_families, split_example
+from symmech.runtime.attach import bindings_from_families, detection_input, split_example
 from symmech.runtime.sinks import write_records
 
 if TYPE_CHECKING:  # torch comes with the runtime; imported here only for the type hints
@@ -46,7 +46,7 @@ def detect_bindings(
     from symmech.model.detect import detect
 
     x, batch = split_example(model, example, "detect_bindings")
-    found = list(detect(model, x, loss_fn=loss_fn, confirm_batch=batch))
+    found = list(detect(model, detection_input(x, batch), loss_fn=loss_fn, confirm_batch=batch))
     bindings = bindings_from_families(model, found)
     for b in bindings:
         b.layer = b.layer.removeprefix(prefix).replace(f" {prefix}", " ")  # every name in it

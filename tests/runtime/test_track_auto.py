@@ -191,3 +191,19 @@ def test_several_inputs_take_a_nested_batch_and_a_bare_pair_is_refused():
     inputs_only = symmech.track(other, torch.optim.SGD(other.parameters(), lr=0.1),
                                 example_input=((x.float(), mask.float()),))  # fmt: skip
     assert len(inputs_only.families) == 3
+
+
+def test_track_reads_the_graph_and_confirms_on_the_first_samples_only():
+    torch.manual_seed(0)
+    model = build_model("vgg-tiny-bn")
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    seen: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    tracker = symmech.track(model, opt, example_input=(x, y))
+    handle.remove()
+    assert seen and set(seen) == {8}, seen  # detection's pass and every confirmation pass
+    full = detect(model, x, confirm_batch=(x, y), confirm_samples=None)
+    assert {(f.symmetry, f.layer) for f in tracker.families} == {
+        (f.symmetry, f.layer) for f in full if f.confirmed
+    }
