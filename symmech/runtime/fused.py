@@ -19,8 +19,7 @@ Modes (:data:`MODE`, or the environment variable ``SYMMECH_REDUCTIONS``):
   waited for; on other devices as ``"compiled"``;
 * ``"auto"`` (default): on the CPU, the C++ kernel once its build is ready, eager until then.
   The build starts in a background thread the first time a tracked model covers
-  :data:`AUTO_MIN_ELEMENTS_CPU` entries (:data:`AUTO_MIN_ELEMENTS_CPU_ADAPTIVE` when the pass
-  reads an adaptive optimizer's step) and is cached per machine, so later runs load it in about
+  :data:`AUTO_MIN_ELEMENTS_CPU` entries and is cached per machine, so later runs load it in about
   a second. On CUDA,
   compile once the plan has been asked for on :data:`AUTO_AFTER` hook calls and covers at least
   :data:`AUTO_MIN_ELEMENTS` entries (compiling takes seconds, so short runs and small models stay
@@ -54,16 +53,14 @@ MODES = ("eager", "compiled", "native", "auto")
 #: in "auto" mode: hook calls with the same plan before compiling, and the entries it must cover
 AUTO_AFTER = 50
 AUTO_MIN_ELEMENTS = 1_000_000
-#: in "auto" mode on the CPU: the entries a plan must cover for the C++ kernel. Below it the
-#: kernel measured no faster than eager reductions (vgg11-bn width 0.5, 2.4 M entries: tracker
-#: work 2.46–2.52× optimizer.step() against 2.34–2.41× eager), above it faster (width 1.0,
-#: 9.5 M entries: 1.09× against 1.55–1.79×): small tensors stay in cache between eager passes.
-AUTO_MIN_ELEMENTS_CPU = 4_000_000
-#: the same when the pass also reads an adaptive optimizer's coming step aₖ (role "a"), whose
-#: eager products each make a temporary: vgg11-bn width 0.5 (2.4 M entries) under AdamW measured
-#: tracker work 1.87× optimizer.step() with the kernel against 2.80× eager, while a transformer
-#: block of 0.8 M entries in 71 small tensors measured 3.43× against 2.72× (one thread)
-AUTO_MIN_ELEMENTS_CPU_ADAPTIVE = 1_000_000
+#: in "auto" mode on the CPU: the entries a plan must cover for the C++ kernel. vgg11-bn width
+#: 0.5 (2.4 M entries, one thread, tracker work / optimizer.step()): under SGD, logging every
+#: step, 3.3–3.5× with the kernel against 3.7–6.0× eager (the eager products are temporaries,
+#: whose cost depends on what the allocator returned to the system before: after a small
+#: confirmation every one page-faults), logging every 50 steps 2.4–2.5× against 2.2–2.3×; under
+#: AdamW 1.8–2.3× against 3.0–4.1×. A transformer block of 0.8 M entries in 71 small tensors
+#: measured 3.4× against 2.7× under AdamW: below 1 M entries Python per tensor outweighs the sweep.
+AUTO_MIN_ELEMENTS_CPU = 1_000_000
 #: compiled functions kept (one per model layout: shapes, strides, dtypes, group dims, products)
 MAX_COMPILED = 8
 
@@ -246,9 +243,8 @@ class _Phase:
     def __init__(self) -> None:
         self.layouts: dict[tuple, _Layout] = {}
         self.stable = 0
-        #: (number of layouts, entries of their distinct tensors, whether one reads role "a"),
-        #: counted for that many layouts
-        self.entries: tuple[int, int, bool] | None = None
+        #: (number of layouts, entries of their distinct tensors), counted for that many layouts
+        self.entries: tuple[int, int] | None = None
 
 
 class Plan:
@@ -378,12 +374,9 @@ def _large_enough(phase: _Phase) -> bool:
     if phase.entries is None or phase.entries[0] != len(phase.layouts):
         # each tensor once, however many layouts (dims, views) read it
         tensors = {id(lay.spec.tensor): lay.spec.tensor for lay in phase.layouts.values()}
-        adaptive = any("a" in lay.sources for lay in phase.layouts.values())
-        phase.entries = (len(phase.layouts), sum(t.numel() for t in tensors.values()), adaptive)
-    _, entries, adaptive = phase.entries
-    if _first_tensor(phase).device.type != "cpu":
-        return entries >= AUTO_MIN_ELEMENTS
-    return entries >= (AUTO_MIN_ELEMENTS_CPU_ADAPTIVE if adaptive else AUTO_MIN_ELEMENTS_CPU)
+        phase.entries = (len(phase.layouts), sum(t.numel() for t in tensors.values()))
+    cpu = _first_tensor(phase).device.type == "cpu"
+    return phase.entries[1] >= (AUTO_MIN_ELEMENTS_CPU if cpu else AUTO_MIN_ELEMENTS)
 
 
 def _engine(tensor: torch.Tensor) -> str | None:

@@ -454,17 +454,6 @@ def test_auto_below_the_threshold_counts_each_tensor_once_and_stays_eager(
     assert _worst_difference(_records(tracker), eager_run[1]) <= 1e-12
 
 
-def test_auto_fuses_smaller_models_under_an_adaptive_optimizer(restore_mode, spy, monkeypatch):
-    entries = sum(p.numel() for p in _model().parameters())
-    monkeypatch.setattr(fused, "AUTO_MIN_ELEMENTS_CPU", entries + 1)
-    monkeypatch.setattr(fused, "AUTO_MIN_ELEMENTS_CPU_ADAPTIVE", entries // 2)
-    _, sgd = _train("auto")
-    assert sgd is not None and sgd.cache.plan.off and spy.calls == 0
-    _, adamw = _train("auto", optimizer=_adamw)  # the kernel is loaded (the module fixture)
-    assert adamw is not None and not adamw.cache.plan.off
-    assert spy.calls > 0 and spy.sources == 3 and not spy.wrong, (spy.calls, spy.wrong[:3])
-
-
 # ---------------------------------------------------------------------------------------------
 # 6. torch.compile: one code object per compiled function
 # ---------------------------------------------------------------------------------------------
