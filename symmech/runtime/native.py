@@ -11,8 +11,9 @@ accumulated in double, four rows at a time, split across torch's threads.
 It is built once per machine with :func:`torch.utils.cpp_extension.load` (a C++ compiler and
 ninja are needed; the build lies in torch's extension folder, ``TORCH_EXTENSIONS_DIR``) and
 loaded in about a second afterwards. :func:`build` builds it and waits; :func:`start` builds it
-in a background thread (the ``auto`` mode of :mod:`.fused`, so training never waits for the
-compiler). When the build fails, :func:`failure` says why and everything stays eager.
+in the background (the ``auto`` mode of :mod:`.fused`, so training never waits for the
+compiler): a first build runs in a child process that completes it even when the training script
+ends first, and a thread loads it. When the build fails, :func:`failure` says why and everything stays eager.
 
     >>> import torch
     >>> from symmech.runtime import native
@@ -27,6 +28,8 @@ compiler). When the build fails, :func:`failure` says why and everything stays e
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -39,6 +42,14 @@ SOURCE = Path(__file__).with_name("csrc") / "group_products.cpp"
 NAME = "symmech_group_products"
 #: a build lock older than this is left over from a build that was killed: removed
 STALE_LOCK_S = 600.0
+CFLAGS = ["-O3", "-fopenmp-simd"]
+#: what a child process runs to build the kernel (argv: name, source, build directory)
+_BUILD = (
+    "import sys\n"
+    "from torch.utils.cpp_extension import load\n"
+    f"load(sys.argv[1], sources=[sys.argv[2]], extra_cflags={CFLAGS!r}, "
+    "build_directory=sys.argv[3], verbose=False)\n"
+)
 
 _module: Any = None
 _failed: str | None = None
@@ -63,7 +74,7 @@ def _load() -> None:
         module = load(
             NAME,
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-fopenmp-simd"],
+            extra_cflags=CFLAGS,
             build_directory=str(directory),
             verbose=False,
         )
@@ -71,6 +82,39 @@ def _load() -> None:
         _failed = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[-1][:200]}"
         return
     _module = module
+
+
+def _spawn_build() -> subprocess.Popen | None:
+    """A first build (no library yet, or one older than the source) in a child process of its
+    own session, which finishes it even when this process ends first: a short script's killed
+    thread would leave torch's lock behind, and the next runs would wait for it. None when the
+    library is current, or another process holds a fresh lock (:func:`_load` waits for it)."""
+    try:
+        directory = _build_directory()
+        library = directory / f"{NAME}.so"
+        if library.exists() and library.stat().st_mtime >= SOURCE.stat().st_mtime:
+            return None
+        lock = directory / "lock"
+        if lock.exists():
+            if time.time() - lock.stat().st_mtime <= STALE_LOCK_S:
+                return None
+            lock.unlink(missing_ok=True)
+        return subprocess.Popen(
+            [sys.executable, "-c", _BUILD, NAME, str(SOURCE), str(directory)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    except Exception:  # noqa: BLE001 - _load builds in this process instead and says why
+        return None
+
+
+def _background(child: subprocess.Popen | None) -> None:
+    """:func:`start`'s thread: wait for the child's build, if any, then load the library."""
+    if child is not None:
+        child.wait()
+    _load()
 
 
 def _wait_for_lock(lock: Path) -> None:
@@ -107,7 +151,9 @@ def start() -> None:
     with _lock:
         if _thread is not None or _module is not None or _failed is not None:
             return
-        _thread = threading.Thread(target=_load, name="symmech-native-build", daemon=True)
+        _thread = threading.Thread(
+            target=_background, args=(_spawn_build(),), name="symmech-native-build", daemon=True
+        )
         _thread.start()
 
 

@@ -7,8 +7,11 @@ computations.
 * a float64 conv net with BatchNorm tracked with ``MODE = "native"`` and ``"eager"``: the same
   records to ≤1e-12, training bit-identical to an untracked twin, the kernel ran (its every
   value checked against numpy inside the run), and the exact discrete law holds;
+* the same net under AdamW: its coming step aₖ is the kernel's third source (read by name), the
+  records equal the eager ones and the general law holds;
 * a failed build: one warning, then exactly the eager records;
-* ``"auto"`` on the CPU: the background build, then the kernel, with the eager records;
+* ``"auto"`` on the CPU: the background build, then the kernel, with the eager records; a first
+  build started by a script that ends at once completes in its own process and is loaded next;
 * ``torch.compile``'s recompile limit no longer turns the compiled path off after a few layouts.
 """
 
@@ -520,3 +523,36 @@ def test_a_lock_left_by_a_killed_build_is_removed(tmp_path) -> None:
     native._wait_for_lock(live)
     assert not live.exists() and time.perf_counter() - start >= 0.5
     native._wait_for_lock(tmp_path / "none" / "lock")  # no lock: returns at once
+
+
+def test_a_first_build_started_by_a_short_script_completes_after_it_exits(tmp_path) -> None:
+    """auto starts the build in the background; a script that ends at once must neither kill
+    it half-way (leaving torch's lock for the next runs to wait on) nor lose it."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    subprocess.run(
+        [sys.executable, "-c", "from symmech.runtime import native; native.start()"],
+        env=env,
+        check=True,
+        timeout=120,
+    )
+    directory = tmp_path / native.NAME
+    library, lock = directory / f"{native.NAME}.so", directory / "lock"
+    deadline = time.time() + 600
+    while time.time() < deadline and (not library.exists() or lock.exists()):
+        time.sleep(0.5)
+    assert library.exists() and not lock.exists(), sorted(p.name for p in directory.iterdir())
+    built = library.stat().st_mtime
+    loaded = subprocess.run(
+        [sys.executable, "-c", "from symmech.runtime import native; print(native.build())"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert loaded.stdout.split() == ["True"], loaded.stderr[-2000:]
+    assert library.stat().st_mtime == built  # loaded, not built again
