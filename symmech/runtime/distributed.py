@@ -31,7 +31,6 @@ from symmech.laws import names
 
 from .binding import Binding, BoundSlice
 from .evidence import judge_residuals, mark_non_finite
-from .history import History
 from .shards import is_sharded, row_ranges, shard_rows
 from .tracker import Tracker
 
@@ -414,12 +413,7 @@ class DistributedTracker(Tracker):
 
     def records(self, final: bool = True) -> list[dict[str, Any]]:
         """The global records, the same on every rank (collective in a split mode)."""
-        rows = self.history.rows()
-        if final and not self.detached and self._final_state_missing():
-            extra = History()
-            extra.add(self._final_state())
-            rows += extra.rows()
-        rows = global_rows(rows, split=self.split)
+        rows = global_rows(self._rows(final), split=self.split)
         mark_non_finite(rows)
         families = _whole_bindings(self.families) if self.mode == FSDP else self.families
         judge_residuals(rows, families)

@@ -319,14 +319,19 @@ class Tracker:
 
         ``final`` adds the state after the last step when it was not logged already.
         """
+        rows = self._rows(final)
+        mark_non_finite(rows)
+        judge_residuals(rows, self.families)
+        return rows
+
+    def _rows(self, final: bool) -> list[dict[str, Any]]:
+        """This process's logged rows, and with ``final`` the state after the last step when
+        it was not logged (reported but not stored: the next step logs it anew)."""
         rows = self.history.rows()
         if final and not self.detached and self._final_state_missing():
-            # the state after the last step, reported but not stored: the next step logs it anew
             extra = History()
             extra.add(self._final_state())
             rows += extra.rows()
-        mark_non_finite(rows)
-        judge_residuals(rows, self.families)
         return rows
 
     def to_csv(self, path) -> None:
