@@ -18,10 +18,10 @@ Modes (:data:`MODE`, or the environment variable ``SYMMECH_REDUCTIONS``):
   reads each source once, for the groups along every dimension), built when first needed and
   waited for; on other devices as ``"compiled"``;
 * ``"auto"`` (default): on the CPU, the C++ kernel once its build is ready, eager until then.
-  The build starts in a background thread the first time a tracked model covers
-  :data:`AUTO_MIN_ELEMENTS_CPU` entries and is cached per machine, so later runs load it in about
-  a second. On CUDA,
-  compile once the plan has been asked for on :data:`AUTO_AFTER` hook calls and covers at least
+  The build starts in the background (:func:`.native.start`) the first time a tracked model
+  covers :data:`AUTO_MIN_ELEMENTS_CPU` entries and is cached per machine, so later runs load it
+  in about a second. On CUDA, compile once the plan has been asked for on :data:`AUTO_AFTER`
+  hook calls and covers at least
   :data:`AUTO_MIN_ELEMENTS` entries (compiling takes seconds, so short runs and small models stay
   eager). ``torch.compile`` is not used on the CPU: Inductor's C++ loops reduce a
   512×512×3×3 conv weight along its input channels in 3.5 ms against the eager 0.9 ms (one
@@ -32,8 +32,9 @@ A third tensor joins a layout's pass when it is asked for in two calls in a row 
 storage (torch's momentum buffer), or when it is a named tensor of the hook call (role ``"a"``:
 the coming step aₖ of an adaptive optimizer, made anew each call, registered in
 :attr:`.reductions.ReductionCache.named` and read by name); other temporaries (ηa when the η
-differ between tensors) and sharded, absent or low-precision slices are always reduced eagerly. The fused values equal the eager ones
-to round-off (tests/runtime/test_fused.py); training is untouched and nothing waits for the device.
+differ between tensors) and sharded, absent or low-precision slices are always reduced eagerly.
+The fused values equal the eager ones to round-off (tests/runtime/test_fused.py,
+tests/runtime/test_native.py); training is untouched and nothing waits for the device.
 """
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ AUTO_MIN_ELEMENTS = 1_000_000
 #: step, 3.3–3.5× with the kernel against 3.7–6.0× eager (the eager products are temporaries,
 #: whose cost depends on what the allocator returned to the system before: after a small
 #: confirmation every one page-faults), logging every 50 steps 2.4–2.5× against 2.2–2.3×; under
-#: AdamW 1.8–2.3× against 3.0–4.1×. A transformer block of 0.8 M entries in 71 small tensors
-#: measured 3.4× against 2.7× under AdamW: below 1 M entries Python per tensor outweighs the sweep.
+#: AdamW 1.8–2.3× against 3.0–4.1×. A transformer block of 0.8 M entries (71 families) measured
+#: 3.4× against 2.7× under AdamW: below 1 M entries Python per tensor outweighs the sweep.
 AUTO_MIN_ELEMENTS_CPU = 1_000_000
 #: compiled functions kept (one per model layout: shapes, strides, dtypes, group dims, products)
 MAX_COMPILED = 8
@@ -297,8 +298,8 @@ class Plan:
         read: Reader,
     ) -> torch.Tensor | None:
         """The per-group product of the two ``roles`` ("t", "g", a named role or a tensor) in
-        ``layout`` from this call's fused pass (None: not fused; the caller reduces it eagerly, and the plan
-        includes it from the next call)."""
+        ``layout`` from this call's fused pass (None: not fused; the caller reduces it eagerly,
+        and the plan includes it from the next call)."""
         if _engine(spec.tensor) is None or (self.off and MODE == "auto"):
             return None
         keys = tuple(_key(r) if isinstance(r, torch.Tensor) else r for r in roles)
