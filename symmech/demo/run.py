@@ -464,6 +464,7 @@ def detect_command(args: argparse.Namespace) -> int:
     """``symmech detect --model NAME``: detect the model's symmetries, confirm them on a batch."""
     from symmech.model.detect import SymmetryWarning, detect, format_table
     from symmech.model.evaluator import CONFIRM_SAMPLES
+    from symmech.runtime.attach import detection_input
 
     name = getattr(args, "model", None) or "vgg-tiny-bn"
     if isinstance(name, (list, tuple)):
@@ -480,7 +481,9 @@ def detect_command(args: argparse.Namespace) -> int:
     x, y = dataset.X_train[:64], dataset.y_train[:64]
     with warnings.catch_warnings():  # every note is printed with the table
         warnings.simplefilter("ignore", SymmetryWarning)
-        families = detect(model, x[:CONFIRM_SAMPLES], loss_fn=F.cross_entropy, confirm_batch=(x, y))
+        families = detect(
+            model, detection_input(x, (x, y)), loss_fn=F.cross_entropy, confirm_batch=(x, y)
+        )
     print(
         f"{name} on {dataset.name} {tuple(x.shape[1:])}, confirmed on the first {CONFIRM_SAMPLES} "
         f"samples of a batch of {len(x)}:"

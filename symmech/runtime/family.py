@@ -406,8 +406,7 @@ class Family:
         if key not in self.step_cache:
             grad = self.cache.grads.get(id(tensor))
             found = direction(self.optimizer, group, tensor, grad=grad)
-            self.step_cache[key] = found
-            self.cache.named[("a", id(tensor))] = found.a
+            _keep_step(self.cache, self.step_cache, tensor, found)
         return self.step_cache[key]
 
     def _temporary(self, key: tuple, make: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -580,5 +579,11 @@ def coming_steps(
     except (SymmechError, ValueError, IndexError, RuntimeError):
         return
     for t, d in zip(tensors, found):
-        step_cache[("direction", id(t))] = d
-        cache.named[("a", id(t))] = d.a
+        _keep_step(cache, step_cache, t, d)
+
+
+def _keep_step(cache: ReductionCache, step_cache: dict, tensor: torch.Tensor, d: Direction) -> None:
+    """Keep ``tensor``'s coming step for this hook call: for the families (``step_cache``) and
+    for the fused pass, which reads aₖ by name (``cache.named``)."""
+    step_cache[("direction", id(tensor))] = d
+    cache.named[("a", id(tensor))] = d.a

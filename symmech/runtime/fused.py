@@ -276,6 +276,12 @@ class Plan:
         self.results.clear()
         self.versions.clear()
 
+    @property
+    def fusing(self) -> bool:
+        """Whether products may come from a fused pass at all: not in mode ``"eager"``, nor once
+        ``"auto"`` found the model too small (a lookup still asks its tensor's device)."""
+        return MODE != "eager" and not (self.off and MODE == "auto")
+
     def _active(self, phase: _Phase) -> bool:
         engine = _engine(_first_tensor(phase)) if phase.layouts else None
         if engine is None or phase.stable < 1:
@@ -300,7 +306,7 @@ class Plan:
         """The per-group product of the two ``roles`` ("t", "g", a named role or a tensor) in
         ``layout`` from this call's fused pass (None: not fused; the caller reduces it eagerly,
         and the plan includes it from the next call)."""
-        if _engine(spec.tensor) is None or (self.off and MODE == "auto"):
+        if not self.fusing or _engine(spec.tensor) is None:
             return None
         keys = tuple(_key(r) if isinstance(r, torch.Tensor) else r for r in roles)
         if self.phase is None:

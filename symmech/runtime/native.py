@@ -94,11 +94,8 @@ def _spawn_build() -> subprocess.Popen | None:
         library = directory / f"{NAME}.so"
         if library.exists() and library.stat().st_mtime >= SOURCE.stat().st_mtime:
             return None
-        lock = directory / "lock"
-        if lock.exists():
-            if time.time() - lock.stat().st_mtime <= STALE_LOCK_S:
-                return None
-            lock.unlink(missing_ok=True)
+        if _live_lock(directory / "lock"):
+            return None
         return subprocess.Popen(
             [sys.executable, "-c", _BUILD, NAME, str(SOURCE), str(directory)],
             stdin=subprocess.DEVNULL,
@@ -117,17 +114,22 @@ def _background(child: subprocess.Popen | None) -> None:
     _load()
 
 
+def _live_lock(lock: Path) -> bool:
+    """Whether another process holds torch's build lock; a lock older than :data:`STALE_LOCK_S`
+    was left by a build that was killed (torch's own wait would never end): removed."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age > STALE_LOCK_S:
+        lock.unlink(missing_ok=True)
+        return False
+    return True
+
+
 def _wait_for_lock(lock: Path) -> None:
-    """Wait while another process builds; a lock older than :data:`STALE_LOCK_S` was left by a
-    build that was killed (torch's own wait would never end): remove it."""
-    while True:
-        try:
-            age = time.time() - lock.stat().st_mtime
-        except FileNotFoundError:
-            return
-        if age > STALE_LOCK_S:
-            lock.unlink(missing_ok=True)
-            return
+    """Wait while another process builds (:func:`_live_lock`)."""
+    while _live_lock(lock):
         time.sleep(0.5)
 
 

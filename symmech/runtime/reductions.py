@@ -152,7 +152,7 @@ class GridSlice:
         """⟨x, y⟩ per group from the hook call's fused pass when x and y are θ or g of the same
         layout (None: reduce it here)."""
         spec, o = self.spec, other.spec
-        if fused.MODE == "eager" or (self.cache.plan.off and fused.MODE == "auto"):
+        if not self.cache.plan.fusing:
             return None
         if self.part is not None or other.part is not None or spec.dim is None:
             return None

@@ -26,7 +26,6 @@ import torch
 
 from symmech.errors import BindingError, explain
 
-from . import fused
 from .bank import Bank
 from .binding import Binding
 from .directions import modelled, not_modelled_reason
@@ -278,8 +277,7 @@ class Tracker:
         then reads aₖ with θ and g (one sweep per tensor) instead of leaving ⟨θ, a⟩ and ⟨a, a⟩
         eager. The families would compute the same steps a moment later."""
         return (
-            fused.MODE != "eager"
-            and not (fused.MODE == "auto" and self.cache.plan.off)
+            self.cache.plan.fusing
             and type(self.optimizer) is not torch.optim.SGD
             and modelled(self.optimizer)
             and any(f.tracked for f in self.families)
