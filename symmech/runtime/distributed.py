@@ -30,7 +30,7 @@ from symmech.errors import BindingError, explain
 from symmech.laws import names
 
 from .binding import Binding, BoundSlice
-from .evidence import judge_residuals, mark_non_finite
+from .evidence import judge_laws, judge_residuals, mark_non_finite
 from .shards import is_sharded, row_ranges, shard_rows
 from .tracker import Tracker
 
@@ -417,6 +417,7 @@ class DistributedTracker(Tracker):
         mark_non_finite(rows)
         families = _whole_bindings(self.families) if self.mode == FSDP else self.families
         judge_residuals(rows, families)
+        judge_laws(rows, families)
         return agree_on_status(rows)
 
     def to_csv(self, path) -> None:

@@ -1,5 +1,6 @@
-"""What the records themselves say about the laws: non-finite steps, and a residual that is not
-negligible (a symmetry the loss does not have), judged on the host when records are read.
+"""What the records themselves say about the laws: non-finite steps, a residual that is not
+negligible (a symmetry the loss does not have), and a law that misses the observed charge
+(something outside the modelled step changed θ), judged on the host when records are read.
 
 A family is ``tracked`` only while its measured rₖ = ⟨ξ, gₖ⟩ moves Q by less than
 √ε (of the parameters' precision) of Q's scale (see :func:`judge_residuals`); otherwise its status becomes
@@ -18,7 +19,7 @@ import torch
 
 from symmech.laws.names import PREDICTIONS
 
-from .family import TRACKED, Family, TrackerWarning
+from .family import APPROXIMATE, TRACKED, Family, TrackerWarning
 
 _NUMERIC = ("observed", "residual", *(n for n in PREDICTIONS if n != "gradient_flow"))
 
@@ -108,3 +109,64 @@ def judge_residuals(rows: list[dict[str, Any]], families: Sequence[Family]) -> N
         for r in fam_rows:
             if r["status"] == TRACKED:
                 r["status"] = f.status
+
+
+def judge_laws(rows: list[dict[str, Any]], families: Sequence[Family]) -> None:
+    """Mark rows whose exact law misses the observed Q ``approximate: the law misses …``.
+
+    The exact law is ``discrete_residual`` (``discrete`` when residuals are not measured). It
+    holds to round-off unless something outside the optimizer's step changed the parameters
+    (an edit of θ between steps, a post-hook that projects the weights, a state the tracker
+    did not see). A miss is beyond round-off above √ε times the larger of the scale of
+    :func:`judge_residuals`, the term size M and the path Q travelled between logged rows (the
+    round-off of a law grows with the path it sums). Only rows still ``tracked`` are judged;
+    the family's status becomes the first miss, measured.
+    """
+    mine: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        mine.setdefault((r["symmetry"], r["layer"]), []).append(r)
+    for f in families:
+        fam_rows = [r for r in mine.get((f.symmetry, f.layer), []) if r["status"] == TRACKED]
+        if not fam_rows:
+            continue
+        law = (
+            "discrete_residual"
+            if any(r["discrete_residual"] is not None for r in fam_rows)
+            else "discrete"
+        )
+        judged = [
+            r
+            for r in fam_rows
+            if r[law] is not None and math.isfinite(r[law]) and math.isfinite(r["observed"])
+        ]
+        if not judged:
+            continue
+        observed = [r["observed"] for r in judged]
+        path = _path(judged)
+        scale = max(max(abs(q) for q in observed) + (max(observed) - min(observed)), path)
+        tol = math.sqrt(_precision(f)) * max(scale, _magnitude(f), 1e-300)
+        misses = [r for r in judged if abs(r[law] - r["observed"]) > tol]
+        if not misses:
+            continue
+        first = min(misses, key=lambda r: r["step"])
+        worst = max(abs(r[law] - r["observed"]) for r in misses)
+        why = (
+            f"the law misses the observed Q by up to {worst:.1e} ({worst / max(scale, 1e-300):.1e} of "
+            f"its scale) from step {first['step']}: something outside the optimizer's step "
+            "changed the parameters (an edit between steps, a hook) or what the step used"
+        )
+        f.approximate(why)
+        for r in misses:
+            r["status"] = f"{APPROXIMATE}: {why}"
+
+
+def _path(rows: list[dict[str, Any]]) -> float:
+    """The largest distance one group's observed Q travelled between consecutive logged rows."""
+    by_group: dict[Any, list[tuple[int, float]]] = {}
+    for r in rows:
+        by_group.setdefault(r["group"], []).append((r["step"], r["observed"]))
+    out = 0.0
+    for series in by_group.values():
+        series.sort()
+        out = max(out, sum(abs(b[1] - a[1]) for a, b in zip(series, series[1:])))
+    return out

@@ -435,7 +435,7 @@ class Family:
             # one η for every tensor: ⟨ξ, ηa⟩ = η⟨ξ, a⟩ and ⟨ηa, J ηa⟩ = η²⟨a, J a⟩ read a
             # itself (no ηa temporary: one pass over each tensor fewer)
             step_views = self.views_of(lambda p: found[id(p)].a, share="a")
-            step, by = "a", (eta, eta * eta)
+            role, by = "a", (eta, eta * eta)
         else:
             step_views = self.views_of(
                 lambda p: self._temporary(
@@ -443,7 +443,7 @@ class Family:
                 ),
                 share="eta_a",
             )
-            step, by = "eta_a", (1.0, 1.0)
+            role, by = "eta_a", (1.0, 1.0)
         if self.residuals or log:
             self.residual = self._owned(
                 self.run("residual", th, self.views("grad"), roles=("theta", "grad"))
@@ -451,7 +451,7 @@ class Family:
         kappa = float(m.KAPPA)
         mixed = dJd = None
         if all(d.shrink == s0 for d in dirs):
-            xi_a = self.run("residual", th, step_views, roles=("theta", step))
+            xi_a = self.run("residual", th, step_views, roles=("theta", role))
             scale = (by[0] * s0 ** (kappa - 1.0), by[1])
         else:
             shrunk = self.views_of(
@@ -460,7 +460,7 @@ class Family:
                 ),
                 share="shrunk",
             )
-            xi_a = self.run("residual", shrunk, step_views, roles=("shrunk", step))
+            xi_a = self.run("residual", shrunk, step_views, roles=("shrunk", role))
             scale = by
             q = observed if observed is not None else self.run("charge", th, roles=("theta",))
             mixed = self.run("charge", shrunk, roles=("shrunk",)) - s0**kappa * q
@@ -477,7 +477,7 @@ class Family:
                 )
                 dJd = self.run("quadratic", moved, roles=("moved",))
         # xi_a and aJa raw: the bank multiplies them by ``scale`` for all its families at once
-        aJa = self.run("quadratic", step_views, roles=(step,))
+        aJa = self.run("quadratic", step_views, roles=(role,))
         general = General(s0, xi_a, aJa, mixed=mixed, dJd=dJd, scale=scale)
         self._pending = _Pending(
             hyper,
@@ -487,6 +487,12 @@ class Family:
         )
         self._mark_restart(step, restart, observed)
         return observed
+
+    @property
+    def restart_due(self) -> str | None:
+        """Why the laws restart at the next step, when they do (their values until then are not
+        predictions)."""
+        return self._restart if self.tracked else None
 
     def pending_restart(self) -> torch.Tensor | None:
         """The observed Q the laws restart from at this step, if they do."""

@@ -29,9 +29,10 @@ from symmech.errors import BindingError, explain
 from .bank import Bank
 from .binding import Binding
 from .directions import modelled, not_modelled_reason
-from .evidence import judge_residuals, mark_non_finite
+from .evidence import judge_laws, judge_residuals, mark_non_finite
 from .family import Family, TrackerWarning, coming_steps
 from .history import History, Snapshot
+from .hook_order import HookOrder, Read
 from .reductions import ReductionCache
 
 Schedule = Callable[[int], bool]
@@ -85,8 +86,11 @@ class Tracker:
         self._measured = False  # this step's data was read (after the closure, if any)
         self._skipped = False  # a step the optimizer skips (GradScaler found inf)
         self._adopt(bindings)
+        pre = optimizer.register_step_pre_hook(self._before)
+        self._order = HookOrder(pre)
+        self._late: Read | None = None  # what was read before a pre-hook registered later ran
         self._handles: list[Any] = [
-            optimizer.register_step_pre_hook(self._before),
+            pre,
             optimizer.register_step_post_hook(self._after),
             optimizer.register_load_state_dict_post_hook(
                 lambda opt: self._reloaded("the optimizer's state was loaded")
@@ -183,6 +187,12 @@ class Tracker:
                 t = 0.0
             obs = observed.get(id(f))
             settings = f.settings()
+            note = f.note
+            if final and f.restart_due is not None:  # the last step's data were dropped
+                state, segment = None, None
+                note = "; ".join(
+                    filter(None, [note, f"laws restart at the next step: {f.restart_due}"])
+                )
             out.append(
                 Snapshot(
                     step=self.step,
@@ -196,7 +206,7 @@ class Tracker:
                     momentum=settings.momentum,
                     nesterov=settings.nesterov,
                     status=f.status,
-                    note=f.note,
+                    note=note,
                     residuals=f.residuals,
                     continuous=not f.general,
                     rotation=f.rotation,
@@ -243,6 +253,7 @@ class Tracker:
                     stacklevel=4,
                 )
         log = bool(self.schedule(self.step))
+        self._late = self._order.read(self.optimizer) if self._order.late() else None
         self.cache.clear()
         grad_scale = kwargs.get("grad_scale", getattr(self.optimizer, "grad_scale", None))
         if grad_scale is not None:  # the fused kernel divides by it: read what it uses
@@ -289,6 +300,9 @@ class Tracker:
             self._skipped = False
             return
         self._measured = False
+        if self._late is not None:
+            self._caught_late_hook(self._late)
+            self._late = None
         self.cache.clear()
         for bank in self.banks or []:
             data = [self._guard(f, "after", f.finish_step) for f in bank.families]
@@ -302,6 +316,23 @@ class Tracker:
         if self._copies:
             self._copies.clear()
         self.step += 1
+
+    def _caught_late_hook(self, read: Read) -> None:
+        """A step pre-hook registered after the tracker's ran after its read: restart the laws
+        of every family whose settings or gradients it changed (their data of this step are
+        not what the optimizer used), and run the tracker's hook last from now on."""
+        groups, grads = self._order.changed(self.optimizer, read)
+        moved = self._order.run_last()
+        for f in self.families:
+            what = [c for i in dict.fromkeys(f.group_indices) for c in groups.get(i, [])]
+            if any(id(t) in grads for t in f.binding.tensors):
+                what.append("the gradients")
+            if what and f.tracked:
+                f.restart(
+                    f"a step pre-hook registered after track changed {', '.join(what)} after "
+                    f"the tracker read step {self.step}"
+                    + ("; the tracker's hook now runs last" if moved else "")
+                )
 
     # -- results ---------------------------------------------------------------------
     def _final_state_missing(self) -> bool:
@@ -320,6 +351,7 @@ class Tracker:
         rows = self._rows(final)
         mark_non_finite(rows)
         judge_residuals(rows, self.families)
+        judge_laws(rows, self.families)
         return rows
 
     def _rows(self, final: bool) -> list[dict[str, Any]]:
