@@ -52,3 +52,6 @@ ANATOMY: tuple[str, ...] = (DQ_DECAY, DQ_BREAKING, DQ_STEP, DQ_HISTORY)
 #: Scale groups: the angle between θₖ₋₁ and θₖ (radians), its random-walk equilibrium for the
 #: optimizer's settings, and the Q where the exact law stands still under the step's forcing.
 ROTATION: tuple[str, ...] = (ANGULAR_UPDATE, ANGULAR_EQUILIBRIUM, EQUILIBRIUM)
+#: Not record columns: the last step's ΔQ and ⟨δ, Jδ⟩ (δ = θₖ − θₖ₋₁) of a scale group, both sums
+#: over entries, from which ``angular_update`` is rebuilt when ranks hold parts of every group.
+ROTATION_PARTS: tuple[str, ...] = ("rotation_dq", "rotation_delta_sq")

@@ -9,7 +9,8 @@
 In the two split modes every per-step term is a sum over entries, and every law is linear in
 those terms with coefficients that are the same on every rank (η, β, τ, λ, κ, the step's
 update case), so each rank advances its laws on partial sums and the global value is the sum
-over ranks: nothing is communicated per step; :meth:`DistributedTracker.records` sums once
+over ranks: nothing is communicated per step (``angular_update``, no such sum, is rebuilt from
+the summed Qₖ₊₁, ΔQ and ⟨δ, Jδ⟩); :meth:`DistributedTracker.records` sums once
 (one ``all_reduce``, one ``all_gather_object`` of the statuses, run-length coded, and
 under FSDP2 one all-gather of each bound parameter, for the size of a group's terms that
 the residual is judged against). ``records()``,
@@ -20,6 +21,7 @@ writer (:func:`is_writer`) writes files.
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -31,7 +33,9 @@ from symmech.laws import names
 
 from .binding import Binding, BoundSlice
 from .evidence import judge_laws, judge_residuals, mark_non_finite
+from .history import without_parts
 from .shards import is_sharded, row_ranges, shard_rows
+from .stepper import angle_from_parts
 from .tracker import Tracker
 
 REPLICATED, FSDP, ZERO = "replicated", "fsdp", "zero"
@@ -45,6 +49,7 @@ SUMMED = frozenset(
         *names.PREDICTIONS,
         *getattr(names, "ANATOMY", ()),
         *(("equilibrium",) if hasattr(names, "EQUILIBRIUM") else ()),
+        *getattr(names, "ROTATION_PARTS", ()),
     }
 )
 #: Record columns that every rank computes alike (checked, never added).
@@ -305,8 +310,9 @@ def global_rows(rows: list[dict[str, Any]], split: bool = True) -> list[dict[str
     """Every rank's rows summed over ranks (collective: every rank calls it with its rows).
 
     Columns in :data:`SUMMED` are added; a value missing (None) on every rank stays None, on
-    some ranks only becomes NaN. Other numeric columns are not sums over entries and are NaN
-    with a note. With ``split=False`` (replicated terms) the rows are already global.
+    some ranks only becomes NaN. ``angular_update`` is rebuilt from the summed Qₖ₊₁ and
+    :data:`~symmech.laws.names.ROTATION_PARTS`. Other numeric columns are not sums over entries
+    and are NaN with a note. With ``split=False`` (replicated terms) the rows are already global.
     """
     rank, world = rank_and_world()
     if world == 1 or not rows:
@@ -316,7 +322,10 @@ def global_rows(rows: list[dict[str, Any]], split: bool = True) -> list[dict[str
         other = [
             k
             for k, v in rows[0].items()
-            if k not in SUMMED and k not in SHARED and (v is None or isinstance(v, float))
+            if k not in SUMMED
+            and k not in SHARED
+            and k not in _REBUILT
+            and (v is None or isinstance(v, float))
         ]
         n, c, o = len(rows), len(cols), len(other)
         buf = torch.zeros(n, 2 * c + o + 2, dtype=torch.float64)
@@ -352,7 +361,35 @@ def global_rows(rows: list[dict[str, Any]], split: bool = True) -> list[dict[str
                     f"{', '.join(gone)}: not a sum over entries, unavailable when terms are split"
                 )
                 r["note"] = f"{r['note']}; {note}" if r["note"] else note
+        _rebuild_angles(rows)
     return rows
+
+
+#: Columns that are no sums over entries but are rebuilt from summed ones (:func:`global_rows`).
+_REBUILT = frozenset({names.ANGULAR_UPDATE})
+
+
+def _rebuild_angles(rows: list[dict[str, Any]]) -> None:
+    """``angular_update`` of the global rows from their summed Qₖ₊₁, ΔQ and ⟨δ, Jδ⟩ (None where
+    a part is missing or the angle is not defined, as in one process)."""
+    dq_name, dsq_name = names.ROTATION_PARTS
+    want = [
+        r
+        for r in rows
+        if r.get(dq_name) is not None
+        and r.get(dsq_name) is not None
+        and r.get("discrete_residual") is not None
+    ]
+    for r in rows:
+        r[names.ANGULAR_UPDATE] = None
+    if not want:
+        return
+    q_after, dq, dsq = (
+        torch.tensor([r[k] for r in want], dtype=torch.float64)
+        for k in ("discrete_residual", dq_name, dsq_name)
+    )
+    for r, a in zip(want, angle_from_parts(q_after, dq, dsq).tolist()):
+        r[names.ANGULAR_UPDATE] = a if math.isfinite(a) else None
 
 
 class _Whole:
@@ -418,7 +455,7 @@ class DistributedTracker(Tracker):
         families = _whole_bindings(self.families) if self.mode == FSDP else self.families
         judge_residuals(rows, families)
         judge_laws(rows, families)
-        return agree_on_status(rows)
+        return without_parts(agree_on_status(rows))
 
     def to_csv(self, path) -> None:
         rows = self.records()

@@ -114,10 +114,11 @@ def judge_residuals(rows: list[dict[str, Any]], families: Sequence[Family]) -> N
 def judge_laws(rows: list[dict[str, Any]], families: Sequence[Family]) -> None:
     """Mark rows whose exact law misses the observed Q ``approximate: the law misses …``.
 
-    The exact law is ``discrete_residual`` (``discrete`` when residuals are not measured). It
-    holds to round-off unless something outside the optimizer's step changed the parameters
-    (an edit of θ between steps, a post-hook that projects the weights, a state the tracker
-    did not see). A miss is beyond round-off above √ε times the larger of the scale of
+    The exact law is ``discrete_residual`` when the family measures rₖ every step
+    (``residuals=True``), else ``discrete``. It holds to round-off unless something outside the
+    optimizer's step changed the parameters (an edit of θ between steps, a post-hook that
+    projects the weights, a state the tracker did not see), or, without residuals, the loss
+    breaks the symmetry. A miss is beyond round-off above √ε times the larger of the scale of
     :func:`judge_residuals`, the term size M and the path Q travelled between logged rows (the
     round-off of a law grows with the path it sums). Only rows still ``tracked`` are judged;
     the family's status becomes the first miss, measured.
@@ -127,37 +128,53 @@ def judge_laws(rows: list[dict[str, Any]], families: Sequence[Family]) -> None:
         mine.setdefault((r["symmetry"], r["layer"]), []).append(r)
     for f in families:
         fam_rows = [r for r in mine.get((f.symmetry, f.layer), []) if r["status"] == TRACKED]
-        if not fam_rows:
-            continue
-        law = (
-            "discrete_residual"
-            if any(r["discrete_residual"] is not None for r in fam_rows)
-            else "discrete"
-        )
+        fed_r = bool(getattr(f, "residuals", True))
+        pairs = [(r, _exact_law(r, fed_r)) for r in fam_rows]
         judged = [
-            r
-            for r in fam_rows
-            if r[law] is not None and math.isfinite(r[law]) and math.isfinite(r["observed"])
+            (r, v)
+            for r, v in pairs
+            if v is not None and math.isfinite(v) and math.isfinite(r["observed"])
         ]
         if not judged:
             continue
-        observed = [r["observed"] for r in judged]
-        path = _path(judged)
-        scale = max(max(abs(q) for q in observed) + (max(observed) - min(observed)), path)
-        tol = math.sqrt(_precision(f)) * max(scale, _magnitude(f), 1e-300)
-        misses = [r for r in judged if abs(r[law] - r["observed"]) > tol]
+        observed = [r["observed"] for r, _ in judged]
+        scale = max(
+            max(abs(q) for q in observed) + (max(observed) - min(observed)),
+            _path([r for r, _ in judged]),
+        )
+        eps = math.sqrt(_precision(f))
+        misses = [(r, abs(v - r["observed"])) for r, v in judged]
+        misses = [(r, m) for r, m in misses if m > eps * max(scale, 1e-300)]
+        if misses:  # M only widens the tolerance: read it (one autograd pass) only when needed
+            tol = eps * max(scale, _magnitude(f), 1e-300)
+            misses = [(r, m) for r, m in misses if m > tol]
         if not misses:
             continue
-        first = min(misses, key=lambda r: r["step"])
-        worst = max(abs(r[law] - r["observed"]) for r in misses)
+        first = min(r["step"] for r, _ in misses)
+        worst = max(m for _, m in misses)
         why = (
-            f"the law misses the observed Q by up to {worst:.1e} ({worst / max(scale, 1e-300):.1e} of "
-            f"its scale) from step {first['step']}: something outside the optimizer's step "
-            "changed the parameters (an edit between steps, a hook) or what the step used"
+            f"the law misses the observed Q by up to {worst:.1e} ({worst / max(scale, 1e-300):.1e} "
+            f"of its scale) from step {first}: something outside the optimizer's step changed "
+            "the parameters (an edit between steps, a hook) or what the step used"
         )
+        if not fed_r:
+            measured = [abs(r["residual"]) for r in fam_rows if r["residual"] is not None]
+            largest = f" (|r| up to {max(measured):.1e} on the logged steps)" if measured else ""
+            why += (
+                f", or the loss breaks the symmetry{largest}: residuals=True feeds the law the "
+                "measured rₖ of every step"
+            )
         f.approximate(why)
-        for r in misses:
+        for r, _ in misses:
             r["status"] = f"{APPROXIMATE}: {why}"
+
+
+def _exact_law(row: dict[str, Any], fed_r: bool) -> float | None:
+    """The row's exact law: the one fed the measured rₖ when the family measures it (the
+    final row has no rₖ: its pure law carries the same steps)."""
+    if fed_r and row["discrete_residual"] is not None:
+        return row["discrete_residual"]
+    return row["discrete"] if not fed_r or row["residual"] is None else None
 
 
 def _path(rows: list[dict[str, Any]]) -> float:

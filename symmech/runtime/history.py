@@ -46,6 +46,7 @@ from symmech.laws.names import (
     LAWS,
     PREDICTIONS,
     ROTATION,
+    ROTATION_PARTS,
     SECOND_ORDER,
 )
 
@@ -69,9 +70,12 @@ COLUMNS = (
     "note",
 )
 #: The keys of a record, in the order a record dict holds them.
-_KEYS = (*COLUMNS[:7], "residual", "status", "note", *PREDICTIONS, CONTINUOUS, *ANATOMY, *ROTATION)
+_KEYS = (
+    *COLUMNS[:7], "residual", "status", "note", *PREDICTIONS, CONTINUOUS, *ANATOMY, *ROTATION,
+    *ROTATION_PARTS,
+)  # fmt: skip
 #: What the laws store per group and logged step, after observed Q and rₖ.
-_STORED = (*PREDICTIONS, *ANATOMY, *ROTATION)
+_STORED = (*PREDICTIONS, *ANATOMY, *ROTATION, *ROTATION_PARTS)
 _META = 4  # log index, step, t (NaN: None), settings code
 _TRACKED = "tracked"
 _APPROXIMATE = "approximate"  # "approximate: <measured reason>": predicted, and says how well
@@ -465,12 +469,17 @@ class History:
         turning = pred & rotation[code]
         for name in ROTATION:
             out[name] = _with_none(col[name], turning & ~np.isnan(col[name]))
+        for name in ROTATION_PARTS:  # removed from the records by ``without_parts``
+            out[name] = _with_none(col[name], turning)
         return out
 
-    def rows(self) -> list[dict[str, Any]]:
-        """One row per logged step and group (host floats; None where a law does not apply)."""
+    def rows(self, parts: bool = False) -> list[dict[str, Any]]:
+        """One row per logged step and group (host floats; None where a law does not apply);
+        with ``parts`` also :data:`~symmech.laws.names.ROTATION_PARTS` (see
+        :func:`without_parts`)."""
         cols = self.columns()
-        return [dict(zip(_KEYS, values)) for values in zip(*(cols[k] for k in _KEYS))]
+        keys = _KEYS if parts else _KEYS[: len(_KEYS) - len(ROTATION_PARTS)]
+        return [dict(zip(keys, values)) for values in zip(*(cols[k] for k in keys))]
 
     @staticmethod
     def to_csv(rows: Iterable[Mapping[str, Any]], path) -> Path:
@@ -482,6 +491,15 @@ class History:
             writer.writerow(COLUMNS)
             writer.writerows([r.get(k) for k in COLUMNS] for r in rows)  # None: ""
         return path
+
+
+def without_parts(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows without :data:`~symmech.laws.names.ROTATION_PARTS` (read only to rebuild the
+    angle from sums over ranks; not record columns)."""
+    for r in rows:
+        for name in ROTATION_PARTS:
+            r.pop(name, None)
+    return rows
 
 
 def _with_none(values: np.ndarray, present: np.ndarray) -> list[Any]:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from symmech.derive.data_terms import sgd_case
-from symmech.laws.names import ANATOMY, PREDICTIONS, ROTATION
+from symmech.laws.names import ANATOMY, PREDICTIONS, ROTATION, ROTATION_PARTS
 
 from .kernels import Forms
 
@@ -160,6 +160,7 @@ _STATE = (
     "xi_b_residual",
     *ANATOMY,
     *ROTATION,
+    *ROTATION_PARTS,
     "xi_b_decay",
     "xi_b_breaking",
     "xi_b_step",
@@ -196,7 +197,7 @@ class Laws:
         self.xi_b_residual = torch.zeros_like(q0)
         for name in (*ANATOMY, *_SPLIT.values()):
             setattr(self, name, torch.zeros_like(q0))
-        for name in ROTATION:
+        for name in (*ROTATION, *ROTATION_PARTS):
             setattr(self, name, torch.full_like(q0, float("nan")))
         self.t = 0.0
         self.steps = 0
@@ -208,7 +209,8 @@ class Laws:
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A copy of every prediction, keyed by law name (device tensors, nothing synced)."""
-        return {name: getattr(self, name).clone() for name in (*PREDICTIONS, *ANATOMY, *ROTATION)}
+        names = (*PREDICTIONS, *ANATOMY, *ROTATION, *ROTATION_PARTS)
+        return {name: getattr(self, name).clone() for name in names}
 
     def state_dict(self) -> dict:
         """Everything the laws carry, to continue exactly in another process."""
@@ -218,7 +220,8 @@ class Laws:
 
     def load_state_dict(self, state: dict) -> None:
         for name in _STATE:
-            setattr(self, name, state[name].to(self.q0.device, torch.float64).clone())
+            if name in state:  # a state saved before the rotation parts were kept lacks them
+                setattr(self, name, state[name].to(self.q0.device, torch.float64).clone())
         self.kappa, self.t, self.steps = (
             float(state["kappa"]),
             float(state["t"]),
@@ -365,6 +368,7 @@ class Laws:
         a − b = −2ΔQ/(a + b), free of the cancellation in ⟨θₖ, θₖ₊₁⟩/(ab) for small angles.
         """
         q_after = self.discrete_residual
+        self.rotation_dq, self.rotation_delta_sq = dq, delta_sq
         rows = self._turning
         if rows is None:
             self.angular_update = _angle(q_before, q_after, dq, delta_sq)
@@ -373,6 +377,12 @@ class Laws:
             self.angular_update = torch.full_like(q_after, float("nan")).index_copy_(0, rows, angle)
         eq = float("nan") if data.rotation_eq is None else float(data.rotation_eq)
         self.angular_equilibrium = torch.full_like(q_after, eq)
+
+
+def angle_from_parts(q_after, dq, delta_sq) -> torch.Tensor:
+    """``angular_update`` from Qₖ₊₁ and the parts :data:`~symmech.laws.names.ROTATION_PARTS`
+    (sums over entries: summed over ranks first when each holds part of a group)."""
+    return _angle(q_after - dq, q_after, dq, delta_sq)
 
 
 def _angle(q_before, q_after, dq, delta_sq) -> torch.Tensor:

@@ -31,7 +31,7 @@ from .binding import Binding
 from .directions import modelled, not_modelled_reason
 from .evidence import judge_laws, judge_residuals, mark_non_finite
 from .family import Family, TrackerWarning, coming_steps
-from .history import History, Snapshot
+from .history import History, Snapshot, without_parts
 from .hook_order import HookOrder, Read
 from .reductions import ReductionCache
 
@@ -352,16 +352,17 @@ class Tracker:
         mark_non_finite(rows)
         judge_residuals(rows, self.families)
         judge_laws(rows, self.families)
-        return rows
+        return without_parts(rows)
 
     def _rows(self, final: bool) -> list[dict[str, Any]]:
         """This process's logged rows, and with ``final`` the state after the last step when
-        it was not logged (reported but not stored: the next step logs it anew)."""
-        rows = self.history.rows()
+        it was not logged (reported but not stored: the next step logs it anew); with the
+        rotation parts, which ``records`` removes after use."""
+        rows = self.history.rows(parts=True)
         if final and not self.detached and self._final_state_missing():
             extra = History()
             extra.add(self._final_state())
-            rows += extra.rows()
+            rows += extra.rows(parts=True)
         return rows
 
     def to_csv(self, path) -> None:

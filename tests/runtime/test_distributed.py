@@ -68,6 +68,11 @@ def check_kind(results: list[dict], kind: str, net: str) -> float:
             assert a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     rel = max_relative_difference(rows, ref)
     assert rel <= 1e-12, (kind, net, rel)
+    # the angle between θₖ₋₁ and θₖ of scale groups: rebuilt from sums over ranks when split
+    angles = [(a["angular_update"], b["angular_update"]) for a, b in zip(rows, ref)]
+    assert all((a is None) == (b is None) for a, b in angles), kind
+    assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in angles if b is not None), kind
+    assert all("angular_update" not in r["note"] for r in rows)
     assert [r["status"].split(":")[0] for r in rows] == [r["status"].split(":")[0] for r in ref]
     for r in results:  # training unchanged, bit for bit, on every rank
         tracked, plain = r[net]["tracked"]["params"], r[net]["plain"]["params"]
@@ -76,6 +81,17 @@ def check_kind(results: list[dict], kind: str, net: str) -> float:
     moved = max(abs(r["discrete"] - r["gradient_flow"]) for r in ref if r["discrete"] is not None)
     assert moved > 1e-4  # the laws are not constant: the comparison is not vacuous
     return rel
+
+
+def check_split(kind: str, tmp_path) -> list[dict]:
+    """Both nets under a split mode; the conv net's scale groups report their angle."""
+    results = jobs.spawn(kind, ("mlp", "conv"), tmp_path)
+    for net in ("mlp", "conv"):
+        check_kind(results, kind, net)
+        assert results[0][net]["tracked"]["mode"] == kind
+    turning = [r for r in results[0]["conv"]["tracked"]["records"] if r["angular_update"]]
+    assert turning and all(r["symmetry"] == "scale" for r in turning)  # not vacuous
+    return results
 
 
 def test_ddp_binds_the_inner_module_and_agrees_with_one_process(tmp_path):
@@ -88,10 +104,7 @@ def test_ddp_binds_the_inner_module_and_agrees_with_one_process(tmp_path):
 
 
 def test_fsdp2_shards_sum_to_one_process(tmp_path):
-    results = jobs.spawn("fsdp", ("mlp", "conv"), tmp_path)
-    for net in ("mlp", "conv"):
-        check_kind(results, "fsdp", net)
-        assert results[0][net]["tracked"]["mode"] == "fsdp"
+    results = check_split("fsdp", tmp_path)
     layers = {r["layer"] for r in results[0]["mlp"]["tracked"]["records"]}
     assert layers == {"columns", "columns_T", "hidden", "cut_rows", "pair"}
     for r in results:
@@ -99,6 +112,4 @@ def test_fsdp2_shards_sum_to_one_process(tmp_path):
 
 
 def test_zero_owner_terms_sum_to_one_process(tmp_path):
-    results = jobs.spawn("zero", ("mlp",), tmp_path)
-    check_kind(results, "zero", "mlp")
-    assert results[0]["mlp"]["tracked"]["mode"] == "zero"
+    check_split("zero", tmp_path)

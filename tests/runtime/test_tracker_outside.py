@@ -136,3 +136,33 @@ def test_an_edit_of_theta_between_steps_is_approximate_with_the_measured_miss(ki
     assert quoted == pytest.approx(worst, rel=0.06)  # two digits quoted
     assert all("from step 4" in r["status"] for r in after)
     assert tracker.families[0].status.startswith("approximate: the law misses")
+
+
+def test_a_broken_symmetry_without_residuals_is_approximate_not_tracked():
+    """Translation of the logits under BCE with ``residuals=False``: the law is not fed rₖ and
+    misses Q (by hand: the column sums of the output layer); before, every row said
+    ``tracked``. Now the rows from the first miss say how much, and that rₖ was measured."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    m = m.to(torch.float64)
+    x = torch.randn(32, 4, dtype=torch.float64)
+    y = torch.nn.functional.one_hot(torch.randint(0, 3, (32,)), 3).to(torch.float64)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    tracker = symmech.track(m, opt, example_input=(x, y), residuals=False, log_every=3)
+    bias = []
+    for _ in range(9):
+        bias.append(float(m[2].bias.detach().sum()))
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(m(x), y).backward()
+        opt.step()
+    bias.append(float(m[2].bias.detach().sum()))
+    with pytest.warns(
+        symmech.TrackerWarning, match=r"or the loss breaks the symmetry \(\|r\| up to"
+    ):
+        rows = tracker.records()
+    rows = [r for r in rows if r["symmetry"] == "translation" and "bias" in r["layer"]]
+    assert [r["observed"] for r in rows] == pytest.approx([bias[k] for k in (0, 3, 6, 9)])
+    missed = [r for r in rows if abs(r["discrete"] - bias[r["step"]]) > 1e-6]
+    assert [r["step"] for r in missed] == [3, 6, 9]
+    assert all(r["status"].startswith("approximate: the law misses") for r in missed)
+    assert rows[0]["status"] == "tracked"
