@@ -43,6 +43,7 @@ from torch import Tensor, fx, nn
 
 from .actions import BlockSlice, Family
 from .channel_flow import carried_axis, channel_cat, is_add, joined, source_axis
+from .encoder_streams import LeafStream, encoder_ends, leaf_role
 from .layout import in_axis, in_features, is_linear, out_axis, out_features
 from .norms import is_rms_norm, layer_norm_args, norm_eps
 from .trace import Trace, is_meta, is_scalar_scale, tensor_arg
@@ -208,6 +209,13 @@ def _sources(trace: Trace, node: fx.Node, s: _Stream) -> list[tuple[fx.Node, int
             (at := source_axis(trace, node, source, axis, s.n)) is not None
         ):
             return [(source, at)]
+    role = leaf_role(trace, node, axis, s.n)
+    if role is not None:  # a whole-kept encoder: its input, or the norm that writes its output
+        if role.passes:
+            _enter(role, s)
+            return [(node.args[0], axis)]  # type: ignore[list-item]
+        s.writers.update({p.param: p for p in role.out_writers})
+        return []
     found = _writer(trace, node, s)
     if found is None and trace.tied(node):
         s.stops.append((_what(trace, node), "write into the stream and are tied to another "
@@ -218,6 +226,13 @@ def _sources(trace: Trace, node: fx.Node, s: _Stream) -> list[tuple[fx.Node, int
     for piece in found or ():
         s.writers[piece.param] = piece
     return []
+
+
+def _enter(role: LeafStream, s: _Stream) -> None:
+    """Record what a whole-kept encoder does to the stream that enters it."""
+    s.writers.update({p.param: p for p in role.writers})
+    s.readers.update({p.param: p for p in role.readers})
+    s.absorbers.update(role.absorbers)
 
 
 def _what(trace: Trace, node: fx.Node) -> str:
@@ -288,6 +303,12 @@ def _grow(trace: Trace, start: fx.Node, s: _Stream) -> None:
             axis = s.axes[node]
             if user.op == "output":
                 s.stops.append(("the model's output", "is the stream"))
+            elif user.args[:1] == (node,) and (role := leaf_role(trace, user, axis, s.n)):
+                if role.passes:
+                    s.axes[user] = axis
+                    frontier.append(user)
+                else:
+                    _enter(role, s)
             elif (at := _join_user(trace, user, node, axis)) is not None or (
                 at := carried_axis(trace, user, node, axis, s.n)
             ) is not None:
@@ -355,6 +376,30 @@ def _try(trace: Trace, add: fx.Node, s: _Stream) -> None:
                     f"eps ({', '.join(f'{e:g}' for e in sorted(eps))})")  # fmt: skip
 
 
+def _seeds(trace: Trace) -> dict[fx.Node, tuple[int, ...]]:
+    """Where streams are looked for, with the channel axes to try: every addition, and the input
+    and output of a whole-kept encoder (the additions inside it are not in the graph)."""
+    out: dict[fx.Node, tuple[int, ...]] = {}
+    for node in trace.gm.graph.nodes:
+        rank = trace.rank(node) or 0
+        if is_add(trace, node):
+            out[node] = (1, rank - 1) if rank > 2 else (1,)
+        for seed in encoder_ends(trace, node):
+            out.setdefault(seed, ((trace.rank(seed) or 1) - 1,))
+    return out
+
+
+def _position(order: dict[str, int], param: str) -> int:
+    """Where ``param`` runs in the graph: its module's node, or the node of the whole-kept
+    module that holds it (``enc`` for ``enc.layers.0.linear2.weight``)."""
+    name = param
+    while name:
+        if name in order:
+            return order[name]
+        name = name.rpartition(".")[0]
+    return 0
+
+
 def _module_of(param: str) -> str:
     return param.rsplit(".", 1)[0]
 
@@ -367,12 +412,11 @@ def stream_families(
     fams, seen = [], set()
     order = {str(n.target): i for i, n in enumerate(trace.gm.graph.nodes)}
     shapes = {n: tuple(p.shape) for n, p in trace.gm.named_parameters()}
-    for node in trace.gm.graph.nodes:
-        if node in seen or not is_add(trace, node):
+    for node, axes in _seeds(trace).items():
+        if node in seen:
             continue
-        rank = trace.rank(node) or 0
         attempts: list[tuple[_Stream, _Stop | None]] = []
-        for axis in (1, rank - 1) if rank > 2 else (1,):
+        for axis in axes:
             s = _Stream(int(trace.values[node].shape[axis]), {node: axis})
             try:
                 _try(trace, node, s)
@@ -398,7 +442,7 @@ def stream_families(
         seen |= found.nodes
         found.absorbers = dict(sorted(found.absorbers.items(), key=lambda kv: order.get(kv[0], 0)))
         for pieces in (found.writers, found.readers):  # in the order the model runs them
-            ranked = sorted(pieces, key=lambda p: order.get(_module_of(p), order.get(p, 0)))
+            ranked = sorted(pieces, key=lambda p: _position(order, p))
             pieces.update({p: pieces.pop(p) for p in ranked})
         writers = list(dict.fromkeys(_module_of(p) for p in found.writers))
         readers = list(dict.fromkeys(_module_of(p) for p in found.readers))

@@ -12,6 +12,7 @@ from torch import nn
 
 from .actions import BlockSlice, Family, strided
 from .attention import entry_families, transposed_rows
+from .encoder_streams import inner_stream_families
 from .trace import Trace
 
 __all__ = ["encoder_layer_families", "leaf_families", "mha_families"]
@@ -87,4 +88,6 @@ def leaf_families(trace: Trace, note: Callable[[str], None]) -> list[Family]:
         elif isinstance(module, nn.TransformerEncoder):
             for i, layer in enumerate(module.layers):
                 fams += encoder_layer_families(f"{node.target}.layers.{i}", layer, note)
+        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerEncoder)):
+            fams += inner_stream_families(str(node.target), module)  # post-norm segments
     return fams

@@ -127,11 +127,11 @@ def _run(model, steps, charges, make_optimizer=_sgd, kinds=KINDS):
     per_family = _per_family(tracker)
     expected = {key: _expected_q(C) for key, C in charges(model).items()}
     worst: dict[str, float] = {}
-    checked = 0
+    checked = streams = 0
     for k, (fam, logs) in enumerate(zip(tracker.families, per_family, strict=True)):
         law = "discrete"
-        if fam.symmetry == "scale":  # the stream: broken by the LayerNorms' eps, and says so
-            assert fam.layer.startswith("stream ") and "normalised by" in fam.layer
+        if "normalised by" in fam.layer:  # a stream: broken by the LayerNorms' eps, says so
+            assert fam.layer.startswith("stream ") and fam.symmetry in ("scale", "stream_rescale")
             if fam.status != "tracked":
                 assert fam.status.startswith("approximate: |r| = "), fam.status
                 law = "discrete_residual"  # the exact law fed the measured rₖ = ⟨ξ, gₖ⟩
@@ -153,7 +153,12 @@ def _run(model, steps, charges, make_optimizer=_sgd, kinds=KINDS):
                 checked += 1
         else:
             assert [row["label"] for row in final] == [str(g) for g in range(fam.n_groups)]
+        if fam.layer.startswith("stream ") and fam.n_groups == 1:  # Q by hand: ½Σ|θ₁|² − ½Σ|θ₂|²
+            truth = _whole_stream_charge(model, families[k])
+            assert abs(final[0]["observed"] - truth) <= 1e-12 * scale
+            streams += 1
     assert all(e <= 1e-9 for e in worst.values()), worst
+    assert streams == sum(f.layer.startswith("stream ") and f.n_groups == 1 for f in families)
     n_attention = sum(f.n_groups for f in families if f.symmetry.startswith("attention"))
     assert checked == n_attention
     # the laws moved: Q at the end differs from Q at the start (no vacuous pass)
@@ -168,6 +173,18 @@ def _run(model, steps, charges, make_optimizer=_sgd, kinds=KINDS):
     for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     return worst
+
+
+def _whole_stream_charge(model, family) -> float:
+    """Q of a one-group stream family from the weights: ½ Σ |writer|² − ½ Σ |reader|²."""
+    params = dict(model.named_parameters())
+
+    def half_sq(block: str) -> float:
+        return 0.5 * sum(float(params[s.param].detach().pow(2).sum()) for s in family.blocks[block])
+
+    if family.symmetry == "scale":
+        return half_sq("theta")
+    return half_sq("theta_1") - half_sq("theta_2")
 
 
 def _block_charges(model):
@@ -214,5 +231,45 @@ def test_sdpa_block_300_steps():
 def test_transformer_encoder_layer_300_steps():
     # nn.TransformerEncoderLayer (nn.MultiheadAttention inside, read from its parameters)
     torch.manual_seed(2)
-    # the encoder layer is one node of the graph: the residual stream inside it is not seen
-    _run(_Encoder().double(), 300, _encoder_charges, kinds=KINDS - {"scale"})
+    # the encoder layer is one node of the graph: its stream is read from the module
+    # (embedding, out_proj and linear2 against the head, normalised by norm1 and norm2)
+    _run(_Encoder().double(), 300, _encoder_charges, kinds=KINDS - {"scale"} | {"stream_rescale"})
+
+
+class _PostNormStack(nn.Module):
+    """Linear → nn.TransformerEncoder of 2 post-norm layers with a final LayerNorm → head."""
+
+    def __init__(self, d: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, d)
+        layer = nn.TransformerEncoderLayer(d, heads, 16, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(d), enable_nested_tensor=False)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.embed(x.reshape(x.shape[0], 8, 8))).mean(dim=1))
+
+
+def _stack_charges(model):
+    out = {}
+    for i, layer in enumerate(model.enc.layers):
+        mha = layer.self_attn
+        d, heads = mha.embed_dim, mha.num_heads
+        w, b = mha.in_proj_weight, mha.in_proj_bias
+        qk = _head_charges(w[:d], b[:d], w[d : 2 * d], b[d : 2 * d], heads)
+        vo = _vo_charges(w[2 * d :], b[2 * d :], mha.out_proj.weight, heads)
+        name = f"enc.layers.{i}.self_attn"
+        out[("attention_qk", name)], out[("attention_vo", name)] = qk.detach(), vo.detach()
+    return out
+
+
+def test_post_norm_transformer_encoder_streams_300_steps():
+    """Post-norm segments inside the stack (norm1 → FF, norm2 → next attention, the last norm2
+    against the final norm), the stream into the first attention, and the final norm against
+    the head: each detected, confirmed, its Q equal to the weights' and its law exact."""
+    torch.manual_seed(3)
+    model = _PostNormStack().double()
+    layers = [f.layer for f in detect(model, digits_batches(1, 32)[0][0])]
+    streams = [n for n in layers if n.startswith("stream ")]
+    assert len(streams) == 6, streams  # 2 norm1 → FF, 1 norm2 → attention, last norm2, in, out
+    _run(model, 300, _stack_charges, kinds=KINDS - {"norm_rescale"} | {"stream_rescale"})
