@@ -9,6 +9,7 @@ imports it. What the two callbacks share (writing the run's files) lives here.
 from __future__ import annotations
 
 import importlib.util
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -48,8 +49,10 @@ def detect_bindings(
     x, batch = split_example(model, example, "detect_bindings")
     found = list(detect(model, detection_input(x, batch), loss_fn=loss_fn, confirm_batch=batch))
     bindings = bindings_from_families(model, found)
-    for b in bindings:
-        b.layer = b.layer.removeprefix(prefix).replace(f" {prefix}", " ")  # every name in it
+    if prefix:  # every name in the label that starts with it, wherever it stands
+        name_start = re.compile(rf"(?<![\w.]){re.escape(prefix)}")
+        for b in bindings:
+            b.layer = name_start.sub("", b.layer)
     return bindings
 
 
