@@ -362,7 +362,7 @@ class Plan:
         for (layout, pairs), v in zip(names, values, strict=True):
             if v is None:
                 continue
-            self.results[layout] = {p: v[i] for i, p in enumerate(pairs)}
+            self.results[layout] = dict(zip(pairs, v.unbind(0)))
             self.versions[layout] = phase.layouts[layout].version(read)
 
 
