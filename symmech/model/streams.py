@@ -412,7 +412,8 @@ def stream_families(
     fams, seen = [], set()
     order = {str(n.target): i for i, n in enumerate(trace.gm.graph.nodes)}
     shapes = {n: tuple(p.shape) for n, p in trace.gm.named_parameters()}
-    for node, axes in _seeds(trace).items():
+    seeds = _seeds(trace)
+    for node, axes in seeds.items():
         if node in seen:
             continue
         attempts: list[tuple[_Stream, _Stop | None]] = []
@@ -434,7 +435,7 @@ def stream_families(
             found, failure = max(attempts, key=lambda a: (
                 a[1].always, bool(a[0].writers or a[0].readers), len(a[0].axes),
                 -len(a[0].stops)))  # fmt: skip
-            seen |= {n for n in found.nodes if is_add(trace, n)} | {node}
+            seen |= {n for n in found.nodes if n in seeds} | {node}  # the same stream: one note
             # a residual stream of layers (not x·cos + y·sin), or a failure of the rule itself
             if found.writers or found.readers or failure.always:
                 note(f"no stream_rescale family through {node.name}: {failure}")
