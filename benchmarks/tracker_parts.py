@@ -10,7 +10,8 @@ clock for the same steps (the wrappers add a few microseconds per call, so the p
 little more than the work they explain). The parts nest: the fused products (:mod:`~symmech.
 runtime.fused`: the C++ kernel's call inside it) are asked for inside the families' calls;
 product lookups and slice views are the Python around them; the laws are the banks' vector
-updates (:mod:`~symmech.runtime.bank`, :mod:`~symmech.runtime.stepper`).
+updates (:mod:`~symmech.runtime.bank`, :mod:`~symmech.runtime.stepper`); under an adaptive
+optimizer the directions aₖ (replaying its moment updates before the step) come first.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 import symmech
 from symmech.demo.models import vgg
-from symmech.runtime import bank, family, fused, native, reductions
+from symmech.runtime import bank, family, fused, native, reductions, tracker
 
 #: (label, owner, attribute): what is timed, outermost first
 PARTS: list[tuple[str, Any, str]] = [
@@ -35,6 +36,7 @@ PARTS: list[tuple[str, Any, str]] = [
     ("lookups", reductions.GridSlice, "_fused"),
     ("views", family.Family, "views_of"),
     ("laws", bank.Bank, "step"),
+    ("directions", tracker, "coming_steps"),  # an adaptive optimizer's aₖ, before any product
 ]
 
 
@@ -137,6 +139,7 @@ def main() -> None:
         ("slice views (Family.views_of)", views),
         ("rest of the families' calls", calls - lookups - views),
         ("laws: the banks' vector updates (Bank.step)", ms.get(PARTS[5][0], 0.0)),
+        ("adaptive directions aₖ (coming_steps; 0 under SGD)", ms.get(PARTS[6][0], 0.0)),
     ]
     print("  by part, exclusive (mean per step, the clocks' own cost included):")
     for label, value in rows:
