@@ -125,11 +125,13 @@ def _cases() -> list[tuple[str, Callable[[], tuple[nn.Module, object, object]], 
                    "norm_rescale": (3, 48), "translation": (2, 17), "scale": (1, 1)}))  # fmt: skip
     x = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     # encoder layer (d 8, 2 heads, ff 16): norm1 → in_proj, norm2 → linear1 (8 each);
-    # linear1 → ReLU → linear2 R 16; head T 8 + 1 (the layer is one graph node: its residual
-    # stream is inside it, not seen).
+    # linear1 → ReLU → linear2 R 16; head T 8 + 1; the stream (the embedding, and inside the
+    # layer, which is one graph node, out_proj and linear2 written; norm1 and norm2 normalising;
+    # the head reading it through the mean): stream_rescale of 1 group.
     cases.append(("nn.TransformerEncoderLayer", lambda: (Encoder(), x, y),
                   {"attention_qk": _attention(1, 8, 2), "attention_vo": _attention(1, 8, 2),
-                   "norm_rescale": (2, 16), "rescale": (1, 16), "translation": (2, 9)}))  # fmt: skip
+                   "norm_rescale": (2, 16), "rescale": (1, 16), "translation": (2, 9),
+                   "stream_rescale": (1, 1)}))  # fmt: skip
     # demo transformer (d 32, 4 heads, ff 64): ln1 → q,k,v; ln2 → fc1; ln_final → mean → head
     # (32 each); fc1 → relu → fc2 R 64; head T 32 + 1; stream (embed, pos, attn.out, fc2) read
     # only by the LayerNorms: scale 1.
@@ -213,9 +215,12 @@ def _block_cases() -> list[tuple[str, Callable[[], tuple[nn.Module, object, obje
     # scale 1; norm1 → qkv (through the roll and the windows) and norm2 → mlp.0 norm_rescale
     # 2 × (8, 8, 16, 16) and the merging's LayerNorm(32) → reduction 32; the two stage streams
     # (stem LN / reduction, attention proj and MLP outputs written; norm1, norm2, the merging's
-    # or the final LayerNorm reading): scale 1 each; head T 16 + 1. (The windowed attention
-    # calls F.linear on q·kᵀ it builds itself: no attention families.)
-    swin = {"scale": (3, 3), "norm_rescale": (9, 128), "translation": (2, 17)}
+    # or the final LayerNorm reading): scale 1 each; head T 16 + 1; the windowed attention's
+    # F.linear of the qkv and proj parameters: 2 heads per block, r 4 in stage 1 and 8 in
+    # stage 2, 2 blocks each.
+    heads = tuple(a + b for a, b in zip(_attention(2, 8, 2), _attention(2, 16, 2), strict=True))
+    swin = {"scale": (3, 3), "norm_rescale": (9, 128), "translation": (2, 17),
+            "attention_qk": heads, "attention_vo": heads}  # fmt: skip
     cases.append(("Swin blocks", lambda: (TinySwin(), x, y), swin))
     # ViT (2 layers, d 8, 2 heads of r 4, nn.MultiheadAttention, GELU): q/k and v/o 10 entries
     # × 2 heads per layer; ln_1 → in_proj, ln_2 → mlp.0 and the final ln → x[:, 0] → head

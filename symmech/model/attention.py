@@ -1,9 +1,10 @@
 """Attention heads: ``attention_qk`` / ``attention_vo`` families of every attention core.
 
 An attention core is ``F.scaled_dot_product_attention``, or softmax(q kᵀ · s) v written out, whose
-q, k, v come from Linear layers through index operations only (view, reshape, transpose, permute,
-contiguous, split, chunk, getitem, and multiplication by a number), and whose output reaches one
-Linear (the output projection) the same way. Which output features of the projections form head
+q, k, v come from Linear layers (``nn.Linear``, a Hugging Face ``Conv1D``, or ``F.linear`` of a
+weight and bias parameter, as in torchvision's Swin) through index operations only (view, reshape,
+transpose, permute, contiguous, split, chunk, getitem, and multiplication by a number), and whose
+output reaches one such Linear (the output projection) the same way. Which output features of the projections form head
 h is found by running those index operations on a tensor of feature numbers, so fused ``c_attn``
 layouts and separate q/k/v layers read alike. One family per entry (i ≤ j) of the head's r×r
 charge matrix (E = eᵢeⱼᵀ + eⱼeᵢᵀ, or eᵢeᵢᵀ), the heads as its groups: the runtime tracks one
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +45,46 @@ MAX_FULL_HEAD_DIM = 8
 # ----------------------------------------------------------------------------- attention
 
 
+@dataclass(frozen=True)
+class _Proj:
+    """A linear projection as attention reads it: an ``nn.Linear`` / ``Conv1D`` call, or
+    ``F.linear(x, weight, bias)`` of parameters (torchvision's Swin attention)."""
+
+    name: str  # the module path (the weight's owner)
+    weight: str
+    bias: str | None
+    in_features: int
+    out_features: int
+    transposed: bool  # a Conv1D: weight (in, out)
+    shared: bool  # called more than once (its output is not one projection)
+    tied: bool  # its weight is tied to another parameter
+
+
+def _projection(trace: Trace, node: fx.Node | None) -> _Proj | None:
+    """The projection ``node`` computes, or None."""
+    if node is None:
+        return None
+    module = trace.module(node)
+    if is_linear(module):
+        assert module is not None
+        return _Proj(str(node.target), f"{node.target}.weight",
+                     f"{node.target}.bias" if module.bias is not None else None,
+                     in_features(module), out_features(module), is_transposed(module),
+                     node in trace.shared, trace.tied(node))  # fmt: skip
+    if node.op != "call_function" or node.target is not F.linear or len(node.args) < 2:
+        return None
+    weight, bias = node.args[1], node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    w = trace.parameter(weight)
+    if w is None or w.ndim != 2 or (bias is not None and trace.parameter(bias) is None):
+        return None
+    assert isinstance(weight, fx.Node)
+    name = str(weight.target)
+    calls = [u for u in weight.users if u.target is F.linear]
+    return _Proj(name.rsplit(".", 1)[0], name, None if bias is None else str(bias.target),
+                 int(w.shape[1]), int(w.shape[0]), False, len(calls) > 1,
+                 name in trace.tied_params)  # fmt: skip
+
+
 def _back_to_linear(
     trace: Trace, start: fx.Node
 ) -> tuple[fx.Node | None, set[fx.Node], fx.Node | None]:
@@ -50,8 +92,7 @@ def _back_to_linear(
     chain: set[fx.Node] = set()
     node = start
     while True:
-        module = trace.module(node)
-        if is_linear(module):
+        if _projection(trace, node) is not None:
             return node, chain, None
         if is_scalar_scale(node, trace.values):
             chain.add(node)
@@ -72,7 +113,7 @@ def _forward_to_linear(trace: Trace, start: fx.Node) -> tuple[fx.Node | None, se
         if len(users) != 1 or users[0].all_input_nodes[:1] != [node]:
             return None, chain
         user = users[0]
-        if is_linear(trace.module(user)):
+        if _projection(trace, user) is not None:
             return user, chain
         if not is_index(user):
             return None, chain
@@ -148,21 +189,19 @@ def _progression(rows: list[tuple[int, ...]]) -> tuple[int, int, int] | None:
     return first, step_h, step_c
 
 
-def _head_slices(
-    linear: nn.Module, name: str, rows: list[tuple[int, ...]]
-) -> list[BlockSlice] | None:
+def _head_slices(proj: _Proj, rows: list[tuple[int, ...]]) -> list[BlockSlice] | None:
     """Head h's rows of a Linear, transposed, with its bias as a last row: (heads, n + 1, r).
     For a Conv1D, whose weight is (in, out), head h's output features are columns."""
     prog = _progression(rows)
     if prog is None:
         return None
-    bias = f"{name}.bias" if linear.bias is not None else None
-    n, heads, r = in_features(linear), len(rows), len(rows[0])
-    if not is_transposed(linear):
-        return transposed_rows(f"{name}.weight", bias, n, heads, r, *prog)
+    bias = proj.bias
+    n, heads, r = proj.in_features, len(rows), len(rows[0])
+    if not proj.transposed:
+        return transposed_rows(proj.weight, bias, n, heads, r, *prog)
     first, step_h, step_c = prog
-    m = out_features(linear)
-    pieces = [BlockSlice(f"{name}.weight", 0, strided((heads, n, r), (step_h, m, step_c), first))]
+    m = proj.out_features
+    pieces = [BlockSlice(proj.weight, 0, strided((heads, n, r), (step_h, m, step_c), first))]
     if bias is not None:
         pieces.append(BlockSlice(bias, 0, strided((heads, 1, r), (step_h, 1, step_c), first)))
     return pieces
@@ -177,21 +216,19 @@ def transposed_rows(weight: str, bias: str | None, n: int, heads: int, r: int, f
     return pieces
 
 
-def _column_slices(
-    linear: nn.Module, name: str, cols: list[tuple[int, ...]]
-) -> list[BlockSlice] | None:
+def _column_slices(proj: _Proj, cols: list[tuple[int, ...]]) -> list[BlockSlice] | None:
     """Head h's columns W_O[:, h] of the output projection: (heads, out, r) (for a Conv1D,
     whose weight is (in, out), the rows of head h's input features)."""
     prog = _progression(cols)
     if prog is None:
         return None
     first, step_h, step_c = prog
-    heads, r, n, m = len(cols), len(cols[0]), in_features(linear), out_features(linear)
-    if is_transposed(linear):
+    heads, r, n, m = len(cols), len(cols[0]), proj.in_features, proj.out_features
+    if proj.transposed:
         view = strided((heads, m, r), (step_h * m, 1, step_c * m), first * m)
     else:
         view = strided((heads, m, r), (step_h, n, step_c), first)
-    return [BlockSlice(f"{name}.weight", 0, view)]
+    return [BlockSlice(proj.weight, 0, view)]
 
 
 def _entries(r: int) -> list[tuple[int, int]]:
@@ -227,10 +264,11 @@ def attention_families(trace: Trace, note: Callable[[str], None]) -> list[Family
     for q, k, v, out in _cores(trace):
         walked = {side: _back_to_linear(trace, node) for side, node in zip("qkv", (q, k, v))}
         ends = {side: w[0] for side, w in walked.items()}
-        projections = [e for e in ends.values() if e is not None and is_linear(trace.module(e))]
-        if any(e in trace.shared for e in projections):
+        proj = {side: _projection(trace, e) for side, e in ends.items()}
+        projections = [p for p in proj.values() if p is not None]
+        if any(p.shared for p in projections):
             continue
-        tied = [e.target for e in projections if trace.tied(e)]
+        tied = [p.name for p in projections if p.tied]
         if tied:
             note(f"no attention families at {_layer_name(*tied)}: a projection weight is tied to "
                  "another parameter, which the head symmetries would move too")  # fmt: skip
@@ -238,13 +276,15 @@ def attention_families(trace: Trace, note: Callable[[str], None]) -> list[Family
         if not any(ends.values()):
             blockers = sorted({w[2].name for w in walked.values() if w[2] is not None})
             note(f"no attention families at the attention core {out.name}: q, k and v are made "
-                 f"by {', '.join(blockers)}, not by a Linear or Conv1D module (a functional "
-                 "F.linear is not read as a projection)")  # fmt: skip
+                 f"by {', '.join(blockers)}, not by a Linear or Conv1D module or an F.linear "
+                 "of parameters")  # fmt: skip
             continue
         chains = set().union(*(w[1] for w in walked.values()))
         seeds = {}
-        for node in {e for e in ends.values() if e is not None}:
-            width = out_features(trace.module(node))
+        for side, node in ends.items():
+            if node is None or node in seeds:
+                continue
+            width = proj[side].out_features  # type: ignore[union-attr]
             value = trace.values[node]
             seeds[node] = torch.arange(width, dtype=torch.float64).expand(value.shape).clone()
         index = {s: trace.replay(n, chains, seeds) if ends[s] is not None else None
@@ -253,7 +293,7 @@ def attention_families(trace: Trace, note: Callable[[str], None]) -> list[Family
         r = next((len(x[0]) for x in rows.values() if x), None)
         if r is None:
             continue
-        known = [e.target for e in ends.values() if e is not None]
+        known = [p.name for p in projections]
         # one projection known (rotary q/k): name the attention module, not the projection
         layer = _layer_name(*known) if len(known) > 1 else known[0].rsplit(".", 1)[0]
         for side in "qk":
@@ -270,13 +310,11 @@ def attention_families(trace: Trace, note: Callable[[str], None]) -> list[Family
             if len(pairs) == len(heads_q) and all(
                 pairs[a] == b for a, b in zip(rows["q"], rows["k"], strict=False)
             ):
-                Q = _head_slices(trace.module(ends["q"]), ends["q"].target, heads_q)
-                K = _head_slices(
-                    trace.module(ends["k"]), ends["k"].target, [pairs[h] for h in heads_q]
-                )
+                Q = _head_slices(proj["q"], heads_q)  # type: ignore[arg-type]
+                K = _head_slices(proj["k"], [pairs[h] for h in heads_q])  # type: ignore[arg-type]
                 if Q and K:
                     fams += entry_families("attention_qk", layer, {"Q": Q, "K": K}, len(heads_q), r)
-        fams += _vo_families(trace, out, ends["v"], rows["v"], chains, layer)
+        fams += _vo_families(trace, out, proj["v"], rows["v"], chains, layer)
     return fams
 
 
@@ -284,12 +322,13 @@ def _unique(rows: list[tuple[int, ...]] | None) -> list[tuple[int, ...]]:
     return sorted(set(rows or ()))
 
 
-def _vo_families(trace: Trace, out: fx.Node, v_end: fx.Node | None,
+def _vo_families(trace: Trace, out: fx.Node, v_proj: _Proj | None,
                  v_rows: list[tuple[int, ...]] | None, chains: set[fx.Node], layer: str) -> list[Family]:  # fmt: skip
-    if v_end is None or not v_rows:
+    if v_proj is None or not v_rows:
         return []
-    proj, forward = _forward_to_linear(trace, out)
-    if proj is None or proj in trace.shared or trace.tied(proj):
+    node, forward = _forward_to_linear(trace, out)
+    proj = _projection(trace, node)
+    if node is None or proj is None or proj.shared or proj.tied:
         return []
     heads = _unique(v_rows)
     head_of = {row: h for h, row in enumerate(heads)}
@@ -298,15 +337,15 @@ def _vo_families(trace: Trace, out: fx.Node, v_end: fx.Node | None,
     codes = torch.tensor([head_of[row] * r for row in v_rows], dtype=torch.float64)
     seed = codes.reshape(value.shape[:-2] + (1, 1)) + torch.arange(r, dtype=torch.float64)
     seed = seed.expand(value.shape).clone()
-    at_proj = trace.replay(proj.args[0], forward, {out: seed})
+    at_proj = trace.replay(node.args[0], forward, {out: seed})  # type: ignore[arg-type]
     flat = at_proj.reshape(-1, at_proj.shape[-1])
     if not torch.equal(flat, flat[:1].expand_as(flat)):
         return []
     col_of = {int(code): j for j, code in enumerate(flat[0])}
     cols = [tuple(col_of[h * r + c] for c in range(r)) for h in range(len(heads))]
-    V = _head_slices(trace.module(v_end), v_end.target, heads)
-    O = _column_slices(trace.module(proj), proj.target, cols)
+    V = _head_slices(v_proj, heads)
+    O = _column_slices(proj, cols)
     if not V or not O:
         return []
-    return entry_families("attention_vo", _layer_name(v_end.target, proj.target), {"V": V, "O": O},
-                           len(heads), r)  # fmt: skip
+    return entry_families("attention_vo", _layer_name(v_proj.name, proj.name),
+                          {"V": V, "O": O}, len(heads), r)  # fmt: skip

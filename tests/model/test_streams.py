@@ -551,8 +551,13 @@ def test_swin_streams_through_shifted_windows_and_patch_merging() -> None:
     found = detect(model, x)
     fams = [f for f in found if f.absorbed_by]
     assert [(f.symmetry, f.n_groups) for f in fams] == [("scale", 1), ("scale", 1)]
-    # the windowed attention projects with F.linear: no attention families, and a note per core
-    assert sum("q, k and v are made by linear" in n for n in found.notes) == 4
+    # the windowed attention projects with F.linear of the qkv and proj parameters: its heads
+    # are read as from Linear modules (2 heads of r = 4 in stage 1, of 8 in stage 3)
+    attention = {(f.symmetry, f.layer) for f in found if f.symmetry.startswith("attention")}
+    assert attention == {(kind, f"features.{s}.{b}.attn{'.qkv' if kind.endswith('qk') else ''}")
+                         for s in (1, 3) for b in (0, 1)
+                         for kind in ("attention_qk", "attention_vo")}  # fmt: skip
+    assert not any("attention core" in n for n in found.notes)
 
     def blocks(stage: int) -> set[str]:
         return {f"features.{stage}.{b}.{w}.{p}" for b in (0, 1) for w in ("attn.proj", "mlp.2")
@@ -570,6 +575,33 @@ def test_swin_streams_through_shifted_windows_and_patch_merging() -> None:
         assert 1e-9 < _output_change(model, x, move) < 1e-3
     confirm(model, found, (x, y))
     assert all(f.confirmed and f.reason.startswith("approximate:") for f in fams)
+    assert all(f.confirmed for f in found if f.symmetry.startswith("attention"))
+    # by hand, in the shifted block: head 1's q rows times A and its k rows times A⁻ᵀ leave
+    # every score, and so the output, unchanged; its v rows times B and proj columns times B⁻¹ too
+    gen = torch.Generator().manual_seed(5)
+    r, d = 4, 8  # 2 heads of 4 in stage 1: head 1 is rows r to 2r of q, k and v
+    a = torch.eye(r, dtype=torch.float64) + 0.3 * torch.randn(
+        r, r, generator=gen, dtype=torch.float64
+    )
+    b = torch.eye(r, dtype=torch.float64) + 0.3 * torch.randn(
+        r, r, generator=gen, dtype=torch.float64
+    )
+
+    def heads(m: nn.Module, parts: str = "qkvo") -> None:
+        qkv = m.get_submodule("features.1.1.attn.qkv")
+        proj = m.get_submodule("features.1.1.attn.proj")
+        rows = {s: slice(i * d + r, i * d + 2 * r) for i, s in enumerate("qkv")}
+        mats = {"q": a.T, "k": torch.linalg.inv(a), "v": b.T}
+        with torch.no_grad():
+            for side in parts.replace("o", ""):
+                qkv.weight[rows[side]] = mats[side] @ qkv.weight[rows[side]]
+                qkv.bias[rows[side]] = mats[side] @ qkv.bias[rows[side]]
+            if "o" in parts:
+                proj.weight[:, r : 2 * r] = proj.weight[:, r : 2 * r] @ torch.linalg.inv(b.T)
+
+    assert _output_change(model, x, heads) < 1e-12
+    assert _output_change(model, x, lambda m: heads(m, "q")) > 1e-6  # not vacuous
+    assert _output_change(model, x, lambda m: heads(m, "v")) > 1e-6
     # norm1 reaches the windowed attention's F.linear through roll, views and permutes that keep
     # the features last: norm_rescale against the qkv weight's columns (the shifted block too)
     norm = {f.layer for f in found if f.symmetry == "norm_rescale"}

@@ -11,6 +11,7 @@ import copy
 
 import pytest
 import torch
+from support.blocks import TinySwin
 from support.sgd import digits_batches
 from support.zoo import transformer_block
 from torch import nn
@@ -130,8 +131,8 @@ def _run(model, steps, charges, make_optimizer=_sgd, kinds=KINDS):
     checked = streams = 0
     for k, (fam, logs) in enumerate(zip(tracker.families, per_family, strict=True)):
         law = "discrete"
-        if "normalised by" in fam.layer:  # a stream: broken by the LayerNorms' eps, says so
-            assert fam.layer.startswith("stream ") and fam.symmetry in ("scale", "stream_rescale")
+        if "normalised by" in fam.layer or fam.symmetry == "scale":  # a norm's eps breaks it
+            assert fam.symmetry in ("scale", "stream_rescale"), fam.layer  # and it says so
             if fam.status != "tracked":
                 assert fam.status.startswith("approximate: |r| = "), fam.status
                 law = "discrete_residual"  # the exact law fed the measured rₖ = ⟨ξ, gₖ⟩
@@ -273,3 +274,39 @@ def test_post_norm_transformer_encoder_streams_300_steps():
     streams = [n for n in layers if n.startswith("stream ")]
     assert len(streams) == 6, streams  # 2 norm1 → FF, 1 norm2 → attention, last norm2, in, out
     _run(model, 300, _stack_charges, kinds=KINDS - {"norm_rescale"} | {"stream_rescale"})
+
+
+class _DigitsSwin(nn.Module):
+    """The digits as 8×8 images into Swin blocks (shifted windows, F.linear attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.swin = TinySwin()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.swin(x.reshape(x.shape[0], 1, 8, 8))
+
+
+def _swin_charges(model):
+    out = {}
+    for stage in (1, 3):
+        for block in (0, 1):
+            name = f"swin.features.{stage}.{block}.attn"
+            att = model.get_submodule(name)
+            d, heads = att.proj.weight.shape[0], att.heads
+            w, b = att.qkv.weight, att.qkv.bias
+            out[("attention_qk", f"{name}.qkv")] = _head_charges(
+                w[:d], b[:d], w[d : 2 * d], b[d : 2 * d], heads
+            ).detach()
+            out[("attention_vo", name)] = _vo_charges(
+                w[2 * d :], b[2 * d :], att.proj.weight, heads
+            ).detach()
+    return out
+
+
+def test_swin_window_attention_by_f_linear_300_steps():
+    # torchvision's Swin projects q, k, v and the output with F.linear of the modules' weights:
+    # its heads are tracked like any attention's (the charges by hand, the law exact)
+    torch.manual_seed(4)
+    kinds = {"attention_qk", "attention_vo", "norm_rescale", "scale", "translation"}
+    _run(_DigitsSwin().double(), 300, _swin_charges, kinds=kinds)
