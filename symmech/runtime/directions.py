@@ -8,7 +8,9 @@ one-step law of ``docs/theory.md``).
 
 :func:`direction` reads the optimizer's state before ``optimizer.step()`` and replays torch's
 arithmetic on copies (same operations, same order, same dtypes, including the float32 step counter
-of ``capturable`` Adam), so sθ − ηa is torch's θₖ₊₁ to float round-off. It never writes: the state
+of ``capturable`` Adam), so sθ − ηa is torch's θₖ₊₁ to float round-off. Once symmech's C++ kernel
+is loaded (:mod:`.native`), Adam's aₖ of a contiguous CPU tensor comes from one pass of its own
+(the same element-wise operations; vectorised, so a rounding may differ). It never writes: the state
 after the call is bit-identical to the state before. Modelled: ``torch.optim`` SGD (momentum,
 dampening, Nesterov, the first step with no buffer), Adam and AdamW (amsgrad; Adam with
 ``decoupled_weight_decay=True`` is AdamW), RMSprop (momentum, centered) and Adagrad (lr_decay,
@@ -47,6 +49,8 @@ import torch
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
 from symmech.errors import SymmechError, explain
+
+from . import fused, native
 
 __all__ = [
     "Direction",
@@ -164,23 +168,20 @@ def _adam(
             shrink = 1 - lr * wd
         else:
             grad = grad.add(p, alpha=wd)
-    m = _state_tensor(state, "exp_avg", p, call).lerp(grad, 1 - beta1)
-    v = _state_tensor(state, "exp_avg_sq", p, call).mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-    if group["amsgrad"]:
-        v = torch.maximum(_state_tensor(state, "max_exp_avg_sq", p, call), v)
-    if "step" in state:
-        step_t = state["step"]
-        step_t = step_t if isinstance(step_t, torch.Tensor) else torch.tensor(float(step_t))
-    else:
-        on_device = group["capturable"] or group["fused"]
-        dtype = torch.float32 if group["fused"] else torch.get_default_dtype()
-        dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        step_t = torch.zeros((), dtype=dtype, device=p.device if on_device else "cpu")
-    step_t = step_t + 1
-
+    exp_avg, exp_avg_sq = (_state_tensor(state, k, p, call) for k in ("exp_avg", "exp_avg_sq"))
+    vmax = _state_tensor(state, "max_exp_avg_sq", p, call) if group["amsgrad"] else None
+    step_t = _step_after(state, group, p)
     if not group["capturable"] or group["fused"]:
         step = _value(step_t)
         bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+        fast = _one_pass(group, grad, exp_avg, exp_avg_sq, vmax, bc2**0.5)
+        if fast is not None:
+            return Direction(shrink, lr / bc1, fast)
+    m = exp_avg.lerp(grad, 1 - beta1)
+    v = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    if vmax is not None:
+        v = torch.maximum(vmax, v)
+    if not group["capturable"] or group["fused"]:
         # in place on this hook's own m and v: the same values as Adam's, without new memory
         denom = v.sqrt_().div_(bc2**0.5).add_(eps)
         return Direction(shrink, lr / bc1, m.div_(denom))
@@ -196,6 +197,36 @@ def _adam(
         denom = (v.sqrt() / (bc2_sqrt * neg_size)).add_(eps / neg_size)
     eta = -_value(neg_size)
     return Direction(shrink, eta, (m / denom).div_(-eta))
+
+
+def _step_after(state: dict, group: Group, p: torch.Tensor) -> torch.Tensor:
+    """The step counter as Adam will have it after this step (its own dtype and device)."""
+    if "step" in state:
+        step_t = state["step"]
+        step_t = step_t if isinstance(step_t, torch.Tensor) else torch.tensor(float(step_t))
+    else:
+        on_device = group["capturable"] or group["fused"]
+        dtype = torch.float32 if group["fused"] else torch.get_default_dtype()
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        step_t = torch.zeros((), dtype=dtype, device=p.device if on_device else "cpu")
+    return step_t + 1
+
+
+def _one_pass(
+    group: Group,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    vmax: torch.Tensor | None,
+    bc2_sqrt: float,
+) -> torch.Tensor | None:
+    """aₖ from symmech's C++ kernel in one pass (:func:`.native.adam_direction`) when it is
+    loaded and the products are not kept eager (:data:`.fused.MODE`); None: torch's ops."""
+    if fused.MODE == "eager" or not native.ready() or group["differentiable"]:
+        return None
+    return native.adam_direction(
+        grad, exp_avg, exp_avg_sq, vmax, tuple(group["betas"]), bc2_sqrt, group["eps"]
+    )
 
 
 def _rmsprop(

@@ -6,7 +6,8 @@ loops, each about twice as slow as a dot product), and the eager path makes a pr
 reductions per pair. ``csrc/group_products.cpp`` reads each tensor's sources (θ, g, the momentum
 buffer) once and returns, per asked pair, the sums along every row (the groups of the first
 dimension) and along every column (reduced here to the groups of any other dimension),
-accumulated in double, four rows at a time, split across torch's threads.
+accumulated in double, four rows at a time, split across torch's threads. It also makes Adam's
+coming step aₖ from g, m and v in one pass (:func:`adam_direction`, used by :mod:`.directions`).
 
 It is built once per machine with :func:`torch.utils.cpp_extension.load` (a C++ compiler and
 ninja are needed; the build lies in torch's extension folder, ``TORCH_EXTENSIONS_DIR``) and
@@ -42,7 +43,7 @@ SOURCE = Path(__file__).with_name("csrc") / "group_products.cpp"
 NAME = "symmech_group_products"
 #: a build lock older than this is left over from a build that was killed: removed
 STALE_LOCK_S = 600.0
-CFLAGS = ["-O3", "-fopenmp-simd"]
+CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno"]
 #: what a child process runs to build the kernel (argv: name, source, build directory)
 _BUILD = (
     "import sys\n"
@@ -239,6 +240,30 @@ def layout_products(
         whole = index == list(range(len(pairs[s])))
         out.append(values if whole else values[index])
     return out
+
+
+def adam_direction(
+    g: torch.Tensor,
+    m: torch.Tensor,
+    v: torch.Tensor,
+    vmax: torch.Tensor | None,
+    betas: tuple[float, float],
+    bc2_sqrt: float,
+    eps: float,
+) -> torch.Tensor | None:
+    """Adam's coming step m'/(√v'/√(1 − β₂ᵏ) + ε) from the gradient and the moments before the
+    step, in one pass (torch's element-wise order; m' and v' are never stored); None when the
+    kernel is not loaded or the tensors are not contiguous CPU float32/float64 of one shape."""
+    if _module is None or not hasattr(_module, "adam_direction"):
+        return None
+    tensors = [g, m, v] + ([vmax] if vmax is not None else [])
+    if not eligible(tensors) or any(t.requires_grad for t in tensors):
+        return None
+    empty = g.new_empty(0)
+    beta1, beta2 = betas
+    return _module.adam_direction(
+        g, m, v, empty if vmax is None else vmax, 1.0 - beta1, beta2, bc2_sqrt, eps
+    )
 
 
 def clear() -> None:

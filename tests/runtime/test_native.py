@@ -556,3 +556,38 @@ def test_a_first_build_started_by_a_short_script_completes_after_it_exits(tmp_pa
     )
     assert loaded.stdout.split() == ["True"], loaded.stderr[-2000:]
     assert library.stat().st_mtime == built  # loaded, not built again
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    shape=st.lists(st.integers(1, 40), min_size=1, max_size=3).map(tuple),
+    beta1=st.sampled_from([0.0, 0.3, 0.9]),  # 1 − β₁ ≥ 0.5 takes torch's other lerp form
+    beta2=st.sampled_from([0.5, 0.999]),
+    amsgrad=st.booleans(),
+    steps=st.integers(1, 4),
+    seed=st.integers(0, 2**16),
+)
+def test_adam_direction_in_one_pass_is_the_step_adam_takes(
+    dtype, shape, beta1, beta2, amsgrad, steps, seed
+) -> None:
+    """aₖ from the kernel, scaled by η/(1 − β₁ᵏ), against the update torch.optim.Adam then
+    applies (the real optimizer, not a replay): equal to round-off of the step's size."""
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=dtype))
+    opt = torch.optim.Adam([p], lr=0.01, betas=(beta1, beta2), eps=1e-8, amsgrad=amsgrad)
+    for k in range(1, steps + 1):
+        p.grad = torch.randn(shape, generator=gen, dtype=dtype)
+        state = opt.state.get(p, {})
+        zeros = torch.zeros_like(p)
+        m, v = state.get("exp_avg", zeros), state.get("exp_avg_sq", zeros)
+        vmax = state.get("max_exp_avg_sq", zeros) if amsgrad else None
+        a = native.adam_direction(p.grad, m, v, vmax, (beta1, beta2), (1 - beta2**k) ** 0.5, 1e-8)
+        assert a is not None and a.dtype == dtype
+        before = p.detach().clone()
+        opt.step()
+        moved = before - p.detach()
+        want = 0.01 / (1 - beta1**k) * a
+        eps = torch.finfo(dtype).eps  # θ − θ' rounds at θ's size, the step at its own
+        tol = 4 * eps * before.abs().max() + 64 * eps * moved.abs().max()
+        assert (moved - want).abs().max() <= tol, k

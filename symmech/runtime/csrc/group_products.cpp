@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -187,9 +188,77 @@ std::vector<std::vector<torch::Tensor>> group_products(
   return out;
 }
 
+// Adam's coming step a = m' / (sqrt(v') / bc2_sqrt + eps), with m' = lerp(m, g, w1) and
+// v' = beta2 v + (1 - beta2) g g (then max with the running maximum under amsgrad), in the
+// tensors' precision and torch's order of operations, in one pass that reads g, m and v once
+// and writes a (torch's own ops make m' and v' and pass over v' four more times).
+// One block of elements; ``low`` and ``ams`` are fixed per call so that the loop has no branch
+// and vectorises (sqrt and division included: built with -fno-math-errno).
+template <typename T, bool low, bool ams>
+SYMMECH_CLONES void adam_block(const T* g, const T* m, const T* v, const T* vmax, T* a,
+                               int64_t n, T w, T wc, T b2, T c2, T bc, T eps) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T gi = g[i], mi = m[i];
+    const T m1 = low ? mi + w * (gi - mi) : gi - (gi - mi) * wc;  // torch's lerp, both forms
+    T v1 = v[i] * b2;
+    v1 = v1 + c2 * gi * gi;
+    if (ams) v1 = vmax[i] > v1 ? vmax[i] : v1;
+    a[i] = m1 / (std::sqrt(v1) / bc + eps);
+  }
+}
+
+template <typename T>
+void adam_direction_into(const T* g, const T* m, const T* v, const T* vmax, T* a, int64_t n,
+                         double w1, double beta2, double bc2_sqrt, double eps) {
+  const T w = static_cast<T>(w1), wc = static_cast<T>(1.0 - w1), b2 = static_cast<T>(beta2);
+  const T c2 = static_cast<T>(1.0 - beta2), bc = static_cast<T>(bc2_sqrt);
+  const T e = static_cast<T>(eps);
+  const bool low = w1 < 0.5;  // torch's lerp: the form that is exact at its nearer end
+  at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
+    const int64_t k = end - begin;
+    const T *gb = g + begin, *mb = m + begin, *vb = v + begin;
+    const T* xb = vmax != nullptr ? vmax + begin : nullptr;
+    T* ab = a + begin;
+    if (low && xb == nullptr) adam_block<T, true, false>(gb, mb, vb, xb, ab, k, w, wc, b2, c2, bc, e);
+    if (low && xb != nullptr) adam_block<T, true, true>(gb, mb, vb, xb, ab, k, w, wc, b2, c2, bc, e);
+    if (!low && xb == nullptr) adam_block<T, false, false>(gb, mb, vb, xb, ab, k, w, wc, b2, c2, bc, e);
+    if (!low && xb != nullptr) adam_block<T, false, true>(gb, mb, vb, xb, ab, k, w, wc, b2, c2, bc, e);
+  });
+}
+
+torch::Tensor adam_direction(const torch::Tensor& g, const torch::Tensor& m,
+                             const torch::Tensor& v, const torch::Tensor& vmax, double w1,
+                             double beta2, double bc2_sqrt, double eps) {
+  const bool amsgrad = vmax.numel() > 0;
+  for (const auto* t : {&g, &m, &v}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->sizes() == g.sizes() &&
+                    t->scalar_type() == g.scalar_type(),
+                "adam_direction: g, m and v must be contiguous CPU tensors of one shape and dtype");
+  }
+  TORCH_CHECK(!amsgrad || (vmax.is_contiguous() && vmax.sizes() == g.sizes() &&
+                           vmax.scalar_type() == g.scalar_type()),
+              "adam_direction: the running maximum must match g");
+  torch::Tensor a = torch::empty_like(g);
+  if (g.scalar_type() == torch::kFloat32) {
+    adam_direction_into<float>(g.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(),
+                               amsgrad ? vmax.data_ptr<float>() : nullptr, a.data_ptr<float>(),
+                               g.numel(), w1, beta2, bc2_sqrt, eps);
+  } else if (g.scalar_type() == torch::kFloat64) {
+    adam_direction_into<double>(g.data_ptr<double>(), m.data_ptr<double>(), v.data_ptr<double>(),
+                                amsgrad ? vmax.data_ptr<double>() : nullptr,
+                                a.data_ptr<double>(), g.numel(), w1, beta2, bc2_sqrt, eps);
+  } else {
+    TORCH_CHECK(false, "adam_direction: float32 or float64 only, got ", g.scalar_type());
+  }
+  return a;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("group_products", &group_products,
         "Per-row and per-column sums of products of equal-shaped tensors, one sweep each");
+  m.def("adam_direction", &adam_direction,
+        "Adam's coming step from g, m and v in one pass (torch's order of operations)");
 }
