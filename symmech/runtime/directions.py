@@ -221,8 +221,12 @@ def _one_pass(
     bc2_sqrt: float,
 ) -> torch.Tensor | None:
     """aₖ from symmech's C++ kernel in one pass (:func:`.native.adam_direction`) when it is
-    loaded and the products are not kept eager (:data:`.fused.MODE`); None: torch's ops."""
+    loaded, the products are not kept eager (:data:`.fused.MODE`) and the tensor is larger than
+    :data:`SMALL` (smaller ones go through one foreach pass together, :func:`directions_of`, with
+    the same values as torch's ops here); None: torch's ops."""
     if fused.MODE == "eager" or not native.ready() or group["differentiable"]:
+        return None
+    if grad.numel() <= SMALL:
         return None
     return native.adam_direction(
         grad, exp_avg, exp_avg_sq, vmax, tuple(group["betas"]), bc2_sqrt, group["eps"]
