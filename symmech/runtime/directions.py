@@ -171,7 +171,8 @@ def _adam(
     exp_avg, exp_avg_sq = (_state_tensor(state, k, p, call) for k in ("exp_avg", "exp_avg_sq"))
     vmax = _state_tensor(state, "max_exp_avg_sq", p, call) if group["amsgrad"] else None
     step_t = _step_after(state, group, p)
-    if not group["capturable"] or group["fused"]:
+    host_counter = not group["capturable"] or group["fused"]  # bias corrections as floats
+    if host_counter:
         step = _value(step_t)
         bc1, bc2 = 1 - beta1**step, 1 - beta2**step
         fast = _one_pass(group, grad, exp_avg, exp_avg_sq, vmax, bc2**0.5)
@@ -181,7 +182,7 @@ def _adam(
     v = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
     if vmax is not None:
         v = torch.maximum(vmax, v)
-    if not group["capturable"] or group["fused"]:
+    if host_counter:
         # in place on this hook's own m and v: the same values as Adam's, without new memory
         denom = v.sqrt_().div_(bc2**0.5).add_(eps)
         return Direction(shrink, lr / bc1, m.div_(denom))

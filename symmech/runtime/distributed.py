@@ -32,7 +32,7 @@ from symmech.errors import BindingError, explain
 from symmech.laws import names
 
 from .binding import Binding, BoundSlice
-from .evidence import judge_laws, judge_residuals, mark_non_finite
+from .evidence import judge
 from .history import without_parts
 from .shards import is_sharded, row_ranges, shard_rows
 from .stepper import angle_from_parts
@@ -451,10 +451,8 @@ class DistributedTracker(Tracker):
     def records(self, final: bool = True) -> list[dict[str, Any]]:
         """The global records, the same on every rank (collective in a split mode)."""
         rows = global_rows(self._rows(final), split=self.split)
-        mark_non_finite(rows)
         families = _whole_bindings(self.families) if self.mode == FSDP else self.families
-        judge_residuals(rows, families)
-        judge_laws(rows, families)
+        judge(rows, families)
         return without_parts(agree_on_status(rows))
 
     def to_csv(self, path) -> None:

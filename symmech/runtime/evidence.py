@@ -71,6 +71,22 @@ def _magnitude(family: Family) -> float:
         return float(charge_terms(family.binding).max())
 
 
+def judge(rows: list[dict[str, Any]], families: Sequence[Family]) -> None:
+    """Everything the records say, in order: non-finite values, then a residual that moves Q,
+    then a law that misses the observed Q (a row judged by one is not judged again)."""
+    mark_non_finite(rows)
+    judge_residuals(rows, families)
+    judge_laws(rows, families)
+
+
+def _by_family(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """The rows of each family, keyed as records name it: (symmetry, layer)."""
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault((r["symmetry"], r["layer"]), []).append(r)
+    return out
+
+
 def judge_residuals(rows: list[dict[str, Any]], families: Sequence[Family]) -> None:
     """Mark families whose measured residual visibly moves Q ``approximate: |r| = …``.
 
@@ -79,9 +95,7 @@ def judge_residuals(rows: list[dict[str, Any]], families: Sequence[Family]) -> N
     and the largest term size M of one group's Q. Rows still ``tracked`` take the family's new
     status.
     """
-    mine: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in rows:
-        mine.setdefault((r["symmetry"], r["layer"]), []).append(r)
+    mine = _by_family(rows)
     for f in families:
         fam_rows = mine.get((f.symmetry, f.layer), [])
         if f.status != TRACKED or not fam_rows:
@@ -123,9 +137,7 @@ def judge_laws(rows: list[dict[str, Any]], families: Sequence[Family]) -> None:
     round-off of a law grows with the path it sums). Only rows still ``tracked`` are judged;
     the family's status becomes the first miss, measured.
     """
-    mine: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for r in rows:
-        mine.setdefault((r["symmetry"], r["layer"]), []).append(r)
+    mine = _by_family(rows)
     for f in families:
         fam_rows = [r for r in mine.get((f.symmetry, f.layer), []) if r["status"] == TRACKED]
         fed_r = bool(getattr(f, "residuals", True))

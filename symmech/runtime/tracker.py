@@ -29,7 +29,7 @@ from symmech.errors import BindingError, explain
 from .bank import Bank
 from .binding import Binding
 from .directions import modelled, not_modelled_reason
-from .evidence import judge_laws, judge_residuals, mark_non_finite
+from .evidence import judge
 from .family import Family, TrackerWarning, coming_steps
 from .history import History, Snapshot, without_parts
 from .hook_order import HookOrder, Read
@@ -349,9 +349,7 @@ class Tracker:
         ``final`` adds the state after the last step when it was not logged already.
         """
         rows = self._rows(final)
-        mark_non_finite(rows)
-        judge_residuals(rows, self.families)
-        judge_laws(rows, self.families)
+        judge(rows, self.families)
         return without_parts(rows)
 
     def _rows(self, final: bool) -> list[dict[str, Any]]:
