@@ -119,6 +119,12 @@ class Bank:
             )
         )
 
+    def advance(self, data: StepData) -> None:
+        """Advance the laws by one step with data already laid out over the bank's groups
+        (:mod:`.program` reads them for every family at once)."""
+        assert self.laws is not None
+        self.laws.step(data)
+
     def _general(self, data: list[StepData | None], hyper, live: list[StepData]) -> StepData:
         """One general step for the bank: every live family's measured terms, concatenated."""
         shrinks = {d.general.shrink for d in live if d.general is not None}

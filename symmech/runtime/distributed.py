@@ -442,6 +442,7 @@ class DistributedTracker(Tracker):
         super().__init__(model, optimizer, bindings, **kwargs)
         self.mode = mode
         self.cache.absent.update(id(t) for t in absent)
+        self._programs = None  # each family reads its own terms (sharded and absent slices)
 
     @property
     def split(self) -> bool:

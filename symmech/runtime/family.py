@@ -339,7 +339,7 @@ class Family:
             bare = [n for n, g in zip(self.names, grads) if g is None]
             self.restart(f"{bare} had no gradient at step {step} while the rest of the group did")
             return observed
-        rotation_eq = self._rotation_eq(hyper) if self.rotation else None
+        rotation_eq = self.rotation_eq(hyper) if self.rotation else None
         if general:
             return self._before_general(step, log, hyper, th, observed, restart, rotation_eq)
         self.general = False
@@ -382,7 +382,7 @@ class Family:
             self.note = f"laws restarted at step {step}: {self._restart}"
             self._restart = None
 
-    def _rotation_eq(self, hyper: Hyper) -> float | None:
+    def rotation_eq(self, hyper: Hyper) -> float | None:
         """The random-walk equilibrium angle for this step's settings (None: no model), once
         per hook call and param group."""
         key = ("rotation_eq", self.group_indices[0], hyper)
@@ -487,6 +487,19 @@ class Family:
         )
         self._mark_restart(step, restart, observed)
         return observed
+
+    @property
+    def follows_buffer(self) -> bool:
+        """Whether the laws follow torch's momentum buffer (its share ⟨ξ, b⟩ is carried)."""
+        return self._xi_known
+
+    def stepped_by_bank(self, residual: torch.Tensor | None, momentum: float) -> None:
+        """This step's terms were read for the family's whole bank at once (:mod:`.program`):
+        keep what the per-family path keeps (rₖ for the records), queue nothing."""
+        self._pending = None
+        self.residual = residual
+        self.general = False
+        self._xi_known = momentum != 0.0
 
     @property
     def restart_due(self) -> str | None:

@@ -229,7 +229,7 @@ def layout_products(
             dims[s].append(dim)
         plan.append((s, dims[s].index(dim), index))
     flat = [[k for pair in p for k in pair] for p in pairs]
-    swept = _module.group_products(sources, flat, dims) if sources else []
+    swept = sweep(sources, flat, dims) if sources else []
     out: list[torch.Tensor | None] = []
     for where in plan:
         if where is None:
@@ -240,6 +240,17 @@ def layout_products(
         whole = index == list(range(len(pairs[s])))
         out.append(values if whole else values[index])
     return out
+
+
+def sweep(
+    sources: list[list[torch.Tensor]], pairs: list[list[int]], dims: list[list[int]]
+) -> list[list[torch.Tensor]]:
+    """The kernel's own call: per tensor (its sources, of one shape, contiguous), for each group
+    dimension in ``dims``, the per-group sums of the products of the source pairs listed flat in
+    ``pairs`` ((i, j, i, j, …)), stacked (pairs, G) in the sources' dtype."""
+    if _module is None:
+        raise RuntimeError("symmech.runtime.native: build() the kernel first")
+    return _module.group_products(sources, pairs, dims)
 
 
 def adam_direction(

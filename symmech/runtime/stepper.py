@@ -209,8 +209,13 @@ class Laws:
 
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A copy of every prediction, keyed by law name (device tensors, nothing synced)."""
+        return {name: value.clone() for name, value in self.predictions().items()}
+
+    def predictions(self) -> dict[str, torch.Tensor]:
+        """Every prediction as it is now, keyed by law name: the live tensors (a step replaces
+        them rather than writing into them; copy before the next step to keep them)."""
         names = (*PREDICTIONS, *ANATOMY, *ROTATION, *ROTATION_PARTS)
-        return {name: getattr(self, name).clone() for name in names}
+        return {name: getattr(self, name) for name in names}
 
     def state_dict(self) -> dict:
         """Everything the laws carry, to continue exactly in another process."""

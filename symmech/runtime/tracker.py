@@ -33,6 +33,7 @@ from .evidence import judge
 from .family import Family, TrackerWarning, coming_steps
 from .history import History, Snapshot, without_parts
 from .hook_order import HookOrder, Read
+from .program import Programs, Step
 from .reductions import ReductionCache
 
 Schedule = Callable[[int], bool]
@@ -103,6 +104,9 @@ class Tracker:
                 )
             )
         self._detect: Callable[[], Sequence[Binding]] | None = None
+        #: the steady banks' terms in one sweep and gather (None: every family on its own)
+        self._programs: Programs | None = Programs(optimizer, self.cache)
+        self._fast: Step | None = None  # the banks this hook call steps at once
 
     def _adopt(self, bindings: Sequence[Binding], detected: bool = False) -> None:
         names = (
@@ -172,7 +176,9 @@ class Tracker:
     def _snapshots(
         self, observed: dict[int, torch.Tensor | None], final: bool = False
     ) -> list[Snapshot]:
-        """Every family as it is now (``final``: after the last step, so no residual)."""
+        """Every family as it is now (``final``: after the last step, so no residual), for
+        :meth:`History.add`, which copies the values at once: the snapshots hold the live
+        tensors."""
         laws: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
         out = []
         for f in self.families:
@@ -180,7 +186,7 @@ class Tracker:
             state, t, segment = None, None, None
             if bank is not None and bank.laws is not None:
                 if id(bank) not in laws:
-                    laws[id(bank)] = (bank.laws.snapshot(), bank.laws.t)
+                    laws[id(bank)] = (bank.laws.predictions(), bank.laws.t)
                 state, t = laws[id(bank)]
                 segment = bank.segment(f)
             elif bank is not None:
@@ -199,8 +205,8 @@ class Tracker:
                     t=t,
                     symmetry=f.symmetry,
                     layer=f.layer,
-                    observed=None if obs is None else obs.detach().clone(),
-                    residual=None if (final or f.residual is None) else f.residual.detach().clone(),
+                    observed=obs,  # History.add copies them at once (no clone here)
+                    residual=None if final else f.residual,
                     laws=state,
                     segment=segment,
                     momentum=settings.momentum,
@@ -267,10 +273,16 @@ class Tracker:
                     coming_steps(self.optimizer, self.cache, self._step_cache, group)
                 except Exception:  # noqa: BLE001 - each family meets its own error, as before
                     pass
+        fast = self._fast = self._bank_step(log)
         observed = {
             id(f): self._guard(f, "before", lambda f=f: f.before_step(self.step, log))
             for f in self.families
+            if fast is None or id(f) not in fast.families
         }
+        if fast is not None:
+            for f, q, r, momentum in self._programs.family_values(fast, self.banks or [], log):
+                f.stepped_by_bank(r, momentum)
+                observed[id(f)] = q
         if self.banks is None:
             self._make_banks()
             for bank in self.banks or []:
@@ -281,6 +293,26 @@ class Tracker:
             self.history.add(self._snapshots(observed))
         self.cache.clear()
         self._step_cache.clear()
+
+    def _bank_step(self, log: bool) -> Step | None:
+        """The steady banks' terms of this step, read at once (:mod:`.program`); None leaves
+        every family to its own path (also after any error, which turns the programs off)."""
+        programs = self._programs
+        if programs is None or not self.banks or self._late is not None:
+            return None
+        try:
+            if not programs.usable(self.banks):
+                return None
+            return programs.before(self.banks, log)
+        except Exception as err:  # noqa: BLE001 - the tracker must never break training
+            programs.off = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"symmech: reading the banks' terms at once failed at step {self.step} "
+                f"({programs.off}); each family reads its own from now on (same values, slower)",
+                TrackerWarning,
+                stacklevel=4,
+            )
+            return None
 
     def _steps_first(self) -> bool:
         """Whether to compute every tracked tensor's coming step aₖ before any family asks for a
@@ -304,9 +336,15 @@ class Tracker:
             self._caught_late_hook(self._late)
             self._late = None
         self.cache.clear()
-        for bank in self.banks or []:
-            data = [self._guard(f, "after", f.finish_step) for f in bank.families]
+        fast, self._fast = self._fast, None
+        stacked = self._bank_data(fast)
+        for number, bank in enumerate(self.banks or []):
             try:
+                if fast is not None and number in fast.banks:
+                    if number in stacked:
+                        bank.advance(stacked[number])
+                    continue
+                data = [self._guard(f, "after", f.finish_step) for f in bank.families]
                 bank.step(data)
             except Exception as err:  # the tracker must never break training
                 for f in bank.families:
@@ -316,6 +354,19 @@ class Tracker:
         if self._copies:
             self._copies.clear()
         self.step += 1
+
+    def _bank_data(self, fast: Step | None) -> dict:
+        """The data of the step just taken of the banks read at once; on an error their
+        families stop with it (their laws cannot continue without this step)."""
+        if fast is None or self._programs is None:
+            return {}
+        try:
+            return self._programs.after(fast, self.banks or [])
+        except Exception as err:  # noqa: BLE001 - the tracker must never break training
+            for number in fast.banks:
+                for f in (self.banks or [])[number].families:
+                    f.stop(f"tracker error after step {self.step}: {type(err).__name__}: {err}")
+            return {}
 
     def _caught_late_hook(self, read: Read) -> None:
         """A step pre-hook registered after the tracker's ran after its read: restart the laws

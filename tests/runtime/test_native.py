@@ -277,35 +277,38 @@ def _worst_difference(rows: list[dict], reference: list[dict]) -> float:
 
 
 class KernelSpy:
-    """Wraps ``native.layout_products``: counts the layouts it computed and checks each value
-    against numpy on the spot (inside the tracker's own call, which turns exceptions into notes:
-    a mismatch is kept in ``wrong`` for the test to assert)."""
+    """Wraps ``native.sweep``, the kernel's one call (the families' fused pass and the banks read
+    at once both go through it): counts the calls and the (tensor, dimension) values it
+    computed and checks each against numpy on the spot (inside the tracker's own call, which
+    turns exceptions into notes: a mismatch is kept in ``wrong`` for the test to assert)."""
 
     def __init__(self) -> None:
         self.calls = 0
         self.layouts = 0
-        self.sources = 0  # the most sources one computed layout read
+        self.sources = 0  # the most sources one sweep read
         self.wrong: list[str] = []
-        self.original = native.layout_products
+        self.original = native.sweep
 
-    def __call__(self, structure, members):
-        got = self.original(structure, members)
+    def __call__(self, sources, pairs, dims):
+        got = self.original(sources, pairs, dims)
+        sources = [[t.detach() for t in members] for members in sources]
         self.calls += 1
-        for value, (dim, pairs), sources in zip(got, structure, members, strict=True):
-            if value is not None:
+        for values, members, flat, tensor_dims in zip(got, sources, pairs, dims, strict=True):
+            self.sources = max(self.sources, len(members))
+            listed = tuple(zip(flat[::2], flat[1::2]))
+            for value, dim in zip(values, tensor_dims, strict=True):
                 self.layouts += 1
-                self.sources = max(self.sources, len(sources))
                 try:
-                    _check_layout(value, sources, dim, pairs, cancelling=True)
+                    _check_layout(value, members, dim, listed, cancelling=True)
                 except AssertionError as err:
-                    self.wrong.append(f"{tuple(sources[0].shape)} dim {dim} {pairs}: {err}")
+                    self.wrong.append(f"{tuple(members[0].shape)} dim {dim} {listed}: {err}")
         return got
 
 
 @pytest.fixture
 def spy(monkeypatch) -> KernelSpy:
     wrapper = KernelSpy()
-    monkeypatch.setattr(native, "layout_products", wrapper)
+    monkeypatch.setattr(native, "sweep", wrapper)
     return wrapper
 
 

@@ -1,0 +1,364 @@
+"""Every steady bank's data terms from one sweep and one gather per hook call: the programs.
+
+Under ``torch.optim.SGD``, once a bank's laws are running, each step asks the same terms of every
+family: rₖ = ⟨ξ, g⟩ (and Q when logged) before the update, and uᵀJu after it (the forms of θ, g
+and b instead, without momentum or with Nesterov's). Each is a fixed linear combination of
+per-group products of the bound slices (:mod:`.traced`). A :class:`Gather` lays out every product
+a set of requests reads, has the C++ kernel (:mod:`.native`) compute them in one call (one sweep
+per tensor, reading each source once), and forms every requested bank vector at once: one
+``index_select`` of the products, one product with the coefficients, one ``index_add_``. No
+family's Python runs, and no slice view, lookup or generated function.
+
+:class:`Programs` decides per hook call which banks are *steady*, so that the per-family path
+(:meth:`.family.Family.before_step`) would do exactly this: every family tracked with its laws
+running (no restart due, Q₀ known), torch.optim.SGD's law (not the general one), every bound
+tensor with its gradient and, with momentum, its buffer already followed by the laws. The other
+banks, and every bank of a tracker under torch.distributed, on another device than the CPU, or
+before the kernel is loaded, take the per-family path, whose values these equal to round-off
+(tests/runtime/test_program.py). A slice the kernel cannot read (not contiguous) is reduced
+eagerly in its place; any error leaves the step to the per-family path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import fused, native
+from .bank import Bank
+from .family import Family
+from .kernels import Forms
+from .stepper import Hyper, StepData, update_forms
+from .traced import FORM_FIELDS, Lin, NotTraced, slot, trace
+
+#: (bank number, function, roles, field): one bank vector of one generated function's value
+Request = tuple[int, str, tuple, str | None]
+#: a family's traced value with the family's offset in its bank
+Part = tuple[int, Lin, Family]
+#: the generated function and the roles of its arguments, per term a step asks for
+CHARGE, RESIDUAL, QUADRATIC = ("charge", ("t",)), ("residual", ("t", "g")), ("quadratic", ("b",))
+FORMS, FORMS_B = ("forms", ("t", "g", None)), ("forms", ("t", "g", "b"))
+
+
+@dataclass
+class _Sweep:
+    """One tensor (in one view) read by the kernel: its roles, the pairs among them, and the
+    group dimensions whose per-group sums are asked for."""
+
+    spec: Any
+    roles: list[str] = field(default_factory=list)
+    pairs: list[tuple[str, str]] = field(default_factory=list)
+    dims: list[int] = field(default_factory=list)
+
+    def add(self, first: str, second: str, dim: int) -> None:
+        for role in (first, second):
+            if role not in self.roles:
+                self.roles.append(role)
+        if (first, second) not in self.pairs:
+            self.pairs.append((first, second))
+        if dim not in self.dims:
+            self.dims.append(dim)
+
+    def flat_pairs(self) -> list[int]:
+        return [self.roles.index(r) for pair in self.pairs for r in pair]
+
+
+class Gather:
+    """The products that a set of requests reads, laid out for one kernel call, and the gather
+    that forms every requested bank vector from them.
+
+    The products lie in one vector: each swept tensor's (pairs, G) values per group dimension
+    (the C++ kernel, one call for all), then the products of one-dimensional slices grouped
+    per entry (biases, norm weights: one ``torch._foreach_mul`` for all), then the other terms
+    (sums, products of a slice without a group dimension), each computed on its own. A
+    request's vector is Σ coefficient × product over its families' terms, at the families'
+    offsets: ``out.index_add_(0, dst, products[src] * coef)``.
+    """
+
+    def __init__(self, wanted: list[tuple[Request, list[Part]]]) -> None:
+        sweeps: dict[tuple, _Sweep] = {}  # (tensor id, view) -> its sweep
+        small: dict[tuple, Any] = {}  # atom of a 1-D slice grouped per entry -> its slice
+        eager: dict[tuple, Any] = {}  # any other atom -> a bound slice it reads
+        for _, parts in wanted:
+            for _, lin, fam in parts:
+                for atom in lin.terms:
+                    kind, (tid, view, dim) = atom[0], atom[1]
+                    spec = _spec_of(fam, atom[1])
+                    if kind == "prod" and dim is not None and _per_entry(spec):
+                        small.setdefault(atom, spec)
+                    elif kind == "prod" and dim is not None:
+                        sweeps.setdefault((tid, view), _Sweep(spec)).add(atom[2], atom[3], dim)
+                    else:
+                        eager.setdefault(atom, spec)
+        self.sweeps = list(sweeps.values())
+        self.small = list(small.items())
+        self.eager = list(eager.items())
+        where: dict[tuple, int] = {}  # atom -> where its per-group values start
+        at = 0
+        for (tid, view), sw in sweeps.items():
+            shape = sw.spec.shaped(torch.empty(sw.spec.tensor.shape, device="meta")).shape
+            for dim in sw.dims:
+                for first, second in sw.pairs:
+                    where[("prod", (tid, view, dim), first, second)] = at
+                    at += int(shape[dim])
+        for atom, spec in (*self.small, *self.eager):
+            where[atom] = at
+            at += 1 if atom[1][2] is None else spec.n_groups
+        src: list[int] = []
+        dst: list[int] = []
+        coef: list[float] = []
+        #: each request's place in the output vector
+        self.outputs: dict[Request, slice] = {}
+        start = 0
+        for request, parts in wanted:
+            size = 0
+            for offset, lin, fam in parts:
+                n = fam.n_groups
+                for atom, c in lin.terms.items():
+                    src.extend(range(where[atom], where[atom] + n))
+                    dst.extend(range(start + offset, start + offset + n))
+                    coef.extend([c] * n)
+                size = max(size, offset + n)
+            self.outputs[request] = slice(start, start + size)
+            start += size
+        self.size = start
+        self.src = torch.tensor(src, dtype=torch.long)
+        self.dst = torch.tensor(dst, dtype=torch.long)
+        self.coef = torch.tensor(coef, dtype=torch.float64)
+
+    def run(self, read: Callable[[str, torch.Tensor], torch.Tensor | None]) -> dict:
+        """Every requested bank vector (float64) from the tensors ``read(role, parameter)``."""
+
+        def shaped(spec: Any, role: str) -> torch.Tensor:
+            t = read(role, spec.tensor)  # read under no_grad (the tracker's hooks): no detach
+            if t is None:
+                raise LookupError(f"no {role!r} of a {tuple(spec.tensor.shape)} tensor")
+            return t if spec.view is None else spec.shaped(t)
+
+        members = [[shaped(sw.spec, r) for r in sw.roles] for sw in self.sweeps]
+        kernel = [i for i, m in enumerate(members) if all(t.is_contiguous() for t in m)]
+        swept = native.sweep(
+            [members[i] for i in kernel],
+            [self.sweeps[i].flat_pairs() for i in kernel],
+            [self.sweeps[i].dims for i in kernel],
+        ) if kernel else []  # fmt: skip
+        by_kernel = dict(zip(kernel, swept))
+        parts: list[torch.Tensor] = []
+        for i, sw in enumerate(self.sweeps):
+            values = by_kernel.get(i)
+            for n, dim in enumerate(sw.dims):
+                if values is not None:
+                    parts.append(values[n].reshape(-1))
+                    continue
+                m = members[i]  # a slice the kernel does not read: the same products, eagerly
+                for first, second in sw.pairs:
+                    x, y = m[sw.roles.index(first)], m[sw.roles.index(second)]
+                    parts.append(fused.group_sums(x * y, dim))
+        if self.small:
+            xs = [shaped(spec, atom[2]) for atom, spec in self.small]
+            ys = [shaped(spec, atom[3]) for atom, spec in self.small]
+            parts.extend(torch._foreach_mul(xs, ys))
+        for atom, spec in self.eager:
+            x = shaped(spec, atom[2])
+            value = x if atom[0] == "sum" else x * shaped(spec, atom[3])
+            parts.append(fused.group_sums(value, atom[1][2]).reshape(-1))
+        out = torch.zeros(self.size, dtype=torch.float64)
+        if not parts:  # every term vanishes (a translation's uᵀJu)
+            return {r: out[s] for r, s in self.outputs.items()}
+        products = torch.cat(parts).to(torch.float64)
+        out.index_add_(0, self.dst, products.index_select(0, self.src).mul_(self.coef))
+        return {r: out[s] for r, s in self.outputs.items()}
+
+
+def _per_entry(spec: Any) -> bool:
+    """Whether a slice is one-dimensional with a group per entry (a bias, a norm's weight)."""
+    return spec.tensor.ndim == 1 and spec.view is None and spec.dim is not None
+
+
+def _spec_of(fam: Family, where: tuple) -> Any:
+    """The family's bound slice in the slot ``where``."""
+    for slices in fam.binding.blocks.values():
+        for s in slices:
+            if slot(s) == where:
+                return s
+    raise NotTraced("a slot the family does not bind")  # pragma: no cover
+
+
+@dataclass
+class Step:
+    """The steady banks of one hook call and what was read before the update."""
+
+    banks: dict[int, tuple[str, Hyper, float | None]]  # bank number -> case, settings, angle
+    values: dict[Request, torch.Tensor]
+    families: set[int] = field(default_factory=set)  # ids of the families the banks stepped
+
+
+class Programs:
+    """Which banks a hook call steps by one gather, and their data (see the module docstring)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, cache: Any) -> None:
+        self.optimizer = optimizer
+        self.cache = cache
+        #: why the programs stopped for good (None: on); set on the first error
+        self.off: str | None = None
+        self._traced: dict[tuple, list[Part] | None] = {}
+        self._gathers: dict[tuple, Gather] = {}
+        self._large: tuple[int, bool] | None = None
+
+    def read(self, role: str, p: torch.Tensor) -> torch.Tensor | None:
+        if role == "t":
+            return p
+        if role == "g":
+            return self.cache.grads.get(id(p), p.grad)
+        return self.optimizer.state.get(p, {}).get("momentum_buffer")
+
+    def usable(self, banks: list[Bank]) -> bool:
+        """Whether the kernel computes the products: loaded, CPU tensors, and under ``"auto"``
+        a model as large as the fused pass asks (:data:`.fused.AUTO_MIN_ELEMENTS_CPU`)."""
+        if self.off is not None or not native.ready() or fused.MODE not in ("native", "auto"):
+            return False
+        if type(self.optimizer) is not torch.optim.SGD or self.cache.absent:
+            return False
+        if self._large is None or self._large[0] != len(banks):
+            tensors = {id(t): t for b in banks for f in b.families for t in f.binding.tensors}
+            plain = all(
+                type(t) in (torch.Tensor, torch.nn.Parameter)
+                and t.device.type == "cpu"
+                and t.dtype in (torch.float32, torch.float64)  # lower ones reduce in float32
+                for t in tensors.values()
+            )
+            entries = sum(t.numel() for t in tensors.values())
+            large = fused.MODE == "native" or entries >= fused.AUTO_MIN_ELEMENTS_CPU
+            self._large = (len(banks), plain and large)
+        return self._large[1]
+
+    def _steady(self, bank: Bank) -> tuple[str, Hyper] | None:
+        """The case of torch.optim.SGD's update the bank's families all take now, when each would
+        only hand its bank the terms of that case (None: the per-family path)."""
+        fams = bank.families
+        if bank.laws is None:
+            return None
+        first = fams[0]
+        for f in fams:
+            if not f.tracked or f.q0 is None or f.restart_due is not None or f.batch is not None:
+                return None
+            if f.residuals != first.residuals:
+                return None
+        hyper, general = first.hyper()
+        if general:
+            return None
+        state, grads = self.optimizer.state, self.cache.grads
+        for f in fams:
+            for t in f.binding.tensors:
+                g = grads.get(id(t), t.grad)
+                if g is None or g.layout != torch.strided:
+                    return None
+                if hyper.momentum != 0.0 and state.get(t, {}).get("momentum_buffer") is None:
+                    return None
+            if hyper.momentum != 0.0 and not f.follows_buffer:
+                return None
+        case = hyper.case(hyper.momentum == 0.0)
+        return (case, hyper) if case in ("sgd", "plain", "nesterov") else None
+
+    def _parts(self, bank: Bank, fn: tuple) -> list[Part] | None:
+        """Each family's traced ``fn`` with its offset in the bank (None: one does not trace)."""
+        key = (id(bank), fn)
+        if key not in self._traced:
+            try:
+                self._traced[key] = [
+                    (offset, trace(f.module, fn[0], f.binding.blocks, fn[1]), f)
+                    for offset, f in zip(bank.offsets, bank.families)
+                ]
+            except NotTraced:
+                self._traced[key] = None
+        return self._traced[key]
+
+    def _values(self, wanted: list[tuple[int, Bank, tuple, str | None]]) -> dict | None:
+        requests = []
+        for number, bank, fn, fld in wanted:
+            traced = self._parts(bank, fn)
+            if traced is None:
+                return None
+            if fld is not None:
+                traced = [(o, getattr(forms, fld), f) for o, forms, f in traced]
+                if any(lin is None for _, lin, _ in traced):
+                    return None
+            requests.append(((number, fn[0], fn[1], fld), traced))
+        key = tuple(r for r, _ in requests)
+        gather = self._gathers.get(key)
+        if gather is None:
+            gather = self._gathers[key] = Gather(requests)
+        return gather.run(self.read)
+
+    def before(self, banks: list[Bank], log: bool) -> Step | None:
+        """Read the steady banks' terms before the update (None: no bank is steady)."""
+        steady: dict[int, tuple[str, Hyper, float | None]] = {}
+        wanted: list[tuple[int, Bank, tuple, str | None]] = []
+        for number, bank in enumerate(banks):
+            found = self._steady(bank)
+            if found is None:
+                continue
+            case, hyper = found
+            need = []
+            if log:
+                need.append((CHARGE, None))
+            if log or bank.families[0].residuals:
+                need.append((RESIDUAL, None))
+            if case in ("plain", "nesterov"):
+                fn = FORMS if case == "plain" else FORMS_B
+                need.extend((fn, fld) for fld in FORM_FIELDS[: 3 if case == "plain" else 6])
+            if any(self._parts(bank, fn) is None for fn, _ in need):
+                continue
+            if case == "sgd" and self._parts(bank, QUADRATIC) is None:
+                continue
+            first = bank.families[0]
+            angle = first.rotation_eq(hyper) if first.rotation else None
+            steady[number] = (case, hyper, angle)
+            wanted.extend((number, bank, fn, fld) for fn, fld in need)
+        if not steady:
+            return None
+        values = self._values(wanted) if wanted else {}
+        if values is None:
+            return None
+        return Step(steady, values, {id(f) for n in steady for f in banks[n].families})
+
+    def family_values(
+        self, step: Step, banks: list[Bank], log: bool
+    ) -> Iterator[tuple[Family, torch.Tensor | None, torch.Tensor | None, float]]:
+        """Per family of the steady banks: its observed Q (when logged) and its rₖ (or None)."""
+        for number, (_, hyper, _) in step.banks.items():
+            bank, momentum = banks[number], hyper.momentum
+            for f in bank.families:
+                seg = bank.segment(f)
+                q = step.values.get((number, *CHARGE, None)) if log else None
+                r = step.values.get((number, *RESIDUAL, None))
+                yield f, (None if q is None else q[seg]), (None if r is None else r[seg]), momentum
+
+    def after(self, step: Step, banks: list[Bank]) -> dict[int, StepData]:
+        """Each steady bank's data of the step just taken (uᵀJu read from the new buffer)."""
+        wanted = [(n, banks[n], QUADRATIC, None) for n, (case, _, _) in step.banks.items()
+                  if case == "sgd"]  # fmt: skip
+        after = self._values(wanted) if wanted else {}
+        if after is None:
+            raise NotTraced("a bank's uᵀJu could not be traced")  # pragma: no cover
+        out = {}
+        for number, (case, hyper, angle) in step.banks.items():
+            v = step.values
+            residual = v.get((number, *RESIDUAL, None))
+            if not banks[number].families[0].residuals:
+                residual = None
+            gJg = None
+            if case == "sgd":
+                uJu = uJb = after[(number, *QUADRATIC, None)]
+            else:
+                fn = FORMS if case == "plain" else FORMS_B
+                forms = Forms(**{
+                    fld: v.get((number, *fn, fld)) for fld in FORM_FIELDS
+                })  # fmt: skip
+                uJu, uJb = update_forms(case, hyper, forms)
+                gJg = forms.gg if hyper.momentum == 0.0 else None
+            out[number] = StepData(hyper, uJu, uJb, gJg, residual, fresh=False, rotation_eq=angle)
+        return out

@@ -1,0 +1,335 @@
+"""The banks read at once (symmech/runtime/program.py, traced.py) against independent computations.
+
+* a generated function's traced form, evaluated term by term on random tensors, equals the
+  function itself run on plain tensors, for every built-in spec without constants; specs with
+  constants, products of terms and branches on values are refused;
+* on the float64 test nets, under every case of torch.optim.SGD (heavy ball, no momentum,
+  Nesterov, dampening, weight decay) and logging/residual settings drawn by hypothesis, the
+  tracker with the banks read at once gives the records of the per-family eager path to 1e-12,
+  the kernel ran, and training is bit-identical to an untracked twin;
+* the exact discrete law against the charge measured by hand after every step;
+* a run whose momentum is switched off and on, a gradient the kernel cannot read (not
+  contiguous) and an error inside the gather: the same records as the eager path, training
+  untouched.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from support.training import (
+    Config,
+    assert_same_training,
+    hand_charges,
+    law_error,
+    make_net,
+    make_opt,
+)
+
+import symmech
+from symmech.runtime import fused, native, program
+from symmech.runtime.binding import BoundSlice
+from symmech.runtime.family import TrackerWarning
+from symmech.runtime.kernels import Forms
+from symmech.runtime.traced import FORM_FIELDS, NotTraced, slot, trace
+
+NETS = ("scale", "rescale", "quadratic", "translation", "conv_flatten")
+KEYS = ("observed", "residual", "discrete", "discrete_residual", "first_order", "second_order",
+        "angular_update", "dQ_step", "dQ_decay")  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built() -> None:
+    assert native.build(), f"the C++ kernel could not be built: {native.failure()}"
+
+
+@pytest.fixture(autouse=True)
+def restore_mode():
+    saved = fused.MODE
+    yield
+    fused.MODE = saved
+
+
+# ---------------------------------------------------------------------------------------------
+# The traced form of a generated function
+# ---------------------------------------------------------------------------------------------
+
+
+def _reduce(x: torch.Tensor, dim: int | None) -> torch.Tensor:
+    """Σ over every axis but ``dim`` (None: everything), written out independently."""
+    if dim is None:
+        return x.sum().reshape(1)
+    return x.movedim(dim, 0).reshape(x.shape[dim], -1).sum(1)
+
+
+def _evaluate(lin, specs: dict[tuple, BoundSlice], values: dict[str, dict[int, torch.Tensor]]):
+    """A traced combination evaluated term by term on the tensors ``values[role][id(tensor)]``."""
+    out = None
+    for atom, c in lin.terms.items():
+        spec = specs[atom[1]]
+        dim = atom[1][2]
+        x = spec.shaped(values[atom[2]][id(spec.tensor)])
+        term = x if atom[0] == "sum" else x * spec.shaped(values[atom[3]][id(spec.tensor)])
+        term = c * _reduce(term, dim)
+        out = term if out is None else out + term
+    return out
+
+
+def _plain(blocks: dict[str, list[BoundSlice]], role_values: dict[int, torch.Tensor]):
+    """The views of one role as plain (tensor, reduce_dims) pairs: the generated code's eager
+    path, which shares nothing with the traced one."""
+    return {
+        b: [s.prepare(role_values[id(s.tensor)]) for s in slices] for b, slices in blocks.items()
+    }
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_traced_terms_equal_the_generated_functions(name) -> None:
+    net = make_net(name)
+    opt = make_opt(net, Config(momentum=0.9))
+    tracker = symmech.track(net.model, opt, net.bindings())
+    gen = torch.Generator().manual_seed(1)
+    for family in tracker.families:
+        blocks = family.binding.blocks
+        specs = {}
+        for slices in blocks.values():
+            for s in slices:
+                specs[slot(s)] = s
+        values = {
+            role: {
+                id(s.tensor): torch.randn(s.tensor.shape, generator=gen, dtype=torch.float64)
+                for slices in blocks.values()
+                for s in slices
+            }
+            for role in "tgb"
+        }
+        calls = [("charge", ("t",)), ("residual", ("t", "g")), ("quadratic", ("b",)),
+                 ("forms", ("t", "g", None)), ("forms", ("t", "g", "b"))]  # fmt: skip
+        for fn, roles in calls:
+            traced = trace(family.module, fn, blocks, roles)
+            args = [None if r is None else _plain(blocks, values[r]) for r in roles]
+            want = getattr(family.module, fn)(*args)
+            pairs = (
+                [(getattr(traced, f), getattr(want, f)) for f in FORM_FIELDS]
+                if isinstance(want, Forms)
+                else [(traced, want)]
+            )
+            for lin, value in pairs:
+                if value is None:
+                    assert lin is None
+                    continue
+                got = _evaluate(lin, specs, values)
+                if got is None:  # no term: the function is zero (a translation's J)
+                    assert not bool(value.any()), (name, fn)
+                    continue
+                torch.testing.assert_close(got, value.reshape(-1), rtol=1e-12, atol=1e-12)
+
+
+class _Fake:
+    CONSTANTS = ()
+
+    @staticmethod
+    def product(th):
+        from symmech.runtime.kernels import sq
+
+        return sq(th["theta"]) * sq(th["theta"])
+
+    @staticmethod
+    def branch(th):
+        from symmech.runtime.kernels import sq
+
+        return sq(th["theta"]) if sq(th["theta"]) else 0.0
+
+    @staticmethod
+    def matrix(th):
+        from symmech.runtime.kernels import dot, mm
+
+        return dot(mm(th["theta"], torch.eye(3, dtype=torch.float64)), th["theta"])
+
+    @staticmethod
+    def scaled_by_tensor(th):
+        from symmech.runtime.kernels import sq
+
+        return torch.tensor(2.0) * sq(th["theta"])
+
+
+@pytest.mark.parametrize("fn", ["product", "branch", "matrix", "scaled_by_tensor"])
+def test_terms_that_are_not_sums_of_products_are_refused(fn) -> None:
+    w = torch.ones(4, 3, dtype=torch.float64)
+    with pytest.raises(NotTraced):
+        trace(_Fake, fn, {"theta": [BoundSlice(w, 0)]}, ("t",))
+
+
+def test_a_spec_with_constants_is_refused() -> None:
+    net = make_net("linear_pair")
+    tracker = symmech.track(net.model, make_opt(net, Config()), net.bindings())
+    (family,) = tracker.families
+    with pytest.raises(NotTraced, match="constants"):
+        trace(family.module, "residual", family.binding.blocks, ("t", "g"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The tracker with the banks read at once
+# ---------------------------------------------------------------------------------------------
+
+
+class _Counter:
+    """Counts the banks' steps read at once (wraps Programs.after)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.steps = 0
+        original = program.Programs.after
+
+        def after(programs, step, banks):
+            self.steps += 1
+            return original(programs, step, banks)
+
+        monkeypatch.setattr(program.Programs, "after", after)
+
+
+def _run(name, cfg, mode, steps, between=None, **options):
+    net = make_net(name)
+    opt = make_opt(net, cfg)
+    tracker = None
+    if mode is not None:
+        fused.MODE = mode
+        tracker = symmech.track(net.model, opt, net.bindings(), **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrackerWarning)
+        for k in range(steps):
+            opt.zero_grad(set_to_none=True)
+            net.loss().backward()
+            if between is not None:
+                between(k, net, opt)
+            opt.step()
+        rows = tracker.records() if tracker is not None else None
+    return net, opt, tracker, rows
+
+
+def _worst(a: list[dict], b: list[dict]) -> float:
+    assert len(a) == len(b) and len(a) > 0
+    worst = 0.0
+    for ra, rb in zip(a, b):
+        assert (ra["step"], ra["layer"], ra["group"]) == (rb["step"], rb["layer"], rb["group"])
+        assert ra["status"] == rb["status"], (ra["status"], rb["status"])
+        for k in KEYS:
+            x, y = ra.get(k), rb.get(k)
+            if x is None or (isinstance(x, float) and np.isnan(x)):
+                assert y is None or (isinstance(y, float) and np.isnan(y)), (k, x, y)
+                continue
+            worst = max(worst, abs(x - y) / (1.0 + abs(x)))
+    return worst
+
+
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    name=st.sampled_from(NETS),
+    case=st.sampled_from(["heavy", "plain", "nesterov", "dampened"]),
+    weight_decay=st.sampled_from([0.0, 1e-3]),
+    log_every=st.integers(1, 3),
+    residuals=st.booleans(),
+)
+def test_banks_at_once_equal_each_family_on_its_own(
+    monkeypatch, name, case, weight_decay, log_every, residuals
+) -> None:
+    cfg = Config(
+        momentum=0.0 if case == "plain" else 0.9,
+        dampening=0.3 if case == "dampened" else 0.0,
+        nesterov=case == "nesterov",
+        weight_decay=weight_decay,
+    )
+    options = dict(log_every=log_every, residuals=residuals)
+    plain_net, plain_opt, _, _ = _run(name, cfg, None, 9)
+    _, _, _, eager_rows = _run(name, cfg, "eager", 9, **options)
+    counter = _Counter(monkeypatch)
+    net, opt, tracker, rows = _run(name, cfg, "native", 9, **options)
+    monkeypatch.undo()
+    assert counter.steps >= 6  # every step once the laws run (the first ones are per family)
+    assert tracker._programs.off is None
+    assert _worst(rows, eager_rows) <= 1e-12
+    assert_same_training(plain_net.model, net.model, plain_opt, opt)
+
+
+@pytest.mark.parametrize("name", ["rescale", "scale", "conv_flatten"])
+def test_exact_law_against_the_charge_measured_by_hand(monkeypatch, name) -> None:
+    # Q computed by hand from the weights after every step (support.reference_sgd), against the
+    # exact discrete law fed the measured rₖ, advanced by the banks read at once
+    charges = []
+    counter = _Counter(monkeypatch)
+    fused.MODE = "native"
+    net = make_net(name)
+    opt = make_opt(net, Config(momentum=0.9, weight_decay=5e-4))
+    tracker = symmech.track(net.model, opt, net.bindings())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrackerWarning)
+        charges.append(hand_charges(net))
+        for _ in range(40):
+            opt.zero_grad(set_to_none=True)
+            net.loss().backward()
+            opt.step()
+            charges.append(hand_charges(net))
+        rows = tracker.records()
+    assert counter.steps >= 38
+    assert law_error(rows, charges, "discrete_residual") <= 1e-10
+
+
+def test_momentum_switched_off_and_on_and_a_gradient_the_kernel_cannot_read(monkeypatch) -> None:
+    # steps 4–6 without momentum (the buffer stays; the law follows it again after), and the
+    # last layer's weight gradient transposed in memory (not contiguous: reduced eagerly in its
+    # place within the gather)
+    def between(k, net, opt):
+        opt.param_groups[0]["momentum"] = 0.0 if 4 <= k < 7 else 0.9
+        w = net.params()["2.weight"]
+        w.grad = w.grad.t().contiguous().t()
+        assert not w.grad.is_contiguous()
+
+    cfg = Config(momentum=0.9, weight_decay=1e-3)
+    plain_net, plain_opt, _, _ = _run("rescale", cfg, None, 12, between)
+    _, _, _, eager_rows = _run("rescale", cfg, "eager", 12, between)
+    counter = _Counter(monkeypatch)
+    net, opt, tracker, rows = _run("rescale", cfg, "native", 12, between)
+    assert counter.steps >= 8
+    assert _worst(rows, eager_rows) <= 1e-12
+    assert_same_training(plain_net.model, net.model, plain_opt, opt)
+
+
+def test_an_error_in_the_gather_warns_once_and_each_family_reads_its_own(monkeypatch) -> None:
+    calls = []
+
+    def broken(self, read):
+        calls.append(1)
+        raise RuntimeError("a broken gather")
+
+    cfg = Config(momentum=0.9)
+    plain_net, plain_opt, _, _ = _run("scale", cfg, None, 8)
+    _, _, _, eager_rows = _run("scale", cfg, "eager", 8)
+    monkeypatch.setattr(program.Gather, "run", broken)
+    fused.MODE = "native"
+    net = make_net("scale")
+    opt = make_opt(net, cfg)
+    tracker = symmech.track(net.model, opt, net.bindings())
+    with pytest.warns(TrackerWarning, match="reading the banks' terms at once failed") as seen:
+        for _ in range(8):
+            opt.zero_grad(set_to_none=True)
+            net.loss().backward()
+            opt.step()
+    assert sum("at once failed" in str(w.message) for w in seen) == 1
+    assert len(calls) == 1 and "a broken gather" in tracker._programs.off
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrackerWarning)
+        rows = tracker.records()
+    assert _worst(rows, eager_rows) <= 1e-12
+    assert_same_training(plain_net.model, net.model, plain_opt, opt)
+
+
+def test_auto_leaves_a_small_model_to_the_families(monkeypatch) -> None:
+    counter = _Counter(monkeypatch)
+    _, _, tracker, _ = _run("rescale", Config(momentum=0.9), "auto", 6)
+    assert counter.steps == 0 and not tracker._programs.usable(tracker.banks)
