@@ -493,13 +493,16 @@ class Family:
         """Whether the laws follow torch's momentum buffer (its share ⟨ξ, b⟩ is carried)."""
         return self._xi_known
 
-    def stepped_by_bank(self, residual: torch.Tensor | None, momentum: float) -> None:
+    def stepped_by_bank(
+        self, residual: torch.Tensor | None, momentum: float, general: bool = False
+    ) -> None:
         """This step's terms were read for the family's whole bank at once (:mod:`.program`):
-        keep what the per-family path keeps (rₖ for the records), queue nothing."""
+        keep what the per-family path keeps (rₖ for the records, whether the step is the general
+        one, whether the laws follow SGD's buffer), queue nothing."""
         self._pending = None
         self.residual = residual
-        self.general = False
-        self._xi_known = momentum != 0.0
+        self.general = general
+        self._xi_known = momentum != 0.0 and not general
 
     @property
     def restart_due(self) -> str | None:

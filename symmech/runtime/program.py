@@ -1,26 +1,29 @@
 """Every steady bank's data terms from one sweep and one gather per hook call: the programs.
 
-Under ``torch.optim.SGD``, once a bank's laws are running, each step asks the same terms of every
-family: rₖ = ⟨ξ, g⟩ (and Q when logged) before the update, and uᵀJu after it (the forms of θ, g
-and b instead, without momentum or with Nesterov's). Each is a fixed linear combination of
-per-group products of the bound slices (:mod:`.traced`). A :class:`Gather` lays out every product
-a set of requests reads, has the C++ kernel (:mod:`.native`) compute them in one call (one sweep
-per tensor, reading each source once), and forms every requested bank vector at once: one
-``index_select`` of the products, one product with the coefficients, one ``index_add_``. No
-family's Python runs, and no slice view, lookup or generated function.
+Once a bank's laws are running, each step asks the same terms of every family. Under
+``torch.optim.SGD``: rₖ = ⟨ξ, g⟩ (and Q when logged) before the update and uᵀJu after it (the
+forms of θ, g and b instead, without momentum or with Nesterov's). Under an adaptive optimizer
+(Adam, AdamW, RMSprop, …: θₖ₊₁ = sθₖ − ηa with one s and one η): ⟨ξ(θ), a⟩ and ⟨a, J a⟩ of
+the coming step aₖ, computed for the hook call before any family asks. Each is a fixed linear
+combination of per-group products of the bound slices (:mod:`.traced`). A :class:`Gather` lays
+out every product a set of requests reads, has the C++ kernel (:mod:`.native`) compute them in
+one call (one sweep per tensor, reading each source once), and forms every requested bank vector
+at once: one ``index_select`` of the products, one product with the coefficients, one
+``index_add_``. No family's Python runs, and no slice view, lookup or generated function.
 
 :class:`Programs` decides per hook call which banks are *steady*, so that the per-family path
 (:meth:`.family.Family.before_step`) would do exactly this: every family tracked with its laws
-running (no restart due, Q₀ known), torch.optim.SGD's law (not the general one), every bound
-tensor with its gradient and, with momentum, its buffer already followed by the laws. The other
-banks, and every bank of a tracker under torch.distributed, on another device than the CPU, or
-before the kernel is loaded, take the per-family path, whose values these equal to round-off
-(tests/runtime/test_program.py). A slice the kernel cannot read (not contiguous) is reduced
-eagerly in its place; any error leaves the step to the per-family path.
-"""
+running (no restart due, Q₀ known), a modelled optimizer, every bound tensor with its gradient
+and, under SGD with momentum, its buffer already followed by the laws, or under the general law
+its coming step with one shrink and one η. The other banks, and every bank of a tracker under
+torch.distributed, on another device than the CPU, or before the kernel is loaded, take the
+per-family path, whose values these equal to round-off (tests/runtime/test_program.py). A slice
+the kernel cannot read (not contiguous) is reduced eagerly in its place; any error leaves the
+step to the per-family path."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,9 +32,10 @@ import torch
 
 from . import fused, native
 from .bank import Bank
-from .family import Family
+from .directions import modelled
+from .family import Family, coming_steps
 from .kernels import Forms
-from .stepper import Hyper, StepData, update_forms
+from .stepper import General, Hyper, StepData, update_forms
 from .traced import FORM_FIELDS, Lin, NotTraced, slot, trace
 
 #: (bank number, function, roles, field): one bank vector of one generated function's value
@@ -41,6 +45,7 @@ Part = tuple[int, Lin, Family]
 #: the generated function and the roles of its arguments, per term a step asks for
 CHARGE, RESIDUAL, QUADRATIC = ("charge", ("t",)), ("residual", ("t", "g")), ("quadratic", ("b",))
 FORMS, FORMS_B = ("forms", ("t", "g", None)), ("forms", ("t", "g", "b"))
+XI_A, A_J_A = ("residual", ("t", "a")), ("quadratic", ("a",))  # ⟨ξ(θ), a⟩ and ⟨a, J a⟩
 
 
 @dataclass
@@ -173,6 +178,17 @@ class Gather:
         return {r: out[s] for r, s in self.outputs.items()}
 
 
+def _check_groups(value: Lin | Forms, fam: Family) -> None:
+    """Every term of a traced value has one value per group of the family."""
+    lins = [getattr(value, f) for f in FORM_FIELDS] if isinstance(value, Forms) else [value]
+    for lin in lins:
+        for atom in [] if lin is None else lin.terms:
+            spec = _spec_of(fam, atom[1])
+            groups = 1 if atom[1][2] is None else spec.n_groups
+            if groups != fam.n_groups:
+                raise NotTraced(f"a term of {groups} groups in a family of {fam.n_groups}")
+
+
 def _per_entry(spec: Any) -> bool:
     """Whether a slice is one-dimensional with a group per entry (a bias, a norm's weight)."""
     return spec.tensor.ndim == 1 and spec.view is None and spec.dim is not None
@@ -188,10 +204,23 @@ def _spec_of(fam: Family, where: tuple) -> Any:
 
 
 @dataclass
+class BankStep:
+    """How a steady bank's families all step now: torch.optim.SGD's law in one of its cases
+    (``"sgd"``: heavy ball, ``"plain"``, ``"nesterov"``), or ``"general"``: θₖ₊₁ = sθₖ − ηa with
+    one shrink s and one η for every bound tensor (Adam, AdamW, RMSprop, …)."""
+
+    case: str
+    hyper: Hyper
+    angle: float | None = None  # the random-walk equilibrium angle of the settings
+    shrink: float = 1.0
+    eta: float = 1.0
+
+
+@dataclass
 class Step:
     """The steady banks of one hook call and what was read before the update."""
 
-    banks: dict[int, tuple[str, Hyper, float | None]]  # bank number -> case, settings, angle
+    banks: dict[int, BankStep]  # by bank number
     values: dict[Request, torch.Tensor]
     families: set[int] = field(default_factory=set)  # ids of the families the banks stepped
 
@@ -199,20 +228,25 @@ class Step:
 class Programs:
     """Which banks a hook call steps by one gather, and their data (see the module docstring)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cache: Any) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, cache: Any, step_cache: dict) -> None:
         self.optimizer = optimizer
         self.cache = cache
+        #: the tracker's per-hook-call cache: each tensor's coming step (:mod:`.directions`)
+        self.step_cache = step_cache
         #: why the programs stopped for good (None: on); set on the first error
         self.off: str | None = None
         self._traced: dict[tuple, list[Part] | None] = {}
         self._gathers: dict[tuple, Gather] = {}
         self._large: tuple[int, bool] | None = None
+        self._banks: list[Bank] | None = None  # the banks the caches above were made for
 
     def read(self, role: str, p: torch.Tensor) -> torch.Tensor | None:
         if role == "t":
             return p
         if role == "g":
             return self.cache.grads.get(id(p), p.grad)
+        if role == "a":  # an adaptive optimizer's coming step, computed for this hook call
+            return self.cache.named.get(("a", id(p)))
         return self.optimizer.state.get(p, {}).get("momentum_buffer")
 
     def usable(self, banks: list[Bank]) -> bool:
@@ -220,7 +254,7 @@ class Programs:
         a model as large as the fused pass asks (:data:`.fused.AUTO_MIN_ELEMENTS_CPU`)."""
         if self.off is not None or not native.ready() or fused.MODE not in ("native", "auto"):
             return False
-        if type(self.optimizer) is not torch.optim.SGD or self.cache.absent:
+        if not modelled(self.optimizer) or self.cache.absent:
             return False
         if self._large is None or self._large[0] != len(banks):
             tensors = {id(t): t for b in banks for f in b.families for t in f.binding.tensors}
@@ -235,9 +269,9 @@ class Programs:
             self._large = (len(banks), plain and large)
         return self._large[1]
 
-    def _steady(self, bank: Bank) -> tuple[str, Hyper] | None:
-        """The case of torch.optim.SGD's update the bank's families all take now, when each would
-        only hand its bank the terms of that case (None: the per-family path)."""
+    def _steady(self, bank: Bank) -> BankStep | None:
+        """How the bank's families all step now, when each would only hand its bank the terms
+        of that step (None: the per-family path)."""
         fams = bank.families
         if bank.laws is None:
             return None
@@ -248,30 +282,56 @@ class Programs:
             if f.residuals != first.residuals:
                 return None
         hyper, general = first.hyper()
-        if general:
-            return None
         state, grads = self.optimizer.state, self.cache.grads
+        buffers = hyper.momentum != 0.0 and not general
         for f in fams:
             for t in f.binding.tensors:
                 g = grads.get(id(t), t.grad)
                 if g is None or g.layout != torch.strided:
                     return None
-                if hyper.momentum != 0.0 and state.get(t, {}).get("momentum_buffer") is None:
+                if buffers and state.get(t, {}).get("momentum_buffer") is None:
                     return None
-            if hyper.momentum != 0.0 and not f.follows_buffer:
+            if buffers and not f.follows_buffer:
                 return None
+        if general:
+            return self._general(bank, hyper)
         case = hyper.case(hyper.momentum == 0.0)
-        return (case, hyper) if case in ("sgd", "plain", "nesterov") else None
+        return BankStep(case, hyper) if case in ("sgd", "plain", "nesterov") else None
+
+    def _general(self, bank: Bank, hyper: Hyper) -> BankStep | None:
+        """The general step, when every bound tensor's coming step was computed for this hook
+        call with one shrink and one finite η (else the families measure their own). Under
+        SGD's general law (per-tensor settings, ``maximize``) the tracker did not compute them
+        ahead: they are computed here, as a family's first request would."""
+        for f in bank.families:
+            for t, group in zip(f.binding.tensors, f.group_indices):
+                if ("direction", id(t)) not in self.step_cache:
+                    if ("directions", group) not in self.step_cache:
+                        coming_steps(self.optimizer, self.cache, self.step_cache, group)
+        found = [
+            self.step_cache.get(("direction", id(t)))
+            for f in bank.families
+            for t in f.binding.tensors
+        ]
+        if not found or any(d is None for d in found):
+            return None
+        shrink, eta = found[0].shrink, found[0].eta
+        if not math.isfinite(eta) or any(d.shrink != shrink or d.eta != eta for d in found):
+            return None
+        return BankStep("general", hyper, shrink=shrink, eta=eta)
 
     def _parts(self, bank: Bank, fn: tuple) -> list[Part] | None:
         """Each family's traced ``fn`` with its offset in the bank (None: one does not trace)."""
         key = (id(bank), fn)
         if key not in self._traced:
             try:
-                self._traced[key] = [
+                parts = [
                     (offset, trace(f.module, fn[0], f.binding.blocks, fn[1]), f)
                     for offset, f in zip(bank.offsets, bank.families)
                 ]
+                for _, value, f in parts:
+                    _check_groups(value, f)
+                self._traced[key] = parts
             except NotTraced:
                 self._traced[key] = None
         return self._traced[key]
@@ -295,13 +355,17 @@ class Programs:
 
     def before(self, banks: list[Bank], log: bool) -> Step | None:
         """Read the steady banks' terms before the update (None: no bank is steady)."""
-        steady: dict[int, tuple[str, Hyper, float | None]] = {}
+        if banks is not self._banks:  # traces and gathers are keyed by bank: made for these
+            self._banks = banks
+            self._traced.clear()
+            self._gathers.clear()
+        steady: dict[int, BankStep] = {}
         wanted: list[tuple[int, Bank, tuple, str | None]] = []
         for number, bank in enumerate(banks):
             found = self._steady(bank)
             if found is None:
                 continue
-            case, hyper = found
+            case, hyper = found.case, found.hyper
             need = []
             if log:
                 need.append((CHARGE, None))
@@ -310,13 +374,15 @@ class Programs:
             if case in ("plain", "nesterov"):
                 fn = FORMS if case == "plain" else FORMS_B
                 need.extend((fn, fld) for fld in FORM_FIELDS[: 3 if case == "plain" else 6])
+            elif case == "general":
+                need.extend([(XI_A, None), (A_J_A, None)])
             if any(self._parts(bank, fn) is None for fn, _ in need):
                 continue
             if case == "sgd" and self._parts(bank, QUADRATIC) is None:
                 continue
             first = bank.families[0]
-            angle = first.rotation_eq(hyper) if first.rotation else None
-            steady[number] = (case, hyper, angle)
+            found.angle = first.rotation_eq(hyper) if first.rotation else None
+            steady[number] = found
             wanted.extend((number, bank, fn, fld) for fn, fld in need)
         if not steady:
             return None
@@ -327,38 +393,49 @@ class Programs:
 
     def family_values(
         self, step: Step, banks: list[Bank], log: bool
-    ) -> Iterator[tuple[Family, torch.Tensor | None, torch.Tensor | None, float]]:
-        """Per family of the steady banks: its observed Q (when logged) and its rₖ (or None)."""
-        for number, (_, hyper, _) in step.banks.items():
-            bank, momentum = banks[number], hyper.momentum
+    ) -> Iterator[tuple[Family, torch.Tensor | None, torch.Tensor | None, BankStep]]:
+        """Per family of the steady banks: its observed Q (when logged), its rₖ (or None) and
+        how its bank steps."""
+        for number, how in step.banks.items():
+            bank = banks[number]
             for f in bank.families:
                 seg = bank.segment(f)
                 q = step.values.get((number, *CHARGE, None)) if log else None
                 r = step.values.get((number, *RESIDUAL, None))
-                yield f, (None if q is None else q[seg]), (None if r is None else r[seg]), momentum
+                yield f, (None if q is None else q[seg]), (None if r is None else r[seg]), how
 
     def after(self, step: Step, banks: list[Bank]) -> dict[int, StepData]:
         """Each steady bank's data of the step just taken (uᵀJu read from the new buffer)."""
-        wanted = [(n, banks[n], QUADRATIC, None) for n, (case, _, _) in step.banks.items()
-                  if case == "sgd"]  # fmt: skip
+        wanted = [(n, banks[n], QUADRATIC, None) for n, how in step.banks.items()
+                  if how.case == "sgd"]  # fmt: skip
         after = self._values(wanted) if wanted else {}
         if after is None:
             raise NotTraced("a bank's uᵀJu could not be traced")  # pragma: no cover
         out = {}
-        for number, (case, hyper, angle) in step.banks.items():
-            v = step.values
+        v = step.values
+        for number, how in step.banks.items():
+            hyper = how.hyper
             residual = v.get((number, *RESIDUAL, None))
             if not banks[number].families[0].residuals:
                 residual = None
+            if how.case == "general":  # the bank's raw sums times η s^(κ−1) and η², at once
+                kappa = float(banks[number].families[0].module.KAPPA)
+                xi_a = v[(number, *XI_A, None)] * (how.eta * how.shrink ** (kappa - 1.0))
+                aJa = v[(number, *A_J_A, None)] * (how.eta * how.eta)
+                general = General(how.shrink, xi_a, aJa)
+                out[number] = StepData(
+                    hyper, None, None, residual=residual, general=general, rotation_eq=how.angle
+                )
+                continue
             gJg = None
-            if case == "sgd":
+            if how.case == "sgd":
                 uJu = uJb = after[(number, *QUADRATIC, None)]
             else:
-                fn = FORMS if case == "plain" else FORMS_B
-                forms = Forms(**{
-                    fld: v.get((number, *fn, fld)) for fld in FORM_FIELDS
-                })  # fmt: skip
-                uJu, uJb = update_forms(case, hyper, forms)
+                fn = FORMS if how.case == "plain" else FORMS_B
+                forms = Forms(**{fld: v.get((number, *fn, fld)) for fld in FORM_FIELDS})
+                uJu, uJb = update_forms(how.case, hyper, forms)
                 gJg = forms.gg if hyper.momentum == 0.0 else None
-            out[number] = StepData(hyper, uJu, uJb, gJg, residual, fresh=False, rotation_eq=angle)
+            out[number] = StepData(
+                hyper, uJu, uJb, gJg, residual, fresh=False, rotation_eq=how.angle
+            )
         return out

@@ -105,7 +105,7 @@ class Tracker:
             )
         self._detect: Callable[[], Sequence[Binding]] | None = None
         #: the steady banks' terms in one sweep and gather (None: every family on its own)
-        self._programs: Programs | None = Programs(optimizer, self.cache)
+        self._programs: Programs | None = Programs(optimizer, self.cache, self._step_cache)
         self._fast: Step | None = None  # the banks this hook call steps at once
 
     def _adopt(self, bindings: Sequence[Binding], detected: bool = False) -> None:
@@ -280,8 +280,8 @@ class Tracker:
             if fast is None or id(f) not in fast.families
         }
         if fast is not None:
-            for f, q, r, momentum in self._programs.family_values(fast, self.banks or [], log):
-                f.stepped_by_bank(r, momentum)
+            for f, q, r, how in self._programs.family_values(fast, self.banks or [], log):
+                f.stepped_by_bank(r, how.hyper.momentum, general=how.case == "general")
                 observed[id(f)] = q
         if self.banks is None:
             self._make_banks()
