@@ -10,7 +10,11 @@
 * the exact discrete law against the charge measured by hand after every step;
 * a run whose momentum is switched off and on, a gradient the kernel cannot read (not
   contiguous) and an error inside the gather: the same records as the eager path, training
-  untouched.
+  untouched;
+* the general law (AdamW, Adam with amsgrad, RMSprop, Adagrad, SGD with ``maximize``): the eager
+  records, the exact law against the charge measured by hand, training bit-identical;
+* the tracker's exactness tests for a GradScaler (fused and foreach SGD) and for a closure, run
+  again with the banks read at once.
 """
 
 from __future__ import annotations
@@ -379,3 +383,28 @@ def test_adaptive_steps_of_banks_at_once(monkeypatch, name, optimizer) -> None:
     assert _worst(rows, eager_rows) <= 1e-12
     assert law_error(rows, charges, "discrete_residual") <= 1e-10
     assert_same_training(plain_net.model, net.model, plain_opt, opt)
+
+
+@pytest.mark.parametrize(
+    "name, args",
+    [
+        ("test_grad_scaler_reads_unscaled_gradients_and_skips_inf_steps", ("fused",)),
+        ("test_grad_scaler_reads_unscaled_gradients_and_skips_inf_steps", ("foreach",)),
+        ("test_step_with_closure_measures_the_new_gradients", (True,)),
+    ],
+)
+def test_exactness_checks_hold_with_banks_at_once(monkeypatch, name, args) -> None:
+    # the exactness tests of the tracker (hand charges, bit-identical twins) run again with the
+    # banks read at once: a GradScaler's unscaled gradients and skipped steps, a closure
+    import importlib.util
+    from pathlib import Path
+
+    where = Path(__file__).with_name("test_tracker_exact.py")
+    spec = importlib.util.spec_from_file_location("tracker_exact_again", where)
+    assert spec is not None and spec.loader is not None
+    exact = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exact)
+    counter = _Counter(monkeypatch)
+    fused.MODE = "native"
+    getattr(exact, name)(*args)
+    assert counter.steps >= 5
