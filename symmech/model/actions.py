@@ -190,6 +190,9 @@ class SpecAction:
 _COMPILED: dict[tuple, SpecAction] = {}
 _BY_NAME: dict[str, SpecAction] = {}
 _BY_ID: dict[int, tuple[Symmetry, SpecAction]] = {}
+#: the spec objects :data:`_BY_ID` keeps alive (its keys stay unique while they do), and the
+#: distinct specs :data:`_COMPILED` keeps: the oldest are dropped beyond this many
+MAX_KEPT = 256
 
 
 def spec_of(family: Family) -> Symmetry:
@@ -217,13 +220,22 @@ def spec_action(family: Family) -> SpecAction:
     spec = spec_of(family)
     key = (repr(spec), tuple((c.name, c.structure) for c in spec.constants))
     if key not in _COMPILED:
+        _bounded(_COMPILED)
         _COMPILED[key] = SpecAction(spec)
     action = _COMPILED[key]
     if family.spec is None:
         _BY_NAME[family.symmetry] = action
     else:
+        _bounded(_BY_ID)
         _BY_ID[id(family.spec)] = (family.spec, action)  # keeps the spec alive: ids stay unique
     return action
+
+
+def _bounded(cache: dict) -> None:
+    """Drop the oldest entry of a full cache (a spec object made anew per detection would
+    otherwise keep every earlier one alive)."""
+    if len(cache) >= MAX_KEPT:
+        cache.pop(next(iter(cache)))
 
 
 # ----------------------------------------------------------------------------- slices

@@ -248,3 +248,30 @@ def test_check_runs_through_sdpa_attention(dtype) -> None:
     for r in rows:
         if r["symmetry"] == "translation":
             assert r["g1"] < tol and r["g2"] < tol, format_check(rows)
+
+
+def test_spec_objects_are_not_kept_alive_without_bound() -> None:
+    # detection makes a spec object per family; the action cache keyed by object id held every
+    # one of them for the life of the process
+    import gc
+    import weakref
+
+    from symmech.model import actions
+    from symmech.spec.library import BUILTIN
+
+    first = BUILTIN["rescale"]()
+    gone = weakref.ref(first)
+    params = two_layer(3, 4, 2)
+    want = apply_action(params, rescale_family("rescale", 4), torch.full((4,), 2.0))
+    actions.spec_action(Family(first, "x", {}, 4))
+    del first
+    for _ in range(actions.MAX_KEPT + 5):
+        actions.spec_action(Family(BUILTIN["rescale"](), "x", {}, 4))
+    gc.collect()
+    assert gone() is None
+    assert len(actions._BY_ID) <= actions.MAX_KEPT
+    fam = rescale_family("rescale", 4)
+    fam.spec = BUILTIN["rescale"]()
+    got = apply_action(params, fam, torch.full((4,), 2.0))
+    for k in want:
+        assert torch.equal(got[k], want[k])
