@@ -408,3 +408,26 @@ def test_exactness_checks_hold_with_banks_at_once(monkeypatch, name, args) -> No
     fused.MODE = "native"
     getattr(exact, name)(*args)
     assert counter.steps >= 5
+
+
+def test_the_tracker_exactness_suites_pass_with_banks_read_at_once() -> None:
+    # every test of test_tracker_exact.py and test_tracker_outside.py (resume, rollback, frozen
+    # layers, tied weights, lr = 0, late hooks, edits of θ, broken symmetries, float32 runs) in
+    # a process whose tracker products come from the kernel, so the steady banks are read at once
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, SYMMECH_REDUCTIONS="native", PYTHONPATH=str(root / "tests"))
+    suites = ["tests/runtime/test_tracker_exact.py", "tests/runtime/test_tracker_outside.py"]
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+         "-p", "support.count_programs", *suites],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found = re.search(r"steps of banks read at once: (\d+)", done.stdout)
+    assert found is not None and int(found.group(1)) > 300, done.stdout[-2000:]
