@@ -62,7 +62,8 @@ from .actions import (
     validate_family,
 )
 from .evaluator import CONFIRM_SAMPLES, Evaluator, evaluation_mode, first_samples
-from .norms import is_rms_norm, norm_eps
+from .layout import is_rms_norm
+from .norms import norm_eps
 
 __all__ = ["NormStats", "confirm", "norm_stats"]
 

@@ -22,8 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .actions import Square
 from .export_graph import export_module_graph
-from .layout import is_transposed
-from .norms import is_rms_norm
+from .layout import is_rms_norm, is_transposed
 from .trace import Trace
 
 __all__ = ["Op", "as_tuple", "export_graph", "fx_graph", "module_graph", "side_effect_free"]
@@ -198,7 +197,7 @@ class _Recorder(ShapeProp):
 
 class _Tracer(fx.Tracer):
     """torch.fx's tracer, with Hugging Face's ``Conv1D`` a leaf like ``nn.Linear`` and a custom
-    RMSNorm (``LlamaRMSNorm``, see :func:`.norms.is_rms_norm`) a leaf like ``nn.LayerNorm``."""
+    RMSNorm (``LlamaRMSNorm``, see :func:`.layout.is_rms_norm`) a leaf like ``nn.LayerNorm``."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         leaf = is_transposed(m) or is_rms_norm(m)

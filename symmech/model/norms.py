@@ -4,7 +4,7 @@ identity or a mean over other axes: its affine scaled by α per channel, the rea
 columns by 1/α.
 
 RMSNorm is ``nn.RMSNorm`` or a model's own module written like Hugging Face's ``LlamaRMSNorm``
-(:func:`is_rms_norm`: a class name ending in "RMSNorm", a ``weight`` vector, an eps attribute);
+(:func:`.layout.is_rms_norm`: a class name ending in "RMSNorm", a ``weight`` vector, an eps attribute);
 the tracers keep such a module whole, and its output is checked to be proportional to its weight
 per channel on the example input before a family is claimed (Gemma's ``x̂ · (1 + w)`` is not).
 A SwiGLU MLP ``down(silu(gate(x)) · up(x))`` reads the norm output through ``gate`` and ``up``,
@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from .actions import BlockSlice, Family
-from .layout import in_axis, in_features, is_linear
+from .channel_flow import carried_axis
+from .layout import in_axis, in_features, is_linear, is_rms_norm
 from .trace import DROPOUTS, Trace, is_meta
 
 __all__ = ["is_rms_norm", "layer_norm_args", "norm_eps", "norm_rescale_families"]
@@ -33,27 +34,6 @@ _NORMS = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm, nn.GroupNorm) + (
 
 
 # ----------------------------------------------------------------------------- normalisation
-
-
-def is_rms_norm(module: nn.Module | None) -> bool:
-    """``nn.RMSNorm``, or a custom RMSNorm like Hugging Face's ``LlamaRMSNorm``: class name
-    ending in "RMSNorm", a one-dimensional ``weight`` parameter, a ``variance_epsilon`` or
-    ``eps`` attribute."""
-    if module is None:
-        return False
-    if hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm):
-        return True
-    # read from _parameters: under torch.fx tracing, attribute access of a parameter is a Proxy
-    weight = getattr(module, "__dict__", {}).get("_parameters", {}).get("weight")
-    eps = next(
-        (getattr(module, a) for a in ("variance_epsilon", "eps") if hasattr(module, a)), None
-    )
-    return (
-        type(module).__name__.endswith("RMSNorm")
-        and isinstance(weight, nn.Parameter)
-        and weight.ndim == 1
-        and isinstance(eps, (int, float))
-    )
 
 
 def norm_eps(module: nn.Module, dtype: torch.dtype = torch.float64) -> float:
@@ -136,8 +116,6 @@ def _passes_channels(trace: Trace, user: fx.Node, axis_last: bool) -> bool:
     if user.target is torch.select and rank is not None and len(user.args) == 3:
         return user.args[1] % rank != rank - 1
     if user.target in _MOVES and rank is not None:  # Swin's windows, ViT's x[:, 0]: still last
-        from .channel_flow import carried_axis  # (channel_flow reads graph, which reads norms)
-
         value = trace.values.get(user)
         n = int(trace.values[user.args[0]].shape[-1])
         moved = carried_axis(trace, user, user.args[0], rank - 1, n)
@@ -259,8 +237,6 @@ def _permuted(trace: Trace, user: fx.Node, source: fx.Node, last: bool) -> bool 
     and axis 1 (NHWC ↔ NCHW), or None for anything else."""
     if user.target not in ("permute", torch.permute) or user.args[:1] != (source,):
         return None
-    from .channel_flow import carried_axis  # (channel_flow reads graph, which reads norms)
-
     rank, value = trace.rank(source), trace.values.get(source)
     if rank is None or rank < 3 or not isinstance(value, Tensor):
         return None

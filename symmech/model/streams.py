@@ -44,8 +44,8 @@ from torch import Tensor, fx, nn
 from .actions import BlockSlice, Family
 from .channel_flow import carried_axis, channel_cat, is_add, joined, source_axis
 from .encoder_streams import LeafStream, encoder_ends, leaf_role
-from .layout import in_axis, in_features, is_linear, out_axis, out_features
-from .norms import is_rms_norm, layer_norm_args, norm_eps
+from .layout import in_axis, in_features, is_linear, is_rms_norm, out_axis, out_features
+from .norms import layer_norm_args, norm_eps
 from .trace import Trace, is_meta, is_scalar_scale, tensor_arg
 
 __all__ = ["stream_families"]
