@@ -442,7 +442,8 @@ class DistributedTracker(Tracker):
         super().__init__(model, optimizer, bindings, **kwargs)
         self.mode = mode
         self.cache.absent.update(id(t) for t in absent)
-        self._programs = None  # each family reads its own terms (sharded and absent slices)
+        if self.split:  # sharded and absent slices: each family reads its own terms
+            self._programs = None
 
     @property
     def split(self) -> bool:

@@ -15,8 +15,9 @@ at once: one ``index_select`` of the products, one product with the coefficients
 (:meth:`.family.Family.before_step`) would do exactly this: every family tracked with its laws
 running (no restart due, Q₀ known), a modelled optimizer, every bound tensor with its gradient
 and, under SGD with momentum, its buffer already followed by the laws, or under the general law
-its coming step with one shrink and one η. The other banks, and every bank of a tracker under
-torch.distributed, on another device than the CPU, or before the kernel is loaded, take the
+its coming step with one shrink and one η. The other banks, and every bank of a tracker whose
+ranks each hold part of the terms (FSDP2, ZeRO; under DDP every rank holds everything and reads
+its banks at once), on another device than the CPU, or before the kernel is loaded, take the
 per-family path, whose values these equal to round-off (tests/runtime/test_program.py). A slice
 the kernel cannot read (not contiguous) is reduced eagerly in its place; any error leaves the
 step to the per-family path."""

@@ -103,6 +103,15 @@ def test_ddp_binds_the_inner_module_and_agrees_with_one_process(tmp_path):
     assert {r["symmetry"] for r in rows} >= {"translation", "scale", "rescale"}
 
 
+def test_ddp_with_the_banks_read_at_once_agrees_with_one_process(tmp_path, monkeypatch):
+    # the ranks' products from the C++ kernel (SYMMECH_REDUCTIONS=native, read by the spawned
+    # processes): every rank holds the whole gradient, so the steady banks are read at once
+    monkeypatch.setenv("SYMMECH_REDUCTIONS", "native")
+    results = jobs.spawn("ddp", ("conv",), tmp_path)
+    check_kind(results, "ddp", "conv")
+    assert all(r["conv"]["tracked"]["read_at_once"] for r in results)
+
+
 def test_fsdp2_shards_sum_to_one_process(tmp_path):
     results = check_split("fsdp", tmp_path)
     layers = {r["layer"] for r in results[0]["mlp"]["tracked"]["records"]}

@@ -197,6 +197,8 @@ def _run(kind: str, net: str, rank: int, tracked: bool) -> dict[str, Any]:
             out["records"] = tracker.records()
         out["records_bytes"] = comm.bytes
         out["mode"] = tracker.mode
+        # whether the steady banks were read at once (symmech.runtime.program)
+        out["read_at_once"] = tracker._programs is not None and bool(tracker._programs._gathers)
     return out
 
 
