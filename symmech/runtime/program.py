@@ -112,7 +112,7 @@ class Gather:
                     at += int(shape[dim])
         for atom, spec in (*self.small, *self.eager):
             where[atom] = at
-            at += 1 if atom[1][2] is None else spec.n_groups
+            at += spec.n_groups  # 1 for a slice without a group dimension
         src: list[int] = []
         dst: list[int] = []
         coef: list[float] = []
@@ -145,7 +145,7 @@ class Gather:
             return t if spec.view is None else spec.shaped(t)
 
         members = [[shaped(sw.spec, r) for r in sw.roles] for sw in self.sweeps]
-        kernel = [i for i, m in enumerate(members) if all(t.is_contiguous() for t in m)]
+        kernel = [i for i, m in enumerate(members) if native.eligible(m)]
         swept = native.sweep(
             [members[i] for i in kernel],
             [self.sweeps[i].flat_pairs() for i in kernel],
@@ -184,8 +184,7 @@ def _check_groups(value: Lin | Forms, fam: Family) -> None:
     lins = [getattr(value, f) for f in FORM_FIELDS] if isinstance(value, Forms) else [value]
     for lin in lins:
         for atom in [] if lin is None else lin.terms:
-            spec = _spec_of(fam, atom[1])
-            groups = 1 if atom[1][2] is None else spec.n_groups
+            groups = _spec_of(fam, atom[1]).n_groups
             if groups != fam.n_groups:
                 raise NotTraced(f"a term of {groups} groups in a family of {fam.n_groups}")
 
@@ -242,13 +241,11 @@ class Programs:
         self._banks: list[Bank] | None = None  # the banks the caches above were made for
 
     def read(self, role: str, p: torch.Tensor) -> torch.Tensor | None:
-        if role == "t":
-            return p
-        if role == "g":
-            return self.cache.grads.get(id(p), p.grad)
-        if role == "a":  # an adaptive optimizer's coming step, computed for this hook call
-            return self.cache.named.get(("a", id(p)))
-        return self.optimizer.state.get(p, {}).get("momentum_buffer")
+        """θ, g or a named tensor of this hook call (:meth:`.reductions.ReductionCache.read`),
+        or ("b") torch's momentum buffer."""
+        if role == "b":
+            return self.optimizer.state.get(p, {}).get("momentum_buffer")
+        return self.cache.read(role, p)
 
     def usable(self, banks: list[Bank]) -> bool:
         """Whether the kernel computes the products: loaded, CPU tensors, and under ``"auto"``
@@ -279,8 +276,6 @@ class Programs:
         first = fams[0]
         for f in fams:
             if not f.tracked or f.q0 is None or f.restart_due is not None or f.batch is not None:
-                return None
-            if f.residuals != first.residuals:
                 return None
         hyper, general = first.hyper()
         state, grads = self.optimizer.state, self.cache.grads

@@ -81,6 +81,15 @@ class ReductionCache:
             self._slices.pop(key, None)
         return made
 
+    def read(self, role: str, p: torch.Tensor) -> torch.Tensor | None:
+        """θ ("t"), its gradient ("g", unscaled when registered) or a named tensor of this hook
+        call (``named[(role, id(p))]``: "a", the coming step), as the fused pass reads them."""
+        if role == "t":
+            return p
+        if role == "g":
+            return self.grads.get(id(p), p.grad)
+        return self.named.get((role, id(p)))
+
     def keep(self, t: torch.Tensor) -> torch.Tensor:
         """Hold a temporary until :meth:`clear` (cache keys are storage addresses)."""
         self._alive.append(t)
@@ -177,15 +186,7 @@ class GridSlice:
             else:
                 roles.append(v)
         layout = (id(p), spec.view, spec.dim % max(self.value.ndim, 1))
-        return self.cache.plan.lookup(layout, spec, (roles[0], roles[1]), self._read)
-
-    def _read(self, role: str, p: torch.Tensor) -> torch.Tensor | None:
-        """θ ("t"), its gradient ("g") or a named tensor of this hook call (:mod:`.fused`)."""
-        if role == "t":
-            return p
-        if role == "g":
-            return self.cache.grads.get(id(p), p.grad)
-        return self.cache.named.get((role, id(p)))
+        return self.cache.plan.lookup(layout, spec, (roles[0], roles[1]), self.cache.read)
 
     def gram(self, other: GridSlice, rows: int, cols: int) -> torch.Tensor | None:
         """Per group, Σ over every axis but the group axis and the last of x[..., a] y[..., b]:

@@ -207,10 +207,6 @@ class Laws:
     def gradient_flow(self) -> torch.Tensor:
         return self.q0
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """A copy of every prediction, keyed by law name (device tensors, nothing synced)."""
-        return {name: value.clone() for name, value in self.predictions().items()}
-
     def predictions(self) -> dict[str, torch.Tensor]:
         """Every prediction as it is now, keyed by law name: the live tensors (a step replaces
         them rather than writing into them; copy before the next step to keep them)."""
