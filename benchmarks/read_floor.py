@@ -68,13 +68,10 @@ def main() -> None:
     rows = {"optimizer.step()": cold(opt.step), "torch.dot per tensor (θ·g, b·b)": cold(dots)}
     if native.build():
         dims = [[0, 1] if t.ndim > 1 else [0] for t in thetas]
-        module = native._module
 
         def kernel():
-            module.group_products(
-                [[t, g] for t, g in zip(thetas, grads)], [[0, 1]] * len(dims), dims
-            )
-            module.group_products([[b] for b in bufs], [[0, 0]] * len(dims), dims)
+            native.sweep([[t, g] for t, g in zip(thetas, grads)], [[0, 1]] * len(dims), dims)
+            native.sweep([[b] for b in bufs], [[0, 0]] * len(dims), dims)
 
         rows["symmech kernel, rows and columns (θ·g, b·b)"] = cold(kernel)
     else:

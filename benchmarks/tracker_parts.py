@@ -77,13 +77,13 @@ def _clocked(totals: dict[str, float], label: str, fn: Callable) -> Callable:
 
 
 class _KernelClock:
-    """The C++ kernel's module with its one entry point clocked."""
+    """The C++ kernel's module with its product call clocked."""
 
     def __init__(self, module: Any, totals: dict[str, float]) -> None:
         self._module = module
-        self.group_products = _clocked(totals, "kernel", module.group_products)
+        self.products = _clocked(totals, "kernel", module.products)
 
-    def __getattr__(self, name: str) -> Any:  # its other entry points (adam_direction) as they are
+    def __getattr__(self, name: str) -> Any:  # scatter, adam_direction: as they are
         return getattr(self._module, name)
 
 

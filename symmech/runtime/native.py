@@ -242,15 +242,61 @@ def layout_products(
     return out
 
 
+def products_into(
+    sources: list[list[torch.Tensor]],
+    pairs: list[list[int]],
+    dims: list[list[int]],
+    offsets: list[int],
+    out: torch.Tensor,
+) -> list[int]:
+    """The kernel's product call: per tensor (its sources, of one shape), for each group
+    dimension in ``dims`` (-1: the whole tensor, one value) and each source pair listed flat in
+    ``pairs`` ((i, j, i, j, …); j = -1: source i alone, a sum), the per-group sums accumulated
+    in double, written into the float64 vector ``out`` from ``offsets[t]`` on (dimension by
+    dimension, pair by pair). Returns the tensors it did not read (:func:`eligible` says no):
+    their places in ``out`` are left as they were."""
+    if _module is None:
+        raise RuntimeError("symmech.runtime.native: build() the kernel first")
+    return _module.products(sources, pairs, dims, offsets, out)
+
+
+def scatter(
+    values: torch.Tensor,
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    coef: torch.Tensor,
+    out: torch.Tensor,
+) -> None:
+    """``out[dst[k]] += values[src[k]] · coef[k]`` for every k, in one call (float64)."""
+    if _module is None:
+        raise RuntimeError("symmech.runtime.native: build() the kernel first")
+    _module.scatter(values, src, dst, coef, out)
+
+
 def sweep(
     sources: list[list[torch.Tensor]], pairs: list[list[int]], dims: list[list[int]]
 ) -> list[list[torch.Tensor]]:
-    """The kernel's own call: per tensor (its sources, of one shape, contiguous), for each group
-    dimension in ``dims``, the per-group sums of the products of the source pairs listed flat in
-    ``pairs`` ((i, j, i, j, …)), stacked (pairs, G) in the sources' dtype."""
-    if _module is None:
-        raise RuntimeError("symmech.runtime.native: build() the kernel first")
-    return _module.group_products(sources, pairs, dims)
+    """:func:`products_into` with the values returned per tensor and dimension, stacked
+    (pairs, G) in the sources' dtype; every tensor must be :func:`eligible`."""
+    offsets, at = [], 0
+    for members, flat, tensor_dims in zip(sources, pairs, dims, strict=True):
+        offsets.append(at)
+        shape = members[0].shape
+        at += len(flat) // 2 * sum(1 if d < 0 else int(shape[d]) for d in tensor_dims)
+    out = torch.empty(at, dtype=torch.float64)
+    skipped = products_into(sources, pairs, dims, offsets, out)
+    if skipped:
+        raise ValueError(f"native.sweep: tensors {skipped} are not readable by the kernel")
+    result = []
+    for members, flat, tensor_dims, start in zip(sources, pairs, dims, offsets, strict=True):
+        per_dim, n = [], len(flat) // 2
+        for d in tensor_dims:
+            groups = 1 if d < 0 else int(members[0].shape[d])
+            block = out[start : start + n * groups].view(n, groups)
+            per_dim.append(block.to(members[0].dtype))
+            start += n * groups
+        result.append(per_dim)
+    return result
 
 
 def adam_direction(

@@ -51,17 +51,18 @@ XI_A, A_J_A = ("residual", ("t", "a")), ("quadratic", ("a",))  # ⟨ξ(θ), a⟩
 
 @dataclass
 class _Sweep:
-    """One tensor (in one view) read by the kernel: its roles, the pairs among them, and the
-    group dimensions whose per-group sums are asked for."""
+    """One tensor (in one view) read by the kernel: its roles, the pairs among them (second role
+    None: the first alone, a sum), and the group dimensions whose per-group sums are asked for
+    (None: the whole slice, one value)."""
 
     spec: Any
     roles: list[str] = field(default_factory=list)
-    pairs: list[tuple[str, str]] = field(default_factory=list)
-    dims: list[int] = field(default_factory=list)
+    pairs: list[tuple[str, str | None]] = field(default_factory=list)
+    dims: list[int | None] = field(default_factory=list)
 
-    def add(self, first: str, second: str, dim: int) -> None:
+    def add(self, first: str, second: str | None, dim: int | None) -> None:
         for role in (first, second):
-            if role not in self.roles:
+            if role is not None and role not in self.roles:
                 self.roles.append(role)
         if (first, second) not in self.pairs:
             self.pairs.append((first, second))
@@ -69,50 +70,48 @@ class _Sweep:
             self.dims.append(dim)
 
     def flat_pairs(self) -> list[int]:
-        return [self.roles.index(r) for pair in self.pairs for r in pair]
+        return [-1 if r is None else self.roles.index(r) for pair in self.pairs for r in pair]
+
+    def kernel_dims(self, ndim: int) -> list[int]:
+        return [-1 if d is None else d % ndim for d in self.dims]
 
 
 class Gather:
     """The products that a set of requests reads, laid out for one kernel call, and the gather
     that forms every requested bank vector from them.
 
-    The products lie in one vector: each swept tensor's (pairs, G) values per group dimension
-    (the C++ kernel, one call for all), then the products of one-dimensional slices grouped
-    per entry (biases, norm weights: one ``torch._foreach_mul`` for all), then the other terms
-    (sums, products of a slice without a group dimension), each computed on its own. A
-    request's vector is Σ coefficient × product over its families' terms, at the families'
-    offsets: ``out.index_add_(0, dst, products[src] * coef)``.
+    Every term is a per-group sum of a product of two bound slices, or of one slice: each
+    slice's products lie in one float64 vector, dimension by dimension and pair by pair (the
+    C++ kernel fills it in one call, :func:`.native.products_into`; a slice it cannot read, not
+    contiguous, is computed eagerly in its place). A request's vector is Σ coefficient × product
+    over its families' terms, at the families' offsets: one :func:`.native.scatter`.
     """
 
     def __init__(self, wanted: list[tuple[Request, list[Part]]]) -> None:
         sweeps: dict[tuple, _Sweep] = {}  # (tensor id, view) -> its sweep
-        small: dict[tuple, Any] = {}  # atom of a 1-D slice grouped per entry -> its slice
-        eager: dict[tuple, Any] = {}  # any other atom -> a bound slice it reads
         for _, parts in wanted:
             for _, lin, fam in parts:
                 for atom in lin.terms:
-                    kind, (tid, view, dim) = atom[0], atom[1]
-                    spec = _spec_of(fam, atom[1])
-                    if kind == "prod" and dim is not None and _per_entry(spec):
-                        small.setdefault(atom, spec)
-                    elif kind == "prod" and dim is not None:
-                        sweeps.setdefault((tid, view), _Sweep(spec)).add(atom[2], atom[3], dim)
-                    else:
-                        eager.setdefault(atom, spec)
+                    tid, view, dim = atom[1]
+                    sw = sweeps.setdefault((tid, view), _Sweep(_spec_of(fam, atom[1])))
+                    sw.add(atom[2], atom[3] if atom[0] == "prod" else None, dim)
         self.sweeps = list(sweeps.values())
-        self.small = list(small.items())
-        self.eager = list(eager.items())
         where: dict[tuple, int] = {}  # atom -> where its per-group values start
+        self.offsets: list[int] = []
+        self.shapes: list[tuple[int, ...]] = []
         at = 0
         for (tid, view), sw in sweeps.items():
-            shape = sw.spec.shaped(torch.empty(sw.spec.tensor.shape, device="meta")).shape
+            shape = tuple(sw.spec.shaped(torch.empty(sw.spec.tensor.shape, device="meta")).shape)
+            self.offsets.append(at)
+            self.shapes.append(shape)
             for dim in sw.dims:
                 for first, second in sw.pairs:
-                    where[("prod", (tid, view, dim), first, second)] = at
-                    at += int(shape[dim])
-        for atom, spec in (*self.small, *self.eager):
-            where[atom] = at
-            at += spec.n_groups  # 1 for a slice without a group dimension
+                    key = ("prod", (tid, view, dim), first, second)
+                    where[key if second is not None else ("sum", (tid, view, dim), first)] = at
+                    at += 1 if dim is None else int(shape[dim])
+        self.n_products = at
+        self.pairs = [sw.flat_pairs() for sw in self.sweeps]
+        self.dims = [sw.kernel_dims(len(shape)) for sw, shape in zip(self.sweeps, self.shapes)]
         src: list[int] = []
         dst: list[int] = []
         coef: list[float] = []
@@ -137,46 +136,33 @@ class Gather:
 
     def run(self, read: Callable[[str, torch.Tensor], torch.Tensor | None]) -> dict:
         """Every requested bank vector (float64) from the tensors ``read(role, parameter)``."""
-
-        def shaped(spec: Any, role: str) -> torch.Tensor:
-            t = read(role, spec.tensor)  # read under no_grad (the tracker's hooks): no detach
-            if t is None:
-                raise LookupError(f"no {role!r} of a {tuple(spec.tensor.shape)} tensor")
-            return t if spec.view is None else spec.shaped(t)
-
-        members = [[shaped(sw.spec, r) for r in sw.roles] for sw in self.sweeps]
-        kernel = [i for i, m in enumerate(members) if native.eligible(m)]
-        swept = native.sweep(
-            [members[i] for i in kernel],
-            [self.sweeps[i].flat_pairs() for i in kernel],
-            [self.sweeps[i].dims for i in kernel],
-        ) if kernel else []  # fmt: skip
-        by_kernel = dict(zip(kernel, swept))
-        parts: list[torch.Tensor] = []
-        for i, sw in enumerate(self.sweeps):
-            values = by_kernel.get(i)
-            for n, dim in enumerate(sw.dims):
-                if values is not None:
-                    parts.append(values[n].reshape(-1))
-                    continue
-                m = members[i]  # a slice the kernel does not read: the same products, eagerly
-                for first, second in sw.pairs:
-                    x, y = m[sw.roles.index(first)], m[sw.roles.index(second)]
-                    parts.append(fused.group_sums(x * y, dim))
-        if self.small:
-            xs = [shaped(spec, atom[2]) for atom, spec in self.small]
-            ys = [shaped(spec, atom[3]) for atom, spec in self.small]
-            parts.extend(torch._foreach_mul(xs, ys))
-        for atom, spec in self.eager:
-            x = shaped(spec, atom[2])
-            value = x if atom[0] == "sum" else x * shaped(spec, atom[3])
-            parts.append(fused.group_sums(value, atom[1][2]).reshape(-1))
+        members = []
+        for sw in self.sweeps:
+            spec = sw.spec
+            found = []
+            for role in sw.roles:
+                t = read(role, spec.tensor)  # read under no_grad (the tracker's hooks): no detach
+                if t is None:
+                    raise LookupError(f"no {role!r} of a {tuple(spec.tensor.shape)} tensor")
+                found.append(t if spec.view is None else spec.shaped(t))
+            members.append(found)
+        products = torch.empty(self.n_products, dtype=torch.float64)
+        skipped = native.products_into(members, self.pairs, self.dims, self.offsets, products)
+        for i in skipped:  # a slice the kernel does not read: the same products, eagerly
+            self._eager(i, members[i], products)
         out = torch.zeros(self.size, dtype=torch.float64)
-        if not parts:  # every term vanishes (a translation's uᵀJu)
-            return {r: out[s] for r, s in self.outputs.items()}
-        products = torch.cat(parts).to(torch.float64)
-        out.index_add_(0, self.dst, products.index_select(0, self.src).mul_(self.coef))
+        native.scatter(products, self.src, self.dst, self.coef, out)
         return {r: out[s] for r, s in self.outputs.items()}
+
+    def _eager(self, i: int, members: list[torch.Tensor], products: torch.Tensor) -> None:
+        sw, at = self.sweeps[i], self.offsets[i]
+        for dim in sw.dims:
+            for first, second in sw.pairs:
+                x = members[sw.roles.index(first)]
+                value = x if second is None else x * members[sw.roles.index(second)]
+                sums = fused.group_sums(value, dim).reshape(-1)
+                products[at : at + sums.numel()] = sums
+                at += sums.numel()
 
 
 def _check_groups(value: Lin | Forms, fam: Family) -> None:
@@ -187,11 +173,6 @@ def _check_groups(value: Lin | Forms, fam: Family) -> None:
             groups = _spec_of(fam, atom[1]).n_groups
             if groups != fam.n_groups:
                 raise NotTraced(f"a term of {groups} groups in a family of {fam.n_groups}")
-
-
-def _per_entry(spec: Any) -> bool:
-    """Whether a slice is one-dimensional with a group per entry (a bias, a norm's weight)."""
-    return spec.tensor.ndim == 1 and spec.view is None and spec.dim is not None
 
 
 def _spec_of(fam: Family, where: tuple) -> Any:

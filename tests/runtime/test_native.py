@@ -53,10 +53,13 @@ def restore_mode():
 # ---------------------------------------------------------------------------------------------
 
 
-def _einsum(x: np.ndarray, y: np.ndarray, dim: int) -> np.ndarray:
-    """Σ over every dimension but ``dim`` of x·y, in float64, by numpy."""
-    dim = dim % x.ndim
+def _einsum(x: np.ndarray, y: np.ndarray, dim: int | None) -> np.ndarray:
+    """Σ over every dimension but ``dim`` of x·y, in float64, by numpy (None: over all, one
+    value)."""
     letters = "abcdefgh"[: x.ndim]
+    if dim is None:
+        return np.einsum(f"{letters},{letters}->", x, y).reshape(1)
+    dim = dim % x.ndim
     return np.einsum(f"{letters},{letters}->{letters[dim]}", x, y)
 
 
@@ -65,18 +68,26 @@ def _f64(t: torch.Tensor) -> np.ndarray:
 
 
 def _check_layout(
-    got: torch.Tensor, sources: list[torch.Tensor], dim: int, pairs, cancelling: bool = False
+    got: torch.Tensor,
+    sources: list[torch.Tensor],
+    dim: int | None,
+    pairs,
+    cancelling: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> float:
     """Assert one layout's kernel values against numpy; return the worst error in units of
     the bound. ``cancelling``: the sums may cancel (a tracker's θ·g across a symmetry is ~0),
-    so float64 is held to Σ|x||y| per group rather than to the largest value."""
-    assert got.dtype == sources[0].dtype, (got.dtype, sources[0].dtype)
-    groups = sources[0].shape[dim % sources[0].ndim]
+    so float64 is held to Σ|x||y| per group rather than to the largest value. A pair (i, -1)
+    is source i alone (a sum); ``dim`` None is the whole tensor; ``dtype``: the values' dtype
+    (default: the sources')."""
+    assert got.dtype == (dtype or sources[0].dtype), (got.dtype, sources[0].dtype)
+    groups = 1 if dim is None else sources[0].shape[dim % sources[0].ndim]
     assert tuple(got.shape) == (len(pairs), groups), (tuple(got.shape), pairs, groups)
     values = _f64(got)
     worst = 0.0
     for k, (i, j) in enumerate(pairs):
-        x, y = _f64(sources[i]), _f64(sources[j])
+        x = _f64(sources[i])
+        y = np.ones_like(x) if j < 0 else _f64(sources[j])
         exact = _einsum(x, y, dim)
         if sources[0].dtype == torch.float64 and not cancelling:
             bound = 1e-12 * max(np.abs(exact).max(), 1e-300)
@@ -160,6 +171,15 @@ def test_threaded_sweep_matches_numpy(dtype) -> None:
     for value, (dim, p) in zip(got, structure, strict=True):
         assert value is not None
         _check_layout(value, sources, dim, p)
+    # sums (j = -1) and the whole tensor (dim -1), threaded too
+    sums = [0, -1, 1, -1, 0, 2]
+    out = torch.empty(3 * (131 + 33 + 1), dtype=torch.float64)
+    assert native.products_into([sources], [sums], [[0, 1, -1]], [0], out) == []
+    listed = ((0, -1), (1, -1), (0, 2))
+    for k, (dim, groups) in enumerate(((0, 131), (1, 33), (None, 1))):
+        start = 3 * (0, 131, 131 + 33)[k]
+        block = out[start : start + 3 * groups].view(3, groups)
+        _check_layout(block, sources, dim, listed, dtype=torch.float64)
 
 
 def test_a_pair_asked_in_both_orders() -> None:
@@ -171,6 +191,88 @@ def test_a_pair_asked_in_both_orders() -> None:
     for value, (dim, pairs) in zip(got, structure, strict=True):
         assert value is not None
         _check_layout(value, sources, dim, pairs)
+
+
+@st.composite
+def product_calls(draw) -> tuple[list[list[torch.Tensor]], list[list[int]], list[list[int]]]:
+    """A call of ``products_into``: 1-4 tensors (some the kernel does not read), each with 1-3
+    sources, pairs with a sum (j = -1) among them, and dimensions with -1 (the whole tensor)."""
+    seed = draw(st.integers(0, 2**16))
+    gen = torch.Generator().manual_seed(seed)
+    sources, pairs, dims = [], [], []
+    for _ in range(draw(st.integers(1, 4))):
+        dtype = draw(st.sampled_from([torch.float32, torch.float64]))
+        shape = draw(SHAPES)
+        count = draw(st.integers(1, 3))
+        members = [torch.randn(shape, generator=gen, dtype=dtype) for _ in range(count)]
+        unreadable = draw(st.sampled_from([None, None, None, "transposed", "half"]))
+        if unreadable == "transposed" and len(shape) >= 2 and shape[0] > 1 and shape[1] > 1:
+            members[0] = members[0].transpose(0, 1).contiguous().transpose(0, 1)
+        elif unreadable == "half":
+            members = [m.half() for m in members]
+        every = [(i, j) for i in range(count) for j in [-1, *range(i, count)]]
+        chosen = draw(st.lists(st.sampled_from(every), min_size=1, max_size=5, unique=True))
+        ndim = len(shape)
+        sources.append(members)
+        pairs.append([k for pair in chosen for k in pair])
+        dims.append(draw(st.lists(st.integers(-1, ndim - 1), min_size=1, max_size=3, unique=True)))
+    return sources, pairs, dims
+
+
+@settings(max_examples=150, deadline=None)
+@given(call=product_calls(), gaps=st.lists(st.integers(0, 3), min_size=4, max_size=4))
+def test_products_into_match_numpy_and_leave_the_rest(call, gaps) -> None:
+    """Every value the kernel writes, at its offset (gaps between tensors), against numpy in
+    float64; a sum (j = -1) and the whole tensor (dim -1) included; the tensors it does not read
+    are the ones it reports, and every place it does not write keeps its sentinel."""
+    sources, pairs, dims = call
+    offsets, at = [], 0
+    for members, flat, tensor_dims, gap in zip(sources, pairs, dims, gaps, strict=False):
+        at += gap
+        offsets.append(at)
+        n = len(flat) // 2
+        at += n * sum(1 if d < 0 else members[0].shape[d] for d in tensor_dims)
+    out = torch.full((at + 2,), 12345.0, dtype=torch.float64)
+    skipped = native.products_into(sources, pairs, dims, offsets, out)
+    readable = [native.eligible(m) for m in sources]
+    assert skipped == [t for t, ok in enumerate(readable) if not ok]
+    written = torch.zeros(out.shape, dtype=torch.bool)
+    for t, (members, flat, tensor_dims) in enumerate(zip(sources, pairs, dims, strict=True)):
+        if not readable[t]:
+            continue
+        listed = tuple(zip(flat[::2], flat[1::2]))
+        start = offsets[t]
+        for d in tensor_dims:
+            groups = 1 if d < 0 else members[0].shape[d]
+            block = out[start : start + len(listed) * groups].view(len(listed), groups)
+            _check_layout(block, members, None if d < 0 else d, listed, dtype=torch.float64)
+            written[start : start + len(listed) * groups] = True
+            start += len(listed) * groups
+    assert bool((out[~written] == 12345.0).all())
+
+
+@settings(max_examples=50, deadline=None)
+@given(n_values=st.integers(1, 40), n=st.integers(0, 200), size=st.integers(1, 30),
+       seed=st.integers(0, 2**16))  # fmt: skip
+def test_scatter_matches_numpy(n_values, n, size, seed) -> None:
+    """out[dst] += values[src] · coef, repeated destinations accumulating, against numpy."""
+    rng = np.random.default_rng(seed)
+    values = torch.from_numpy(rng.standard_normal(n_values))
+    src = torch.from_numpy(rng.integers(0, n_values, n))
+    dst = torch.from_numpy(rng.integers(0, size, n))
+    coef = torch.from_numpy(rng.standard_normal(n))
+    start = rng.standard_normal(size)
+    out = torch.from_numpy(start.copy())
+    native.scatter(values, src, dst, coef, out)
+    expected = start.copy()
+    np.add.at(expected, dst.numpy(), values.numpy()[src.numpy()] * coef.numpy())
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-13, atol=1e-13)
+
+
+def test_scatter_refuses_an_index_out_of_range() -> None:
+    one = torch.ones(1, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="index out of range"):
+        native.scatter(one, torch.tensor([1]), torch.tensor([0]), one, torch.zeros(1).double())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,38 +379,47 @@ def _worst_difference(rows: list[dict], reference: list[dict]) -> float:
 
 
 class KernelSpy:
-    """Wraps ``native.sweep``, the kernel's one call (the families' fused pass and the banks read
-    at once both go through it): counts the calls and the (tensor, dimension) values it
-    computed and checks each against numpy on the spot (inside the tracker's own call, which
-    turns exceptions into notes: a mismatch is kept in ``wrong`` for the test to assert)."""
+    """Wraps ``native.products_into``, the kernel's one product call (the families' fused pass
+    and the banks read at once both go through it): counts the calls and the (tensor,
+    dimension) values it computed and checks each against numpy on the spot (inside the
+    tracker's own call, which turns exceptions into notes: a mismatch is kept in ``wrong`` for
+    the test to assert)."""
 
     def __init__(self) -> None:
         self.calls = 0
         self.layouts = 0
         self.sources = 0  # the most sources one sweep read
         self.wrong: list[str] = []
-        self.original = native.sweep
+        self.original = native.products_into
 
-    def __call__(self, sources, pairs, dims):
-        got = self.original(sources, pairs, dims)
-        sources = [[t.detach() for t in members] for members in sources]
+    def __call__(self, sources, pairs, dims, offsets, out):
+        skipped = self.original(sources, pairs, dims, offsets, out)
         self.calls += 1
-        for values, members, flat, tensor_dims in zip(got, sources, pairs, dims, strict=True):
+        for t, (members, flat, tensor_dims, at) in enumerate(
+            zip(sources, pairs, dims, offsets, strict=True)
+        ):
+            if t in skipped:
+                continue
+            members = [m.detach() for m in members]
             self.sources = max(self.sources, len(members))
             listed = tuple(zip(flat[::2], flat[1::2]))
-            for value, dim in zip(values, tensor_dims, strict=True):
+            for dim in tensor_dims:
+                groups = 1 if dim < 0 else int(members[0].shape[dim])
+                value = out[at : at + len(listed) * groups].view(len(listed), groups)
+                at += len(listed) * groups
                 self.layouts += 1
                 try:
-                    _check_layout(value, members, dim, listed, cancelling=True)
+                    _check_layout(value, members, None if dim < 0 else dim, listed,
+                                  cancelling=True, dtype=torch.float64)  # fmt: skip
                 except AssertionError as err:
                     self.wrong.append(f"{tuple(members[0].shape)} dim {dim} {listed}: {err}")
-        return got
+        return skipped
 
 
 @pytest.fixture
 def spy(monkeypatch) -> KernelSpy:
     wrapper = KernelSpy()
-    monkeypatch.setattr(native, "sweep", wrapper)
+    monkeypatch.setattr(native, "products_into", wrapper)
     return wrapper
 
 

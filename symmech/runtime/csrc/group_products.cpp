@@ -1,13 +1,14 @@
 // symmech's CPU kernel for the tracker's per-group inner products (symmech/runtime/native.py).
 //
-// For each tensor, viewed as rows R × columns C (R = its first dimension), and each asked pair
-// (i, j) of its sources (θ, g, the momentum buffer: equal shapes, contiguous), one sweep that
-// reads every source once computes
+// products(): for each tensor, viewed as rows R × columns C (R = its first dimension), and each
+// asked pair (i, j) of its sources (θ, g, the momentum buffer, Adam's step: equal shapes,
+// contiguous; j = -1 for source i alone), one sweep that reads every source once computes
 //   rows[p, r] = Σ_c x_i[r, c] · x_j[r, c]        (the groups along the first dimension)
-//   cols[p, c] = Σ_r x_i[r, c] · x_j[r, c]        (reduced further in Python to any other one)
-// accumulated in double. Rows are split across threads; each thread keeps its own column sums,
-// added up at the end. The inner loop is compiled for AVX-512, AVX2 and plain x86-64, chosen at
-// load time (target_clones), so a cached build runs on any x86-64 machine.
+//   cols[p, c] = Σ_r x_i[r, c] · x_j[r, c]        (summed further to any other dimension's groups)
+// accumulated in double and written into one float64 vector; scatter() then forms the bank
+// vectors from it. Rows are split across threads; each thread keeps its own column sums, added
+// up at the end. The inner loops are compiled for AVX-512, AVX2 and plain x86-64, chosen at load
+// time (target_clones), so a cached build runs on any x86-64 machine.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -24,168 +25,239 @@ namespace {
 #define SYMMECH_CLONES
 #endif
 
-template <typename T>
-SYMMECH_CLONES double row_dot(const T* x, const T* y, int64_t n) {
-  double acc = 0.0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t c = 0; c < n; ++c) acc += static_cast<double>(x[c]) * static_cast<double>(y[c]);
-  return acc;
-}
-
-// Four rows at once: their sums, and one read-modify-write of the column sums per four rows.
-template <typename T>
-SYMMECH_CLONES void rows4_into(const T* x, const T* y, int64_t n, double* rows, double* cols) {
-  const T *x0 = x, *x1 = x + n, *x2 = x + 2 * n, *x3 = x + 3 * n;
-  const T *y0 = y, *y1 = y + n, *y2 = y + 2 * n, *y3 = y + 3 * n;
+// Four rows of n columns: each row's sum of x·y (x alone with ONES) added to acc[0..3], and
+// each column's sum over the four added to cols (one read-modify-write per column).
+template <typename T, bool ONES>
+SYMMECH_CLONES void rows4(const T* x, const T* y, int64_t n, double* acc, double* cols) {
+  const int64_t ld = n;
+  const T *x0 = x, *x1 = x + ld, *x2 = x + 2 * ld, *x3 = x + 3 * ld;
+  const T *y0 = y, *y1 = y + ld, *y2 = y + 2 * ld, *y3 = y + 3 * ld;
   double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
   for (int64_t c = 0; c < n; ++c) {
-    const double p0 = static_cast<double>(x0[c]) * static_cast<double>(y0[c]);
-    const double p1 = static_cast<double>(x1[c]) * static_cast<double>(y1[c]);
-    const double p2 = static_cast<double>(x2[c]) * static_cast<double>(y2[c]);
-    const double p3 = static_cast<double>(x3[c]) * static_cast<double>(y3[c]);
+    const double p0 = ONES ? static_cast<double>(x0[c])
+                           : static_cast<double>(x0[c]) * static_cast<double>(y0[c]);
+    const double p1 = ONES ? static_cast<double>(x1[c])
+                           : static_cast<double>(x1[c]) * static_cast<double>(y1[c]);
+    const double p2 = ONES ? static_cast<double>(x2[c])
+                           : static_cast<double>(x2[c]) * static_cast<double>(y2[c]);
+    const double p3 = ONES ? static_cast<double>(x3[c])
+                           : static_cast<double>(x3[c]) * static_cast<double>(y3[c]);
     a0 += p0;
     a1 += p1;
     a2 += p2;
     a3 += p3;
     cols[c] += (p0 + p1) + (p2 + p3);
   }
-  rows[0] = a0;
-  rows[1] = a1;
-  rows[2] = a2;
-  rows[3] = a3;
+  acc[0] += a0;
+  acc[1] += a1;
+  acc[2] += a2;
+  acc[3] += a3;
 }
 
-template <typename T>
-SYMMECH_CLONES double row_into(const T* x, const T* y, int64_t n, double* cols) {
+// One row, columns [0, n): its sum of x·y (x alone with ONES); with COLS each product is also
+// added to its column's sum.
+template <typename T, bool ONES, bool COLS>
+SYMMECH_CLONES double row1(const T* x, const T* y, int64_t n, double* cols) {
   double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t c = 0; c < n; ++c) {
-    const double v = static_cast<double>(x[c]) * static_cast<double>(y[c]);
+    const double v = ONES ? static_cast<double>(x[c])
+                          : static_cast<double>(x[c]) * static_cast<double>(y[c]);
     acc += v;
-    cols[c] += v;
+    if (COLS) cols[c] += v;
   }
   return acc;
 }
 
+// Rows r0 .. r0 + rn (rn ≤ 4) of one pair: with column sums, four rows at once (one
+// read-modify-write of the column sums per four rows); without, row by row (one long
+// contiguous stream per source).
+template <typename T, bool ONES>
+void block_pair(const T* x, const T* y, int64_t C, int64_t rn, double* acc, double* cols) {
+  if (cols != nullptr && rn == 4) {
+    rows4<T, ONES>(x, y, C, acc, cols);
+    return;
+  }
+  for (int64_t k = 0; k < rn; ++k) {
+    acc[k] = cols != nullptr ? row1<T, ONES, true>(x + k * C, y + k * C, C, cols)
+                             : row1<T, ONES, false>(x + k * C, y + k * C, C, nullptr);
+  }
+}
+
+// One tensor viewed as rows R × columns C: for each pair p (second index -1: the first source
+// alone), rows[p, r] = Σ_c x[r, c] y[r, c] and, with want_cols, cols[p, c] = Σ_r x[r, c] y[r, c],
+// accumulated in double. Threads take blocks of four rows; each keeps its own column sums.
 template <typename T>
-void sweep(const std::vector<torch::Tensor>& sources, const std::vector<int64_t>& pairs,
-           bool want_cols, torch::Tensor& rows, torch::Tensor& cols) {
+void sweep(const std::vector<const T*>& src, const std::vector<int64_t>& pairs, int64_t R,
+           int64_t C, bool want_cols, double* rows, double* cols) {
   const int64_t P = static_cast<int64_t>(pairs.size() / 2);
-  const int64_t R = sources[0].size(0);
-  const int64_t C = R == 0 ? 0 : sources[0].numel() / R;
-  std::vector<const T*> src;
-  for (const auto& s : sources) src.push_back(s.data_ptr<T>());
-  double* out_rows = rows.data_ptr<double>();
   const int threads = want_cols ? at::get_num_threads() : 1;
   std::vector<double> partial(want_cols ? static_cast<size_t>(threads) * P * C : 0, 0.0);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(C * P, 1));
-  const int64_t blocks = (R + 3) / 4;  // threads take blocks of four rows
+  const int64_t blocks = (R + 3) / 4;
   at::parallel_for(0, blocks, std::max<int64_t>(1, grain / 4), [&](int64_t begin, int64_t end) {
     double* mine = want_cols ? partial.data() + static_cast<size_t>(at::get_thread_num()) * P * C
                              : nullptr;
-    double sums[4];
+    double acc[4];
     for (int64_t block = begin; block < end; ++block) {
       const int64_t r0 = 4 * block, rn = std::min<int64_t>(4, R - r0);
       for (int64_t p = 0; p < P; ++p) {
         const T* x = src[pairs[2 * p]] + r0 * C;
-        const T* y = src[pairs[2 * p + 1]] + r0 * C;
-        double* row_out = out_rows + p * R + r0;
-        if (mine != nullptr && rn == 4) {
-          rows4_into<T>(x, y, C, sums, mine + p * C);
-          for (int k = 0; k < 4; ++k) row_out[k] = sums[k];
+        const bool ones = pairs[2 * p + 1] < 0;
+        const T* y = ones ? x : src[pairs[2 * p + 1]] + r0 * C;
+        double* col = mine != nullptr ? mine + p * C : nullptr;
+        acc[0] = acc[1] = acc[2] = acc[3] = 0.0;
+        if (ones) {
+          block_pair<T, true>(x, y, C, rn, acc, col);
         } else {
-          for (int64_t k = 0; k < rn; ++k) {
-            row_out[k] = mine != nullptr ? row_into<T>(x + k * C, y + k * C, C, mine + p * C)
-                                         : row_dot<T>(x + k * C, y + k * C, C);
-          }
+          block_pair<T, false>(x, y, C, rn, acc, col);
         }
+        for (int64_t k = 0; k < rn; ++k) rows[p * R + r0 + k] = acc[k];
       }
     }
   });
   if (want_cols) {
-    double* out_cols = cols.data_ptr<double>();
-    std::fill(out_cols, out_cols + P * C, 0.0);
+    std::fill(cols, cols + P * C, 0.0);
     for (int t = 0; t < threads; ++t) {
       const double* part = partial.data() + static_cast<size_t>(t) * P * C;
-      for (int64_t k = 0; k < P * C; ++k) out_cols[k] += part[k];
+      for (int64_t k = 0; k < P * C; ++k) cols[k] += part[k];
     }
   }
 }
 
-// cols (P, C) of a tensor of ``shape``: the sums over every dimension but ``dim`` (≥ 1), (P, G).
-torch::Tensor column_groups(const torch::Tensor& cols, at::IntArrayRef shape, int64_t dim) {
-  const int64_t P = cols.size(0), C = cols.size(1), G = shape[dim];
+// The column sums (C values) of a tensor of ``shape`` summed over every dimension but ``dim``
+// (≥ 1): G = shape[dim] values written to ``out``.
+void column_groups(const double* cols, int64_t C, at::IntArrayRef shape, int64_t dim,
+                   double* out) {
+  const int64_t G = shape[dim];
   int64_t inner = 1;
   for (int64_t d = dim + 1; d < static_cast<int64_t>(shape.size()); ++d) inner *= shape[d];
   const int64_t outer = G * inner == 0 ? 0 : C / (G * inner);
-  torch::Tensor out = torch::zeros({P, G}, cols.options());
-  const double* in = cols.data_ptr<double>();
-  double* o = out.data_ptr<double>();
-  for (int64_t p = 0; p < P; ++p) {
-    for (int64_t a = 0; a < outer; ++a) {
-      for (int64_t g = 0; g < G; ++g) {
-        const double* x = in + p * C + (a * G + g) * inner;
-        double acc = 0.0;
-        for (int64_t i = 0; i < inner; ++i) acc += x[i];
-        o[p * G + g] += acc;
+  std::fill(out, out + G, 0.0);
+  for (int64_t a = 0; a < outer; ++a) {
+    for (int64_t g = 0; g < G; ++g) {
+      const double* x = cols + (a * G + g) * inner;
+      double acc = 0.0;
+      for (int64_t i = 0; i < inner; ++i) acc += x[i];
+      out[g] += acc;
+    }
+  }
+}
+
+// Whether the kernel reads these sources: contiguous CPU float32/float64 tensors of one shape
+// and dtype with at least one dimension (native.eligible says the same in Python).
+bool readable(const std::vector<torch::Tensor>& s) {
+  if (s.empty() || s[0].dim() < 1) return false;
+  const auto type = s[0].scalar_type();
+  if (type != torch::kFloat32 && type != torch::kFloat64) return false;
+  for (const auto& x : s) {
+    if (!x.device().is_cpu() || !x.is_contiguous() || x.sizes() != s[0].sizes() ||
+        x.scalar_type() != type) {
+      return false;
+    }
+  }
+  return true;
+}
+
+template <typename T>
+void products_of(const std::vector<torch::Tensor>& s, const std::vector<int64_t>& pairs,
+                 const std::vector<int64_t>& dims, double* out) {
+  const int64_t P = static_cast<int64_t>(pairs.size() / 2);
+  const int64_t R = s[0].size(0);
+  const int64_t C = R == 0 ? 0 : s[0].numel() / R;
+  bool want_cols = false;
+  for (int64_t d : dims) want_cols = want_cols || d > 0;
+  std::vector<const T*> src;
+  for (const auto& x : s) src.push_back(x.data_ptr<T>());
+  std::vector<double> rows(static_cast<size_t>(P * R)), cols(want_cols ? P * C : 0);
+  sweep<T>(src, pairs, R, C, want_cols, rows.data(), cols.data());
+  for (int64_t d : dims) {
+    for (int64_t p = 0; p < P; ++p) {
+      const double* r = rows.data() + p * R;
+      if (d == 0) {
+        std::copy(r, r + R, out);
+        out += R;
+      } else if (d < 0) {
+        double total = 0.0;
+        for (int64_t k = 0; k < R; ++k) total += r[k];
+        *out++ = total;
+      } else {
+        column_groups(cols.data() + p * C, C, s[0].sizes(), d, out);
+        out += s[0].size(d);
       }
     }
   }
-  return out;
 }
 
-// One call for every tensor of a hook call: sources[t] are tensor t's inputs, pairs[t] its
-// flattened (i, j) pairs, dims[t] the group dimensions asked for. Returns per tensor one
-// (P, G) tensor per asked dimension, in the sources' dtype (accumulated in double).
-std::vector<std::vector<torch::Tensor>> group_products(
-    const std::vector<std::vector<torch::Tensor>>& sources,
-    const std::vector<std::vector<int64_t>>& pairs, const std::vector<std::vector<int64_t>>& dims) {
-  TORCH_CHECK(sources.size() == pairs.size() && pairs.size() == dims.size(),
-              "group_products: one list of sources, pairs and dimensions per tensor");
-  std::vector<std::vector<torch::Tensor>> out;
-  out.reserve(sources.size());
+// Every product of a hook call, in double, written into ``out``: for tensor t (its sources
+// sources[t], of one shape) at offsets[t], for each dimension of dims[t] in order and each pair
+// of pairs[t] ((i, j) flat; j = -1: source i alone, a sum) in order, the per-group sums: G =
+// the size of that dimension (dimension 0: the rows), or one value for dimension -1 (the
+// whole tensor). Returns the tensors it did not read (not contiguous CPU float32/float64, or
+// without a dimension): their places in ``out`` are left as they were.
+std::vector<int64_t> products(const std::vector<std::vector<torch::Tensor>>& sources,
+                              const std::vector<std::vector<int64_t>>& pairs,
+                              const std::vector<std::vector<int64_t>>& dims,
+                              const std::vector<int64_t>& offsets, torch::Tensor& out) {
+  TORCH_CHECK(sources.size() == pairs.size() && pairs.size() == dims.size() &&
+                  dims.size() == offsets.size(),
+              "products: one list of sources, pairs and dimensions and one offset per tensor");
+  TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.scalar_type() == torch::kFloat64,
+              "products: out must be a contiguous CPU float64 tensor");
+  std::vector<int64_t> skipped;
+  double* base = out.data_ptr<double>();
   for (size_t t = 0; t < sources.size(); ++t) {
     const auto& s = sources[t];
-    TORCH_CHECK(!s.empty() && pairs[t].size() % 2 == 0, "group_products: tensor ", t,
-                " has no sources or an odd pair list");
-    for (const auto& x : s) {
-      TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 1 &&
-                      x.sizes() == s[0].sizes() && x.scalar_type() == s[0].scalar_type(),
-                  "group_products: tensor ", t,
-                  "'s sources must be contiguous CPU tensors of one shape and dtype");
+    if (!readable(s)) {
+      skipped.push_back(static_cast<int64_t>(t));
+      continue;
     }
-    for (int64_t k : pairs[t]) {
-      TORCH_CHECK(k >= 0 && k < static_cast<int64_t>(s.size()), "group_products: pair index ",
-                  k, " out of range for tensor ", t);
-    }
-    bool want_cols = false;
-    for (int64_t d : dims[t]) {
-      TORCH_CHECK(d >= 0 && d < s[0].dim(), "group_products: dimension ", d,
+    const int64_t n = static_cast<int64_t>(s.size()), nd = s[0].dim();
+    TORCH_CHECK(pairs[t].size() % 2 == 0, "products: tensor ", t, " has an odd pair list");
+    for (size_t k = 0; k < pairs[t].size(); ++k) {
+      const int64_t i = pairs[t][k];
+      TORCH_CHECK(i < n && (i >= 0 || (k % 2 == 1 && i == -1)), "products: pair index ", i,
                   " out of range for tensor ", t);
-      want_cols = want_cols || d > 0;
     }
-    const int64_t P = static_cast<int64_t>(pairs[t].size() / 2);
-    const int64_t R = s[0].size(0);
-    const int64_t C = R == 0 ? 0 : s[0].numel() / R;
-    auto opts = s[0].options().dtype(torch::kFloat64);
-    torch::Tensor rows = torch::empty({P, R}, opts);
-    torch::Tensor cols = want_cols ? torch::empty({P, C}, opts) : torch::empty({0}, opts);
-    if (s[0].scalar_type() == torch::kFloat32) {
-      sweep<float>(s, pairs[t], want_cols, rows, cols);
-    } else if (s[0].scalar_type() == torch::kFloat64) {
-      sweep<double>(s, pairs[t], want_cols, rows, cols);
-    } else {
-      TORCH_CHECK(false, "group_products: float32 or float64 only, got ", s[0].scalar_type());
-    }
-    std::vector<torch::Tensor> per_dim;
+    int64_t size = 0;
     for (int64_t d : dims[t]) {
-      torch::Tensor v = d == 0 ? rows : column_groups(cols, s[0].sizes(), d);
-      per_dim.push_back(v.to(s[0].scalar_type()));
+      TORCH_CHECK(d >= -1 && d < nd, "products: dimension ", d, " out of range for tensor ", t);
+      size += (d < 0 ? 1 : s[0].size(d)) * static_cast<int64_t>(pairs[t].size() / 2);
     }
-    out.push_back(std::move(per_dim));
+    TORCH_CHECK(offsets[t] >= 0 && offsets[t] + size <= out.numel(), "products: tensor ", t,
+                "'s values do not fit in out");
+    if (s[0].scalar_type() == torch::kFloat32) {
+      products_of<float>(s, pairs[t], dims[t], base + offsets[t]);
+    } else {
+      products_of<double>(s, pairs[t], dims[t], base + offsets[t]);
+    }
   }
-  return out;
+  return skipped;
+}
+
+// out[dst[k]] += values[src[k]] · coef[k] for every k: the bank vectors from the products.
+void scatter(const torch::Tensor& values, const torch::Tensor& src, const torch::Tensor& dst,
+             const torch::Tensor& coef, torch::Tensor& out) {
+  for (const torch::Tensor* t : {&values, &coef, static_cast<const torch::Tensor*>(&out)}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == torch::kFloat64,
+                "scatter: values, coef and out must be contiguous CPU float64 tensors");
+  }
+  for (const auto* t : {&src, &dst}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == torch::kInt64 &&
+                    t->numel() == coef.numel(),
+                "scatter: src and dst must be contiguous CPU int64 tensors of coef's length");
+  }
+  const double* v = values.data_ptr<double>();
+  const double* c = coef.data_ptr<double>();
+  const int64_t* s = src.data_ptr<int64_t>();
+  const int64_t* d = dst.data_ptr<int64_t>();
+  double* o = out.data_ptr<double>();
+  const int64_t nv = values.numel(), no = out.numel(), n = coef.numel();
+  for (int64_t k = 0; k < n; ++k) {
+    TORCH_CHECK(s[k] >= 0 && s[k] < nv && d[k] >= 0 && d[k] < no, "scatter: index out of range");
+    o[d[k]] += v[s[k]] * c[k];
+  }
 }
 
 // Adam's coming step a = m' / (sqrt(v') / bc2_sqrt + eps), with m' = lerp(m, g, w1) and
@@ -257,8 +329,9 @@ torch::Tensor adam_direction(const torch::Tensor& g, const torch::Tensor& m,
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("group_products", &group_products,
-        "Per-row and per-column sums of products of equal-shaped tensors, one sweep each");
+  m.def("products", &products,
+        "Per-group sums of products of equal-shaped tensors, one sweep each, into one vector");
+  m.def("scatter", &scatter, "out[dst] += values[src] * coef");
   m.def("adam_direction", &adam_direction,
         "Adam's coming step from g, m and v in one pass (torch's order of operations)");
 }
