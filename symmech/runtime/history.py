@@ -1,15 +1,17 @@
 """Per-step history of a tracker: compact float64 chunks on the parameters' device, host rows on demand.
 
-Each family keeps one row per logged step in preallocated chunks of shape
-``(rows, 7·G)``: observed Q, the residual rₖ and the five predictions, one column per group.
-Writing a row queues a few device copies and never waits for the device. A full chunk is
-copied to the host with a non-blocking copy (on the CPU the chunk already is host memory) and,
-with ``spill_dir``, written to disk as ``.npy`` and read back by :meth:`History.rows`.
+Every logged step is one wide row per *frame* (the families written together under one layout,
+see :mod:`.history_frames`): observed Q and the residual rₖ of every family, one column per group,
+then the laws of each bank (the predictions, anatomy and rotation its families' rows show).
+Writing a row queues two device concatenations, whatever the number of families, and never waits
+for the device. A full chunk is copied to the host with a non-blocking copy (on the CPU the chunk
+already is host memory) and, with ``spill_dir``, written to disk as ``.npy`` and read back by
+:meth:`History.rows`, which splits the rows per family.
 
 Bounded memory, two ways:
 
-* ``spill_dir=PATH``: full chunks go to disk (one ``.npy`` per chunk and family, metadata in
-  its first columns); memory holds at most one chunk per family.
+* ``spill_dir=PATH``: full chunks go to disk (one ``.npy`` per chunk, metadata in its first
+  columns); memory holds the chunk each frame is filling and the last one filled.
 * ``max_history=N``: at most N logged steps are kept, thinned evenly over the whole run. The
   first logged step and every ``stride``-th after it are kept, plus always the latest; when more
   than N would be kept the stride doubles and every other kept step is dropped. Rows of a
@@ -27,11 +29,12 @@ Bounded memory, two ways:
 from __future__ import annotations
 
 import csv
+import math
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -51,6 +54,7 @@ from symmech.laws.names import (
 )
 
 from .family import TrackerWarning
+from .history_frames import FIELDS, STORED, Call, Chunk, Frame, Series, code_column, hashable
 
 #: The columns of ``Tracker.records()`` rows and of the CSV, in order.
 COLUMNS = (
@@ -74,9 +78,6 @@ _KEYS = (
     *COLUMNS[:7], "residual", "status", "note", *PREDICTIONS, CONTINUOUS, *ANATOMY, *ROTATION,
     *ROTATION_PARTS,
 )  # fmt: skip
-#: What the laws store per group and logged step, after observed Q and rₖ.
-_STORED = (*PREDICTIONS, *ANATOMY, *ROTATION, *ROTATION_PARTS)
-_META = 4  # log index, step, t (NaN: None), settings code
 _TRACKED = "tracked"
 _APPROXIMATE = "approximate"  # "approximate: <measured reason>": predicted, and says how well
 
@@ -103,9 +104,9 @@ class Snapshot:
     labels: tuple[str, ...] = ()  # the groups' names (e.g. ``h0[1,2]``); () = their indices
 
 
-@dataclass(frozen=True)
-class _Code:
-    """What a row's text and missing values depend on, interned once per distinct value."""
+class _Code(NamedTuple):
+    """What a row's text and missing values depend on, interned once per distinct value (looked
+    up with the plain tuple of the same fields: equal, and hashed alike)."""
 
     status: str
     note: str
@@ -118,135 +119,22 @@ class _Code:
     rotation: bool
 
 
-class _Chunk:
-    """Up to ``capacity`` rows of one family: data on the device, metadata on the host."""
-
-    def __init__(self, capacity: int, width: int, device: torch.device) -> None:
-        self.data: torch.Tensor | None = torch.empty(
-            (capacity, width), dtype=torch.float64, device=device
-        )
-        self.meta = np.empty((capacity, _META), dtype=np.float64)
-        self.capacity = capacity
-        self.n = 0
-        self.host: torch.Tensor | None = None  # the host copy of a full device chunk
-        self.event: Any = None  # the copy's CUDA event
-        self.path: Path | None = None  # where a spilled chunk lives
-
-    @property
-    def full(self) -> bool:
-        return self.n == self.capacity
-
-    def offload(self) -> None:
-        """Queue the copy of a full chunk to (pinned) host memory; no wait."""
-        assert self.data is not None
-        if self.data.device.type == "cpu":
-            self.host, self.data = self.data, None
-            return
-        host = torch.empty(self.data.shape, dtype=torch.float64, pin_memory=True)
-        host.copy_(self.data, non_blocking=True)
-        if self.data.device.type == "cuda":
-            self.event = torch.cuda.Event()
-            self.event.record()
-        self.host, self.data = host, None
-
-    def spill(self, path: Path) -> None:
-        """Write the offloaded chunk with its metadata to ``path`` and free it."""
-        meta, data = self.arrays()
-        np.save(path, np.concatenate([meta, data], axis=1))
-        self.path, self.host, self.meta = path, None, np.empty((0, _META))
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """(metadata, data) of the filled rows as host arrays (waits for a pending copy)."""
-        if self.path is not None:
-            both = np.load(self.path)
-            return both[:, :_META], both[:, _META:]
-        if self.event is not None:
-            self.event.synchronize()
-            self.event = None
-        if self.host is not None:
-            return self.meta[: self.n], self.host[: self.n].numpy()
-        assert self.data is not None
-        return self.meta[: self.n], self.data[: self.n].cpu().numpy()
-
-
-def _labels(series: _Series) -> tuple[str, ...]:
-    """The series' group names (histories saved before labels existed: the group indices)."""
-    labels = getattr(series, "labels", ())
-    return labels if len(labels) == series.groups else tuple(str(g) for g in range(series.groups))
-
-
-class _Series:
-    """The rows of one family (one position in the tracker's list of families)."""
-
-    def __init__(
-        self,
-        position: int,
-        symmetry: str,
-        layer: str,
-        groups: int,
-        rows: int,
-        labels: tuple[str, ...] = (),
-    ) -> None:
-        self.position = position
-        self.symmetry = symmetry
-        self.layer = layer
-        self.groups = groups
-        self.labels = labels  # as given; read through _labels()
-        self.rows = rows
-        self.chunks: list[_Chunk] = []
-
-    @property
-    def width(self) -> int:
-        return (2 + len(_STORED)) * self.groups
-
-    def last_index(self) -> float | None:
-        for chunk in reversed(self.chunks):
-            if chunk.n and chunk.path is None:
-                return float(chunk.meta[chunk.n - 1, 0])
-        return None
-
-    def log_indices(self) -> np.ndarray:
-        """The log index of every row (host metadata only: nothing is read from the device)."""
-        parts = [c.meta[: c.n, 0] for c in self.chunks if c.path is None]
-        return np.concatenate(parts) if parts else np.empty(0)
-
-    def drop_last(self) -> None:
-        self.chunks[-1].n -= 1
-
-    def write(self, meta: tuple[float, ...], s: Snapshot, laws: torch.Tensor | None) -> _Chunk:
-        """Queue one row; returns its chunk (the caller offloads it when full)."""
-        assert s.observed is not None
-        if not self.chunks or self.chunks[-1].full:
-            self.chunks.append(_Chunk(self.rows, self.width, s.observed.device))
-        chunk = self.chunks[-1]
-        assert chunk.data is not None
-        g = self.groups
-        row = chunk.data[chunk.n]
-        row[:g].copy_(s.observed.detach().reshape(-1))
-        if s.residual is not None:
-            row[g : 2 * g].copy_(s.residual.detach().reshape(-1))
-        if laws is not None:
-            row[2 * g :].view(len(_STORED), g).copy_(laws[:, s.segment])
-        chunk.meta[chunk.n] = meta
-        chunk.n += 1
-        return chunk
-
-    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        parts = [c.arrays() for c in self.chunks if c.n or c.path is not None]
-        if not parts:
-            return np.empty((0, _META)), np.empty((0, self.width))
-        return np.concatenate([m for m, _ in parts]), np.concatenate([d for _, d in parts])
-
-    def keep(self, index: np.ndarray) -> None:
-        """Keep only the rows at ``index`` (sorted), compacted into one device chunk."""
-        meta = np.concatenate([c.meta[: c.n] for c in self.chunks])
-        data = torch.cat([c.data[: c.n] for c in self.chunks if c.data is not None])
-        chunk = _Chunk(max(self.rows, len(index) + 1), self.width, data.device)
-        assert chunk.data is not None
-        chunk.data[: len(index)] = data[torch.as_tensor(index, device=data.device)]
-        chunk.meta[: len(index)] = meta[index]
-        chunk.n = len(index)
-        self.chunks = [chunk]
+def _shown(codes: Sequence[_Code]) -> dict[str, np.ndarray]:
+    """Per stored law: which codes' rows show it (None elsewhere, and then it is not stored)."""
+    predicted = np.array(
+        [c.has_laws and (c.status == _TRACKED or c.status.startswith(_APPROXIMATE)) for c in codes]
+        or [False]
+    )
+    split = predicted & ~np.array(
+        [not c.has_residual and not c.residuals for c in codes] or [False]
+    )
+    models = predicted & np.array([c.continuous for c in codes] or [False])
+    turning = predicted & np.array([c.rotation for c in codes] or [False])
+    shown = {name: predicted for name in STORED}
+    shown.update({name: split for name in (DISCRETE_RESIDUAL, *ANATOMY)})
+    shown.update({name: models for name in CONTINUOUS_MODELS})
+    shown.update({name: turning for name in (*ROTATION, *ROTATION_PARTS)})
+    return shown
 
 
 def _chunk_rows(width: int, chunk_bytes: int) -> int:
@@ -258,7 +146,7 @@ class History:
 
     ``max_history`` (≥ 2) bounds the number of logged steps kept (even thinning, see the
     module docstring); ``spill_dir`` writes full chunks to disk instead. ``chunk_bytes`` sizes
-    the chunks (rows of a family per chunk: that many bytes, 16 to 4096 rows).
+    the chunks (rows per chunk: that many bytes, 16 to 4096 rows).
     """
 
     def __init__(
@@ -286,9 +174,14 @@ class History:
         self.stride = 1  # every stride-th logged step is kept (max_history)
         self._count = 0  # logged steps so far (the log index of the next)
         self._last_step: int | None = None
-        self._series: dict[tuple[int, str, str], _Series] = {}
-        self._codes: dict[_Code, int] = {}
-        self._pending: list[tuple[_Series, _Chunk]] = []  # offloaded, not yet spilled
+        self._series: dict[tuple[int, str, str], Series] = {}
+        self._codes: dict[tuple, int] = {}  # _Code -> its number
+        self._shows: list[tuple[bool, ...]] = []  # per code number: the laws its rows show
+        self._frames: list[Frame] = []  # in the order they were made
+        self._layouts: dict[tuple, list[Frame]] = {}  # layout key -> its frames, one per device
+        self._key: tuple | None = None  # the layout key of the last call
+        self._layout: list[Frame] = []
+        self._pending: list[tuple[Frame, Chunk]] = []  # offloaded, not yet spilled
         self._spilled = 0
         self._broken: dict[tuple[int, str, str], str] = {}  # families whose rows failed
 
@@ -297,71 +190,187 @@ class History:
 
     def __len__(self) -> int:
         """Rows kept (one per family and logged step), without touching the device."""
-        return sum(c.n for s in self._series.values() for c in s.chunks)
+        return sum(c.entries for f in self._frames for c in f.chunks)
 
     @property
     def thinned(self) -> bool:
         """Whether logged steps were dropped to stay within ``max_history``."""
         return self.stride > 1
 
-    def _code(self, s: Snapshot) -> int:
-        code = _Code(
-            s.status,
-            s.note,
-            s.residual is not None,
-            s.laws is not None,
-            s.residuals,
-            s.nesterov,
-            s.momentum == 0.0,
-            s.continuous,
-            s.rotation,
-        )
-        return self._codes.setdefault(code, len(self._codes))
-
     def add(self, snapshots: list[Snapshot]) -> None:
         """Store every family's row of one logged step (device copies only, no wait)."""
-        index = self._count
+        call = self._gather(snapshots)
+        if call.written:
+            key = call.key()
+            if key != self._key:
+                fixed = hashable(key)
+                self._layout = self._layouts.get(fixed) or self._make_layout(fixed, call)
+                self._key = key
+            if self.stride > 1:
+                self._drop_provisional()
+            for frame in self._layout:
+                self._write(frame, call)
+        if self.max_history is not None and call.index // self.stride + 1 > self.max_history:
+            self._thin()
+
+    def _gather(self, snapshots: list[Snapshot]) -> Call:
+        """The families this call writes (observed, not stopped), with their layout, values
+        and metadata."""
+        call = Call(self._count)
         self._count += 1
         if snapshots:
             self._last_step = snapshots[-1].step
-        stacked: dict[int, torch.Tensor] = {}
+        blocks: dict[int, int] = {}  # id(laws mapping) -> its number in this call
+        codes, shows, broken, meta, nan = (
+            self._codes,
+            self._shows,
+            self._broken,
+            call.meta,
+            math.nan,
+        )
+        shape, written = call.shape.append, call.written.append
+        observed, residual = call.observed.append, call.residual.append
         for position, s in enumerate(snapshots):
-            if s.observed is None:
+            q = s.observed
+            if q is None or (broken and (position, s.symmetry, s.layer) in broken):
                 continue
-            key = (position, s.symmetry, s.layer)
-            if key in self._broken:
-                continue
-            series = self._series.get(key)
-            if series is None:
-                groups = s.observed.numel()
-                width = (2 + len(_STORED)) * groups
-                series = _Series(position, s.symmetry, s.layer, groups, self._rows(width), s.labels)
-                self._series[key] = series
-            last = series.last_index() if self.stride > 1 else None
-            if last is not None and last % self.stride != 0:
-                series.drop_last()  # a provisional latest row, replaced by this one
-            laws = None
-            if s.laws is not None:
-                if id(s.laws) not in stacked:
-                    stacked[id(s.laws)] = torch.stack(
-                        [s.laws[n].detach().reshape(-1).to(torch.float64) for n in _STORED]
-                    )
-                laws = stacked[id(s.laws)]
-            t = float("nan") if s.t is None else float(s.t)
-            try:
-                chunk = series.write((index, s.step, t, self._code(s)), s, laws)
-                if chunk.full and self.max_history is None:
-                    self._offload(series, chunk)
-            except Exception as err:  # the tracker must never break training
-                self._broken[key] = f"{type(err).__name__}: {err}"
-                warnings.warn(
-                    f"symmech: history of {s.symmetry} on {s.layer} stopped at step {s.step} "
-                    f"({self._broken[key]}); rows before it are kept",
-                    TrackerWarning,
-                    stacklevel=4,
+            r, laws = s.residual, s.laws
+            if laws is None:
+                block = -1
+            else:
+                block = blocks.setdefault(id(laws), len(blocks))
+                if block == len(call.mappings):
+                    call.mappings.append(laws)
+                    call.vectors += [laws[name] for name in STORED]
+            code = (s.status, s.note, r is not None, laws is not None, s.residuals, s.nesterov,
+                    s.momentum == 0.0, s.continuous, s.rotation)  # fmt: skip
+            number = codes.get(code)
+            if number is None:
+                number = self._intern(_Code(*code))
+            shape((position, s.symmetry, s.layer, q.numel(), -1 if r is None else r.numel(), block,
+                   None if laws is None else s.segment, shows[number]))  # fmt: skip
+            written(s)
+            observed(q)
+            if r is not None:
+                residual(r)
+            t = s.t
+            meta += (s.step, nan if t is None else float(t), number)
+        return call
+
+    def _intern(self, code: _Code) -> int:
+        shown = _shown([code])
+        self._shows.append(tuple(bool(shown[name][0]) for name in STORED))
+        self._codes[code] = len(self._codes)
+        return self._codes[code]
+
+    def _make_layout(self, key: tuple, call: Call) -> list[Frame]:
+        """The frames of a new layout: one per device the families' values are on."""
+        devices: dict[torch.device, list[int]] = {}
+        for i, q in enumerate(call.observed):
+            devices.setdefault(q.device, []).append(i)
+        layout, n = [], len(STORED)
+        for device, members in devices.items():
+            shape, written = [call.shape[i] for i in members], [call.written[i] for i in members]
+            mappings = [b for b in dict.fromkeys(f[5] for f in shape) if b >= 0]
+            local = {b: k for k, b in enumerate(mappings)}
+            families = []
+            for f, s in zip(shape, written):
+                series = self._series.setdefault(
+                    f[:3], Series(f[0], s.symmetry, s.layer, f[3], s.labels)
                 )
-        if self.max_history is not None and index // self.stride + 1 > self.max_history:
-            self._thin()
+                families.append((series, s.residual is not None, local.get(f[5]), s.segment, f[7]))
+            frame = Frame(
+                len(self._frames),
+                families,
+                mappings,
+                [call.vectors[n * b].numel() for b in mappings],
+                device,
+                members=None if len(devices) == 1 else members,
+            )
+            frame.rows = self._rows(frame.width)
+            values = [(s.observed, f[0].groups) for s, f in zip(written, families)]
+            values += [(s.residual, f[0].groups) for s, f in zip(written, families) if f[1]]
+            vectors = [call.vectors[i] for i, _ in frame.cuts]
+            frame.regular = all(
+                v.dim() == 1 and v.numel() == g and v.device == device for v, g in values
+            ) and all(v.dim() == 1 and v.device == device for v in vectors)
+            if frame.regular:
+                frame.group([v for v, _ in values])
+            self._frames.append(frame)
+            layout.append(frame)
+        self._layouts[key] = layout
+        return layout
+
+    def _drop_provisional(self) -> None:
+        """Under thinning, a family's latest row off the stride is replaced by its next."""
+        for frame in self._layout:
+            for slot in frame.slots:
+                slot.series.drop_provisional(self.stride)
+
+    def _write(self, frame: Frame, call: Call) -> None:
+        """Queue the frame's row of this call; a family whose values cannot be stored stops."""
+        members = frame.members
+        if members is None:
+            written, meta, values = call.written, call.meta, call.observed + call.residual
+        else:
+            written = [call.written[i] for i in members]
+            meta = [
+                call.index,
+                *(call.meta[1 + FIELDS * i + k] for i in members for k in range(FIELDS)),
+            ]
+            values = [s.observed for s in written]
+            values += [s.residual for s in written if s.residual is not None]
+        try:
+            chunk = frame.chunk()
+        except Exception as err:  # the tracker must never break training
+            for slot, s in zip(frame.slots, written):
+                self._stop(slot.series, s, err)
+            return
+        assert chunk.data is not None
+        n = chunk.n
+        row = chunk.data[n]
+        failed: list[tuple[int, Exception]] = []
+        if frame.fast:
+            try:
+                frame.write(row, values, call.vectors)
+            except Exception:  # noqa: BLE001 - written family by family from now on
+                frame.fast = False
+        if not frame.fast:
+            stacked = [
+                torch.stack(
+                    [call.mappings[b][k].detach().reshape(-1).to(torch.float64) for k in STORED]
+                )
+                for b in frame.mappings
+            ]
+            failed = frame.write_each(row, written, stacked)
+            if frame.fast is None:
+                frame.fast = frame.regular
+        chunk.meta[n] = meta
+        for j, err in failed:
+            chunk.meta[n, code_column(j)] = -1
+            self._stop(frame.slots[j].series, written[j], err)
+        if len(failed) == len(written):
+            return
+        chunk.entries += len(written) - len(failed)
+        chunk.n = n + 1
+        if self.max_history is not None:
+            stopped = {j for j, _ in failed}
+            for j, slot in enumerate(frame.slots):
+                if j not in stopped:
+                    slot.series.tail = (chunk, n, code_column(j))
+                    slot.series.tail_index = call.index
+        elif chunk.full:
+            self._offload(frame, chunk)
+
+    def _stop(self, series: Series, s: Snapshot, err: Exception) -> None:
+        name = (series.position, series.symmetry, series.layer)
+        self._broken[name] = f"{type(err).__name__}: {err}"
+        warnings.warn(
+            f"symmech: history of {s.symmetry} on {s.layer} stopped at step {s.step} "
+            f"({self._broken[name]}); rows before it are kept",
+            TrackerWarning,
+            stacklevel=6,  # as History.add warned with stacklevel=4 (from _write, from add)
+        )
 
     def _rows(self, width: int) -> int:
         rows = _chunk_rows(width, self.chunk_bytes)
@@ -369,74 +378,57 @@ class History:
             rows = min(rows, self.max_history + 1)
         return rows
 
-    def _offload(self, series: _Series, chunk: _Chunk) -> None:
+    def _offload(self, frame: Frame, chunk: Chunk) -> None:
         chunk.offload()
         if self.spill_dir is None:
             return
         # spill the chunks offloaded before: their copies finished long ago
-        for s, c in self._pending:
-            c.spill(self.spill_dir / f"family{s.position}_{self._spilled:06d}.npy")
+        for f, c in self._pending:
+            c.spill(self.spill_dir / f"frame{f.number}_{self._spilled:06d}.npy")
             self._spilled += 1
-        self._pending = [(series, chunk)]
+        self._pending = [(frame, chunk)]
 
     def _thin(self) -> None:
+        """Double the stride: keep each family's rows on it, and its latest."""
         self.stride *= 2
+        metas = [f.meta() for f in self._frames]
+        latest: dict[int, float] = {}  # id(series) -> the log index of its latest row
+        for frame, meta in zip(self._frames, metas):
+            for j, slot in enumerate(frame.slots):
+                index = meta[meta[:, code_column(j)] >= 0, 0]
+                if len(index):
+                    latest[id(slot.series)] = max(latest.get(id(slot.series), -1.0), index.max())
+        for frame, meta in zip(self._frames, metas):
+            last = np.array([latest.get(id(slot.series), -1.0) for slot in frame.slots])
+            frame.thin(meta, self.stride, last)
         for series in self._series.values():
-            index = series.log_indices()
-            keep = np.flatnonzero(index % self.stride == 0)
-            if len(index) and (not len(keep) or keep[-1] != len(index) - 1):
-                keep = np.append(keep, len(index) - 1)  # the latest row stays
-            series.keep(keep)
+            series.tail = None
+        for frame in self._frames:
+            frame.find_tails(latest)
 
     # -- host rows ---------------------------------------------------------------------
     def columns(self) -> dict[str, list[Any]]:
         """Every record field as one host list (None where a value does not apply), in row
         order: by logged step, then family, then group."""
         codes = list(self._codes)
+        shown = _shown(codes)
         has_res = np.array([c.has_residual for c in codes] or [False])
-        predicted = np.array(
-            [
-                c.has_laws and (c.status == _TRACKED or c.status.startswith(_APPROXIMATE))
-                for c in codes
-            ]
-            or [False]
-        )
-        no_dres = np.array([not c.has_residual and not c.residuals for c in codes] or [False])
         nesterov = np.array([c.nesterov for c in codes] or [False])
         no_momentum = np.array([c.no_momentum for c in codes] or [False])
-        continuous = np.array([c.continuous for c in codes] or [False])
-        rotation = np.array([c.rotation for c in codes] or [False])
         parts: list[dict[str, np.ndarray]] = []
         names: list[tuple[str, str]] = []
         n_positions = 1 + max((s.position for s in self._series.values()), default=0)
-        for series in self._series.values():
-            meta, data = series.arrays()
-            n, g = len(meta), series.groups
-            if not n:
-                continue
-            names.append((series.symmetry, series.layer))
-            code = meta[:, 3].astype(np.intp)
-            cols = {
-                "order": np.repeat(meta[:, 0] * n_positions + series.position, g),
-                "series": np.full(n * g, len(names) - 1, dtype=np.intp),
-                "step": np.repeat(meta[:, 1], g),
-                "t": np.repeat(meta[:, 2], g),
-                "group": np.tile(np.arange(g), n),
-                "label": np.tile(np.asarray(_labels(series), dtype=object), n),
-                "code": np.repeat(code, g),
-                "observed": data[:, :g].ravel(),
-                "residual": data[:, g : 2 * g].ravel(),
-            }
-            for k, name in enumerate(_STORED):
-                cols[name] = data[:, (2 + k) * g : (3 + k) * g].ravel()
-            parts.append(cols)
+        for frame in self._frames:
+            for series, cols in frame.columns(n_positions):
+                names.append((series.symmetry, series.layer))
+                cols["series"] = np.full(len(cols["order"]), len(names) - 1, dtype=np.intp)
+                parts.append(cols)
         if not parts:
             return {k: [] for k in _KEYS}
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         order = np.argsort(merged["order"], kind="stable")
         col = {k: v[order] for k, v in merged.items()}
         code = col["code"]
-        pred = predicted[code]
         out: dict[str, list[Any]] = {
             "step": col["step"].astype(np.int64).tolist(),
             "t": _with_none(col["t"], ~np.isnan(col["t"])),
@@ -456,21 +448,16 @@ class History:
             notes = [f"{n}; {extra}" if n else extra for n in notes]
         out["status"] = np.array([c.status for c in codes], dtype=object)[code].tolist()
         out["note"] = np.array(notes, dtype=object)[code].tolist()
-        cont = continuous[code]
         for name in PREDICTIONS:
-            present = pred & ~no_dres[code] if name == DISCRETE_RESIDUAL else pred
-            if name in CONTINUOUS_MODELS:
-                present = present & cont
-            out[name] = _with_none(col[name], present)
+            out[name] = _with_none(col[name], shown[name][code])
         model = np.where(no_momentum[code], col[FIRST_ORDER], col[SECOND_ORDER])
-        out[CONTINUOUS] = _with_none(model, pred & ~nesterov[code] & cont)
+        out[CONTINUOUS] = _with_none(model, shown[FIRST_ORDER][code] & ~nesterov[code])
         for name in ANATOMY:
-            out[name] = _with_none(col[name], pred & ~no_dres[code])
-        turning = pred & rotation[code]
+            out[name] = _with_none(col[name], shown[name][code])
         for name in ROTATION:
-            out[name] = _with_none(col[name], turning & ~np.isnan(col[name]))
+            out[name] = _with_none(col[name], shown[name][code] & ~np.isnan(col[name]))
         for name in ROTATION_PARTS:  # removed from the records by ``without_parts``
-            out[name] = _with_none(col[name], turning)
+            out[name] = _with_none(col[name], shown[name][code])
         return out
 
     def rows(self, parts: bool = False) -> list[dict[str, Any]]:

@@ -123,11 +123,11 @@ def test_spill_to_disk_reads_back_every_row(tmp_path) -> None:
     tracker, seen = _train(70, History(spill_dir=tmp_path, chunk_bytes=1))
     files = sorted(tmp_path.glob("*.npy"))
     assert files, "full chunks are written to disk"
-    kept = [c for s in tracker.history._series.values() for c in s.chunks if c.path is None]
-    assert all(c.host is None or c is s.chunks[-2] or c is s.chunks[-1]
-               for s in tracker.history._series.values() for c in s.chunks
-               if c.path is None)  # fmt: skip
-    assert len(kept) <= 2 * len(tracker.history._series)
+    frames = tracker.history._frames
+    kept = [c for f in frames for c in f.chunks if c.path is None]
+    assert all(c.host is None or c is f.chunks[-2] or c is f.chunks[-1]
+               for f in frames for c in f.chunks if c.path is None)  # fmt: skip
+    assert len(kept) <= 2 * len(frames)
     _same(tracker.history.rows(), reference_rows(seen))
 
 
