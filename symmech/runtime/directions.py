@@ -41,8 +41,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -51,6 +50,7 @@ from torch.optim.optimizer import _default_to_fused_or_foreach
 from symmech.errors import SymmechError, explain
 
 from . import fused, native
+from .coming_step import AdamPass, Direction, MeasuredDirection, _value
 
 __all__ = [
     "Direction",
@@ -70,22 +70,9 @@ class UnsupportedOptimizerError(SymmechError, ValueError):
     """The optimizer, or one of its settings, is not modelled: its direction would be guessed."""
 
 
-@dataclass(frozen=True)
-class Direction:
-    """One parameter's step θₖ₊₁ = ``shrink``·θₖ − ``eta``·``a``."""
-
-    shrink: float
-    eta: float
-    a: torch.Tensor
-
-
 def _unsupported(call: str, problem: str) -> UnsupportedOptimizerError:
     fix = "Use MeasuredDirection, which recovers the direction from the step itself"
     return UnsupportedOptimizerError(explain(call, problem, fix))
-
-
-def _value(x: float | torch.Tensor) -> float:
-    return float(x.item()) if isinstance(x, torch.Tensor) else float(x)
 
 
 def _find_group(optimizer: torch.optim.Optimizer, group: int | Group, call: str) -> Group:
@@ -132,7 +119,12 @@ def _state_tensor(
 
 
 def _sgd(
-    opt: torch.optim.Optimizer, group: Group, p: torch.Tensor, call: str, grad: torch.Tensor | None
+    opt: torch.optim.Optimizer,
+    group: Group,
+    p: torch.Tensor,
+    call: str,
+    grad: torch.Tensor | None,
+    defer: bool = False,
 ) -> Direction:
     _check(group, p, call, ("lr", "weight_decay"))
     grad = _grad(group, p, grad)
@@ -156,7 +148,12 @@ def _adam_foreach(group: Group, params: list[torch.Tensor]) -> bool:
 
 
 def _adam(
-    opt: torch.optim.Optimizer, group: Group, p: torch.Tensor, call: str, grad: torch.Tensor | None
+    opt: torch.optim.Optimizer,
+    group: Group,
+    p: torch.Tensor,
+    call: str,
+    grad: torch.Tensor | None,
+    defer: bool = False,
 ) -> Direction:
     _check(group, p, call, ("lr", "betas", "weight_decay"))
     state = opt.state.get(p, {})
@@ -175,6 +172,9 @@ def _adam(
     if host_counter:
         step = _value(step_t)
         bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+        if defer and _one_pass_applies(group, grad, exp_avg, exp_avg_sq, vmax):
+            pending = AdamPass.of(grad, exp_avg, exp_avg_sq, vmax, (beta1, beta2), bc2**0.5, eps)
+            return Direction(shrink, lr / bc1, pending=pending)
         fast = _one_pass(group, grad, exp_avg, exp_avg_sq, vmax, bc2**0.5)
         if fast is not None:
             return Direction(shrink, lr / bc1, fast)
@@ -221,21 +221,44 @@ def _one_pass(
     vmax: torch.Tensor | None,
     bc2_sqrt: float,
 ) -> torch.Tensor | None:
-    """aₖ from symmech's C++ kernel in one pass (:func:`.native.adam_direction`) when it is
-    loaded, the products are not kept eager (:data:`.fused.MODE`) and the tensor is larger than
-    :data:`SMALL` (smaller ones go through one foreach pass together, :func:`directions_of`, with
-    the same values as torch's ops here); None: torch's ops."""
-    if fused.MODE == "eager" or not native.ready() or group["differentiable"]:
-        return None
-    if grad.numel() <= SMALL:
+    """aₖ from symmech's C++ kernel in one pass (:func:`.native.adam_direction`) when
+    :func:`_one_pass_applies`; None: torch's ops."""
+    if not _one_pass_applies(group, grad, exp_avg, exp_avg_sq, vmax):
         return None
     return native.adam_direction(
         grad, exp_avg, exp_avg_sq, vmax, tuple(group["betas"]), bc2_sqrt, group["eps"]
     )
 
 
+def _one_pass_applies(
+    group: Group,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    vmax: torch.Tensor | None,
+) -> bool:
+    """Whether symmech's C++ kernel makes aₖ in one pass: loaded, the products not kept eager
+    (:data:`.fused.MODE`), contiguous CPU float32/float64 tensors larger than :data:`SMALL`
+    (smaller ones go through one foreach pass together, :func:`directions_of`, with the values
+    of torch's ops). Then aₖ can also be left pending (:class:`~.coming_step.AdamPass`), for
+    the banks read at once to make it in their sweep."""
+    if fused.MODE == "eager" or not native.ready() or group["differentiable"]:
+        return False
+    tensors = [grad, exp_avg, exp_avg_sq] + ([vmax] if vmax is not None else [])
+    return (
+        grad.numel() > SMALL
+        and native.eligible(tensors)
+        and not any(t.requires_grad for t in tensors)
+    )
+
+
 def _rmsprop(
-    opt: torch.optim.Optimizer, group: Group, p: torch.Tensor, call: str, grad: torch.Tensor | None
+    opt: torch.optim.Optimizer,
+    group: Group,
+    p: torch.Tensor,
+    call: str,
+    grad: torch.Tensor | None,
+    defer: bool = False,
 ) -> Direction:
     _check(group, p, call, ("lr", "weight_decay"))
     state = opt.state.get(p, {})
@@ -259,7 +282,12 @@ def _rmsprop(
 
 
 def _adagrad(
-    opt: torch.optim.Optimizer, group: Group, p: torch.Tensor, call: str, grad: torch.Tensor | None
+    opt: torch.optim.Optimizer,
+    group: Group,
+    p: torch.Tensor,
+    call: str,
+    grad: torch.Tensor | None,
+    defer: bool = False,
 ) -> Direction:
     _check(group, p, call, ("lr", "weight_decay"))
     state = opt.state.get(p, {})
@@ -289,6 +317,7 @@ def direction(
     group: int | Group,
     param: torch.Tensor,
     grad: torch.Tensor | None = None,
+    defer: bool = False,
 ) -> Direction:
     """The (sₖ, ηₖ, aₖ) that ``optimizer.step()`` will apply to ``param``; reads, never writes.
 
@@ -296,7 +325,8 @@ def direction(
     itself. Call it after the gradients are final and before the step. A parameter without a
     gradient is not moved by torch: its direction is zero (shrink 1, eta the group's lr).
     ``grad`` replaces ``param.grad`` (e.g. the unscaled gradient a fused step will use under a
-    GradScaler).
+    GradScaler). ``defer``: Adam's aₖ may be left pending (:class:`~.coming_step.Direction`:
+    made when first read, before the step).
     """
     call = f"direction({type(optimizer).__name__}, group={group if isinstance(group, int) else '{...}'}, param)"
     model = _MODELS.get(type(optimizer))
@@ -311,7 +341,7 @@ def direction(
         raise ValueError(explain(call, f"parameter of shape {tuple(param.shape)} is not in group"))
     if param.grad is None:
         return Direction(1.0, _value(found["lr"]), torch.zeros_like(param))
-    return model(optimizer, found, param, call, grad)
+    return model(optimizer, found, param, call, grad, defer)
 
 
 #: the largest tensor whose direction :func:`directions_of` computes in a batch
@@ -324,6 +354,7 @@ def directions_of(
     group: int,
     params: list[torch.Tensor],
     grads: list[torch.Tensor | None] | None = None,
+    defer: bool = False,
 ) -> list[Direction]:
     """:func:`direction` of several parameters of one group, with Adam's and AdamW's element-wise
     work done by one ``torch._foreach_*`` call per operation for all of them with at most
@@ -345,7 +376,7 @@ def directions_of(
         for i, d in zip(small, fast or ()):
             out[i] = d
     return [
-        d if d is not None else direction(optimizer, group, p, grad=g)
+        d if d is not None else direction(optimizer, group, p, grad=g, defer=defer)
         for d, p, g in zip(out, params, grads)
     ]
 
@@ -424,69 +455,3 @@ def directions(optimizer: torch.optim.Optimizer) -> dict[torch.Tensor, Direction
         for i, group in enumerate(optimizer.param_groups)
         for p in group["params"]
     }
-
-
-class MeasuredDirection:
-    """aₖ = (θₖ − θₖ₊₁)/ηₖ measured around the step, for an optimizer :func:`direction` lacks.
-
-    Call :meth:`before` just before ``optimizer.step()`` and :meth:`after` just after it; the shrink
-    is 1 (a decoupled decay is then part of aₖ) and ηₖ the group's ``lr`` read in :meth:`before`.
-    Memory: one copy of the tracked parameters, kept between the two calls.
-
-    >>> import torch
-    >>> w = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
-    >>> opt = torch.optim.SGD([w], lr=0.5)
-    >>> w.grad = torch.tensor([1.0, -2.0], dtype=torch.float64)
-    >>> m = MeasuredDirection(opt)
-    >>> m.before(); opt.step(); m.after()[w].a.tolist()
-    [1.0, -2.0]
-    """
-
-    def __init__(
-        self, optimizer: torch.optim.Optimizer, params: Iterable[torch.Tensor] | None = None
-    ) -> None:
-        self.optimizer = optimizer
-        chosen = None if params is None else list(params)
-        self._tracked: list[tuple[int, torch.Tensor]] = []
-        for i, group in enumerate(optimizer.param_groups):
-            for p in group["params"]:
-                if chosen is None or any(p is q for q in chosen):
-                    self._tracked.append((i, p))
-        if chosen is not None and len(self._tracked) != len(chosen):
-            raise ValueError(
-                explain(
-                    f"MeasuredDirection({type(optimizer).__name__}, params=[...])",
-                    f"{len(chosen) - len(self._tracked)} of the params are not in the optimizer",
-                )
-            )
-        self._before: list[tuple[float, torch.Tensor]] | None = None
-
-    @torch.no_grad()
-    def before(self) -> None:
-        """Copy θₖ of every tracked parameter and read each group's lr."""
-        self._before = []
-        for i, p in self._tracked:
-            eta = _value(self.optimizer.param_groups[i]["lr"])
-            if eta == 0:
-                raise ValueError(
-                    explain(
-                        "MeasuredDirection.before()",
-                        f"group {i} has lr = 0",
-                        "a step of size 0 has no direction",
-                    )
-                )
-            self._before.append((eta, p.detach().clone()))
-
-    @torch.no_grad()
-    def after(self) -> dict[torch.Tensor, Direction]:
-        """The direction of the step just taken, per tracked parameter; frees the copy."""
-        if self._before is None:
-            raise RuntimeError(
-                explain("MeasuredDirection.after()", "before() was not called for this step")
-            )
-        out = {
-            p: Direction(1.0, eta, (theta - p.detach()).div_(eta))
-            for (_, p), (eta, theta) in zip(self._tracked, self._before)
-        }
-        self._before = None
-        return out

@@ -589,15 +589,16 @@ def coming_steps(
     optimizer: torch.optim.Optimizer, cache: ReductionCache, step_cache: dict, group: int
 ) -> None:
     """The coming steps of every tracked tensor of the param group, in one batch
-    (:func:`~.directions.directions_of`), kept for this hook call in ``step_cache`` and, for the
-    fused pass to read by name, as ``cache.named[("a", id(p))]``. On any error each is left to
+    (:func:`~.directions.directions_of`; Adam's aₖ left pending where the kernel makes it), kept
+    for this hook call in ``step_cache`` and, for the fused pass to read as role "a", in
+    ``cache.steps``. On any error each is left to
     :meth:`Family._direction` alone, so the error reaches only the families that bind the failing
     tensor."""
     step_cache[("directions", group)] = True
     tensors = list(cache.bound.get(group, {}).values())
     grads = [cache.grads.get(id(t)) for t in tensors]
     try:
-        found = directions_of(optimizer, group, tensors, grads)
+        found = directions_of(optimizer, group, tensors, grads, defer=True)
     except (SymmechError, ValueError, IndexError, RuntimeError):
         return
     for t, d in zip(tensors, found):
@@ -606,6 +607,7 @@ def coming_steps(
 
 def _keep_step(cache: ReductionCache, step_cache: dict, tensor: torch.Tensor, d: Direction) -> None:
     """Keep ``tensor``'s coming step for this hook call: for the families (``step_cache``) and
-    for the fused pass, which reads aₖ by name (``cache.named``)."""
+    for the fused pass, which reads aₖ as role "a" (``cache.steps``; a pending aₖ is made when
+    first read, or inside the sweep of the banks read at once)."""
     step_cache[("direction", id(tensor))] = d
-    cache.named[("a", id(tensor))] = d.a
+    cache.steps[id(tensor)] = d

@@ -31,7 +31,7 @@ If compilation fails, a warning says so once and every product is reduced eagerl
 A third tensor joins a layout's pass when it is asked for in two calls in a row at the same
 storage (torch's momentum buffer), or when it is a named tensor of the hook call (role ``"a"``:
 the coming step aₖ of an adaptive optimizer, made anew each call, registered in
-:attr:`.reductions.ReductionCache.named` and read by name); other temporaries (ηa when the η
+:attr:`.reductions.ReductionCache.steps` and read as that role); other temporaries (ηa when the η
 differ between tensors) and sharded, absent or low-precision slices are always reduced eagerly.
 The fused values equal the eager ones to round-off (tests/runtime/test_fused.py,
 tests/runtime/test_native.py); training is untouched and nothing waits for the device.

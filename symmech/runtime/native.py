@@ -4,10 +4,14 @@ On the CPU, ``torch.compile`` does not turn the tracker's reductions into one re
 (a reduction along a conv weight's input channels and one along its output channels are two
 loops, each about twice as slow as a dot product), and the eager path makes a product and two
 reductions per pair. ``csrc/group_products.cpp`` reads each tensor's sources (θ, g, the momentum
-buffer) once and returns, per asked pair, the sums along every row (the groups of the first
-dimension) and along every column (reduced here to the groups of any other dimension),
-accumulated in double, four rows at a time, split across torch's threads. It also makes Adam's
-coming step aₖ from g, m and v in one pass (:func:`adam_direction`, used by :mod:`.directions`).
+buffer) once and writes, per asked pair (or single source: a sum), the sums along every row (the
+groups of the first dimension) and along every column (summed further to the groups of any other
+dimension), accumulated in double, four rows at a time, split across torch's threads, into one
+float64 vector (:func:`products_into`); :func:`scatter` forms the banks' vectors from it. It
+also makes Adam's coming step aₖ from g, m and v in one pass (:func:`adam_direction`, used by
+:mod:`.directions`), or inside the sweep that reads θ, never stored. It is compiled without
+contracting a multiply and an add into one rounding (``-ffp-contract=off``), so every
+element-wise value is the IEEE result of its operations whatever the vector width.
 
 It is built once per machine with :func:`torch.utils.cpp_extension.load` (a C++ compiler and
 ninja are needed; the build lies in torch's extension folder, ``TORCH_EXTENSIONS_DIR``) and
@@ -43,7 +47,7 @@ SOURCE = Path(__file__).with_name("csrc") / "group_products.cpp"
 NAME = "symmech_group_products"
 #: a build lock older than this is left over from a build that was killed: removed
 STALE_LOCK_S = 600.0
-CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno"]
+CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off"]
 #: what a child process runs to build the kernel (argv: name, source, build directory)
 _BUILD = (
     "import sys\n"
@@ -248,16 +252,23 @@ def products_into(
     dims: list[list[int]],
     offsets: list[int],
     out: torch.Tensor,
+    made: list[list[int]] | None = None,
+    scalars: list[list[float]] | None = None,
 ) -> list[int]:
     """The kernel's product call: per tensor (its sources, of one shape), for each group
     dimension in ``dims`` (-1: the whole tensor, one value) and each source pair listed flat in
     ``pairs`` ((i, j, i, j, …); j = -1: source i alone, a sum), the per-group sums accumulated
     in double, written into the float64 vector ``out`` from ``offsets[t]`` on (dimension by
     dimension, pair by pair). Returns the tensors it did not read (:func:`eligible` says no):
-    their places in ``out`` are left as they were."""
+    their places in ``out`` are left as they were.
+
+    ``made[t]`` = [g, m, v, vmax or -1] (source numbers of tensor t, or [] for none) with
+    ``scalars[t]`` = [1 − β₁, β₂, √(1 − β₂ᵏ), ε]: source number ``len(sources[t])`` is then
+    Adam's coming step aₖ made from them in the sweep, row block by row block, with the values
+    :func:`adam_direction` gives, and never stored."""
     if _module is None:
         raise RuntimeError("symmech.runtime.native: build() the kernel first")
-    return _module.products(sources, pairs, dims, offsets, out)
+    return _module.products(sources, pairs, dims, offsets, out, made or [], scalars or [])
 
 
 def scatter(

@@ -5,11 +5,14 @@ Once a bank's laws are running, each step asks the same terms of every family. U
 forms of θ, g and b instead, without momentum or with Nesterov's). Under an adaptive optimizer
 (Adam, AdamW, RMSprop, …: θₖ₊₁ = sθₖ − ηa with one s and one η): ⟨ξ(θ), a⟩ and ⟨a, J a⟩ of
 the coming step aₖ, computed for the hook call before any family asks. Each is a fixed linear
-combination of per-group products of the bound slices (:mod:`.traced`). A :class:`Gather` lays
-out every product a set of requests reads, has the C++ kernel (:mod:`.native`) compute them in
-one call (one sweep per tensor, reading each source once), and forms every requested bank vector
-at once: one ``index_select`` of the products, one product with the coefficients, one
-``index_add_``. No family's Python runs, and no slice view, lookup or generated function.
+combination of per-group products (or sums) of the bound slices (:mod:`.traced`). A
+:class:`Gather` lays out every product a set of requests reads; the C++ kernel (:mod:`.native`)
+computes them all in one call (one sweep per tensor, reading each source once, every value in
+double into one vector) and forms every requested bank vector in one more
+(out[dst] += products[src]·coefficient). Under Adam and AdamW a large tensor's aₖ is left
+pending (:class:`~.coming_step.AdamPass`) and made inside that sweep from g, m and v, row block
+by row block, never stored. No family's Python runs, and no slice view, lookup or generated
+function.
 
 :class:`Programs` decides per hook call which banks are *steady*, so that the per-family path
 (:meth:`.family.Family.before_step`) would do exactly this: every family tracked with its laws
@@ -33,6 +36,7 @@ import torch
 
 from . import fused, native
 from .bank import Bank
+from .coming_step import AdamPass
 from .directions import modelled
 from .family import Family, coming_steps
 from .kernels import Forms
@@ -64,12 +68,16 @@ class _Sweep:
         for role in (first, second):
             if role is not None and role not in self.roles:
                 self.roles.append(role)
+        if "a" in self.roles[:-1]:  # Adam's step is the last source (the kernel may make it)
+            self.roles.remove("a")
+            self.roles.append("a")
         if (first, second) not in self.pairs:
             self.pairs.append((first, second))
         if dim not in self.dims:
             self.dims.append(dim)
 
     def flat_pairs(self) -> list[int]:
+        """The pairs as source numbers (-1: a sum)."""
         return [-1 if r is None else self.roles.index(r) for pair in self.pairs for r in pair]
 
     def kernel_dims(self, ndim: int) -> list[int]:
@@ -134,25 +142,53 @@ class Gather:
         self.dst = torch.tensor(dst, dtype=torch.long)
         self.coef = torch.tensor(coef, dtype=torch.float64)
 
-    def run(self, read: Callable[[str, torch.Tensor], torch.Tensor | None]) -> dict:
-        """Every requested bank vector (float64) from the tensors ``read(role, parameter)``."""
-        members = []
-        for sw in self.sweeps:
-            spec = sw.spec
-            found = []
-            for role in sw.roles:
-                t = read(role, spec.tensor)  # read under no_grad (the tracker's hooks): no detach
-                if t is None:
-                    raise LookupError(f"no {role!r} of a {tuple(spec.tensor.shape)} tensor")
-                found.append(t if spec.view is None else spec.shaped(t))
+    def run(
+        self,
+        read: Callable[[str, torch.Tensor], torch.Tensor | None],
+        pending: Callable[[torch.Tensor], AdamPass | None] = lambda p: None,
+    ) -> dict:
+        """Every requested bank vector (float64) from the tensors ``read(role, parameter)``; a
+        parameter's Adam step that is ``pending`` is made inside the kernel's sweep from its
+        inputs (never stored)."""
+        members, pairs, made, scalars = [], self.pairs, [], []
+        for i, sw in enumerate(self.sweeps):
+            step = pending(sw.spec.tensor) if "a" in sw.roles else None
+            found = self._read(sw, read, sw.roles if step is None else sw.roles[:-1])
+            if step is not None:  # "a" is the last role: made from g, m, v (and the maximum)
+                k = len(found)
+                found.extend(_shaped(sw.spec, t) for t in step.tensors())
+                at = len(found)  # the made step's source number
+                if pairs is self.pairs:
+                    pairs = list(self.pairs)
+                a = len(sw.roles) - 1
+                pairs[i] = [at if j == a else j for j in self.pairs[i]]
+                made.append([k, k + 1, k + 2, k + 3 if step.vmax is not None else -1])
+                scalars.append(step.scalars())
+            else:
+                made.append([])
+                scalars.append([])
             members.append(found)
         products = torch.empty(self.n_products, dtype=torch.float64)
-        skipped = native.products_into(members, self.pairs, self.dims, self.offsets, products)
+        if not any(made):
+            made = scalars = []
+        skipped = native.products_into(
+            members, pairs, self.dims, self.offsets, products, made, scalars
+        )
         for i in skipped:  # a slice the kernel does not read: the same products, eagerly
-            self._eager(i, members[i], products)
+            self._eager(i, self._read(self.sweeps[i], read, self.sweeps[i].roles), products)
         out = torch.zeros(self.size, dtype=torch.float64)
         native.scatter(products, self.src, self.dst, self.coef, out)
         return {r: out[s] for r, s in self.outputs.items()}
+
+    @staticmethod
+    def _read(sw: _Sweep, read: Callable, roles: list[str]) -> list[torch.Tensor]:
+        found = []
+        for role in roles:
+            t = read(role, sw.spec.tensor)  # under no_grad (the tracker's hooks): no detach
+            if t is None:
+                raise LookupError(f"no {role!r} of a {tuple(sw.spec.tensor.shape)} tensor")
+            found.append(_shaped(sw.spec, t))
+        return found
 
     def _eager(self, i: int, members: list[torch.Tensor], products: torch.Tensor) -> None:
         sw, at = self.sweeps[i], self.offsets[i]
@@ -163,6 +199,10 @@ class Gather:
                 sums = fused.group_sums(value, dim).reshape(-1)
                 products[at : at + sums.numel()] = sums
                 at += sums.numel()
+
+
+def _shaped(spec: Any, t: torch.Tensor) -> torch.Tensor:
+    return t if spec.view is None else spec.shaped(t)
 
 
 def _check_groups(value: Lin | Forms, fam: Family) -> None:
@@ -220,6 +260,12 @@ class Programs:
         self._gathers: dict[tuple, Gather] = {}
         self._large: tuple[int, bool] | None = None
         self._banks: list[Bank] | None = None  # the banks the caches above were made for
+
+    def pending(self, p: torch.Tensor) -> AdamPass | None:
+        """The Adam step of ``p`` for this hook call when it is not made yet (the gather makes
+        it in its sweep)."""
+        found = self.cache.steps.get(id(p))
+        return None if found is None or found.made else found.pending
 
     def read(self, role: str, p: torch.Tensor) -> torch.Tensor | None:
         """θ, g or a named tensor of this hook call (:meth:`.reductions.ReductionCache.read`),
@@ -328,7 +374,7 @@ class Programs:
         gather = self._gathers.get(key)
         if gather is None:
             gather = self._gathers[key] = Gather(requests)
-        return gather.run(self.read)
+        return gather.run(self.read, self.pending)
 
     def before(self, banks: list[Bank], log: bool) -> Step | None:
         """Read the steady banks' terms before the update (None: no bank is steady)."""

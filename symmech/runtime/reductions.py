@@ -24,6 +24,7 @@ import torch
 
 from . import fused
 from .binding import BoundSlice
+from .coming_step import Direction
 from .fused import Plan
 from .shards import LocalPart, is_sharded, local_part
 
@@ -35,9 +36,9 @@ class ReductionCache:
         self.grids: dict[tuple, torch.Tensor] = {}
         #: gradients to read instead of ``.grad`` (unscaled ones under a GradScaler), by id
         self.grads: dict[int, torch.Tensor] = {}
-        #: tensors of this hook call that the fused pass reads by name, by (role, id of the
-        #: parameter): ("a", id(p)) is p's coming step aₖ under an adaptive optimizer
-        self.named: dict[tuple[str, int], torch.Tensor] = {}
+        #: each parameter's coming step under an adaptive optimizer, by id, for this hook call
+        #: (read as role "a": its aₖ, made then if it was left pending)
+        self.steps: dict[int, Direction] = {}
         #: ids of bound tensors whose terms another rank computes (ZeRO: not owned here)
         self.absent: set[int] = set()
         self._alive: list[torch.Tensor] = []  # temporaries, kept so no storage is reused
@@ -82,13 +83,16 @@ class ReductionCache:
         return made
 
     def read(self, role: str, p: torch.Tensor) -> torch.Tensor | None:
-        """θ ("t"), its gradient ("g", unscaled when registered) or a named tensor of this hook
-        call (``named[(role, id(p))]``: "a", the coming step), as the fused pass reads them."""
+        """θ ("t"), its gradient ("g", unscaled when registered) or its coming step aₖ ("a",
+        :attr:`steps`), as the fused pass reads them (None: not there)."""
         if role == "t":
             return p
         if role == "g":
             return self.grads.get(id(p), p.grad)
-        return self.named.get((role, id(p)))
+        if role == "a":
+            found = self.steps.get(id(p))
+            return None if found is None else found.a
+        return None
 
     def keep(self, t: torch.Tensor) -> torch.Tensor:
         """Hold a temporary until :meth:`clear` (cache keys are storage addresses)."""
@@ -99,7 +103,7 @@ class ReductionCache:
         self.plan.end_call()
         self.grids.clear()
         self.grads.clear()
-        self.named.clear()
+        self.steps.clear()
         self._alive.clear()
 
 
@@ -172,9 +176,9 @@ class GridSlice:
         p = spec.tensor
         if p.dtype not in (torch.float32, torch.float64) or self.value.dtype != p.dtype:
             return None
-        grads, named = self.cache.grads, self.cache.named
-        grad = grads.get(id(p), p.grad)
-        step = named.get(("a", id(p)))
+        grad = self.cache.grads.get(id(p), p.grad)
+        coming = self.cache.steps.get(id(p))
+        step = coming.a if coming is not None and coming.made else None  # read: made by now
         roles: list[str | torch.Tensor] = []
         for v in (self.value, other.value):
             if v.data_ptr() == p.data_ptr():

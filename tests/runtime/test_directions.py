@@ -453,3 +453,42 @@ def test_bad_calls_are_refused():
     opt.param_groups[0]["lr"] = 0.0
     with pytest.raises(ValueError, match=r"MeasuredDirection\.before\(\): group 0 has lr = 0"):
         measured.before()
+
+
+# --------------------------------------------------------------------------- pending Adam steps
+
+
+def test_a_pending_adam_step_is_made_once_before_the_step_and_refused_after_it(
+    monkeypatch,
+) -> None:
+    """``defer=True`` leaves Adam's aₖ of a large contiguous tensor pending: read before the
+    step it is the direction ``direction`` makes (bit for bit) and the step torch takes; read
+    after ``opt.step()`` changed the moments in place it is refused with a clear error. The
+    public ``direction`` always returns a made step."""
+    from symmech.runtime import directions as directions_module
+    from symmech.runtime import fused, native
+
+    assert native.build(), native.failure()
+    monkeypatch.setattr(fused, "MODE", "native")
+    monkeypatch.setattr(directions_module, "SMALL", 8)
+    gen = torch.Generator().manual_seed(0)
+    w = nn.Parameter(torch.randn(6, 5, generator=gen, dtype=DTYPE))
+    opt = torch.optim.AdamW([w], lr=0.01, weight_decay=0.1, amsgrad=True)
+    for k in range(3):
+        w.grad = torch.randn(6, 5, generator=gen, dtype=DTYPE)
+        pending = direction(opt, 0, w, defer=True)
+        made = direction(opt, 0, w)
+        assert made.made and not pending.made and pending.pending is not None
+        assert "pending" in repr(pending)
+        assert torch.equal(pending.a, made.a) and pending.made  # made on first read
+        late = direction(opt, 0, w, defer=True)
+        before = w.detach().clone()
+        opt.step()
+        want = pending.shrink * before - pending.eta * pending.a
+        assert torch.allclose(w.detach(), want, rtol=1e-14, atol=0)
+        if k == 0:  # no moments before the first step: its zeros are not the state's
+            continue
+        with pytest.raises(RuntimeError, match=r"Direction\.a: .*changed in place"):
+            _ = late.a
+    with pytest.raises(TypeError):
+        Direction(1.0, 0.1)

@@ -378,6 +378,25 @@ def _worst_difference(rows: list[dict], reference: list[dict]) -> float:
     return worst
 
 
+def _adam_reference(members: list[torch.Tensor], made: list[int], scalars: list[float]):
+    """Adam's step m'/(√v'/√(1 − β₂ᵏ) + ε) from the sources ``made`` names, by numpy's
+    element-wise ops in the sources' dtype (each rounds once, as IEEE asks): m' by torch's lerp
+    (the form exact at its nearer end), v' = β₂v + (1 − β₂)g·g, the running maximum under
+    amsgrad."""
+    g, m, v = (_np(members[i]) for i in made[:3])
+    w1, beta2, bc2_sqrt, eps = scalars
+    c = g.dtype.type
+    m1 = m + c(w1) * (g - m) if w1 < 0.5 else g - (g - m) * c(1.0 - w1)
+    v1 = v * c(beta2) + c(1.0 - beta2) * g * g
+    if made[3] >= 0:
+        v1 = np.maximum(_np(members[made[3]]), v1)
+    return torch.from_numpy(m1 / (np.sqrt(v1) / c(bc2_sqrt) + c(eps)))
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
 class KernelSpy:
     """Wraps ``native.products_into``, the kernel's one product call (the families' fused pass
     and the banks read at once both go through it): counts the calls and the (tensor,
@@ -392,8 +411,8 @@ class KernelSpy:
         self.wrong: list[str] = []
         self.original = native.products_into
 
-    def __call__(self, sources, pairs, dims, offsets, out):
-        skipped = self.original(sources, pairs, dims, offsets, out)
+    def __call__(self, sources, pairs, dims, offsets, out, made=None, scalars=None):
+        skipped = self.original(sources, pairs, dims, offsets, out, made, scalars)
         self.calls += 1
         for t, (members, flat, tensor_dims, at) in enumerate(
             zip(sources, pairs, dims, offsets, strict=True)
@@ -401,6 +420,8 @@ class KernelSpy:
             if t in skipped:
                 continue
             members = [m.detach() for m in members]
+            if made and made[t]:  # Adam's step made in the sweep: its own reference joins
+                members.append(_adam_reference(members, made[t], scalars[t]))
             self.sources = max(self.sources, len(members))
             listed = tuple(zip(flat[::2], flat[1::2]))
             for dim in tensor_dims:
@@ -612,6 +633,62 @@ def test_compiled_layouts_beyond_the_recompile_limit(monkeypatch) -> None:
             outcomes.append(fused.run_compiled(((dim, pairs),), members) is not None)
     assert outcomes == [True, True, False], outcomes
     assert "RecompileLimit" in str(fused._failed), fused._failed
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    shape=st.sampled_from([(9, 7), (4, 3, 2, 2), (5,), (130, 33, 3)]),
+    beta1=st.sampled_from([0.9, 0.3]),  # both forms of torch's lerp (weight below and above ½)
+    beta2=st.sampled_from([0.5, 0.999]),
+    amsgrad=st.booleans(),
+    dims=st.sampled_from([[0], [0, 1], [-1, 0]]),
+    seed=st.integers(0, 2**16),
+)
+def test_adam_step_made_in_the_sweep_is_the_one_adam_direction_makes(
+    dtype, shape, beta1, beta2, amsgrad, dims, seed
+) -> None:
+    """The products of θ, g and Adam's step aₖ made inside the sweep (``made``: never stored)
+    are bit for bit those of the same sweep reading aₖ made by :func:`native.adam_direction`
+    beforehand, and match numpy against a float64 reference of the step."""
+    gen = torch.Generator().manual_seed(seed)
+    theta, g, m = (torch.randn(shape, generator=gen, dtype=dtype) for _ in range(3))
+    v = torch.rand(shape, generator=gen, dtype=dtype)
+    vmax = v + torch.rand(shape, generator=gen, dtype=dtype) * 0.5 if amsgrad else None
+    sources = [theta, g, m, v] + ([vmax] if amsgrad else [])
+    bc2_sqrt = (1 - beta2**3) ** 0.5
+    a = native.adam_direction(g, m, v, vmax, (beta1, beta2), bc2_sqrt, 1e-8)
+    assert a is not None
+    k = len(sources)  # the made step's source number
+    pairs = [0, k, k, k, k, -1, 1, k, 0, 1]
+    dims = [d for d in dims if d < len(shape)]
+    n = len(pairs) // 2 * sum(1 if d < 0 else shape[d] for d in dims)
+    made_out, read_out = torch.empty(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
+    made = [[1, 2, 3, 4 if amsgrad else -1]]
+    scalars = [[1.0 - beta1, beta2, bc2_sqrt, 1e-8]]
+    assert native.products_into([sources], [pairs], [dims], [0], made_out, made, scalars) == []
+    assert native.products_into([sources + [a]], [pairs], [dims], [0], read_out) == []
+    assert torch.equal(made_out, read_out)
+    step = _adam_reference(sources, made[0], scalars[0])
+    assert torch.equal(step, a)  # the kernel's step: IEEE element-wise ops, bit for bit
+    reference = sources + [step]
+    listed = tuple(zip(pairs[::2], pairs[1::2]))
+    at = 0
+    for d in dims:
+        groups = 1 if d < 0 else shape[d]
+        block = made_out[at : at + len(listed) * groups].view(len(listed), groups)
+        _check_layout(block, reference, None if d < 0 else d, listed, cancelling=True,
+                      dtype=torch.float64)  # fmt: skip
+        at += len(listed) * groups
+
+
+def test_a_made_step_must_name_its_sources() -> None:
+    x = [torch.randn(4, 3) for _ in range(4)]
+    out = torch.empty(8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="made step reads source 7 of 4"):
+        native.products_into([x], [[0, 4]], [[0]], [0], out, [[1, 2, 7, -1]], [[0.1, 0.9, 1, 0]])
+    with pytest.raises(RuntimeError, match="pair index 5 out of range"):
+        native.products_into([x], [[0, 5]], [[0]], [0], out, [[1, 2, 3, -1]], [[0.1, 0.9, 1, 0]])
 
 
 def test_a_lock_left_by_a_killed_build_is_removed(tmp_path) -> None:

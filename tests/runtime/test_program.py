@@ -36,7 +36,7 @@ from support.training import (
 )
 
 import symmech
-from symmech.runtime import fused, native, program
+from symmech.runtime import directions, fused, native, program
 from symmech.runtime.binding import BoundSlice
 from symmech.runtime.family import TrackerWarning
 from symmech.runtime.kernels import Forms
@@ -307,7 +307,7 @@ def test_momentum_switched_off_and_on_and_a_gradient_the_kernel_cannot_read(monk
 def test_an_error_in_the_gather_warns_once_and_each_family_reads_its_own(monkeypatch) -> None:
     calls = []
 
-    def broken(self, read):
+    def broken(self, read, pending):
         calls.append(1)
         raise RuntimeError("a broken gather")
 
@@ -367,6 +367,20 @@ def _run_with(name, make, mode, steps, **options):
     return net, opt, tracker, rows, charges
 
 
+class _MadeSteps:
+    """Counts the kernel's sweeps that made Adam's step from g, m and v (never stored)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.sweeps = 0
+        original = native.products_into
+
+        def products_into(sources, pairs, dims, offsets, out, made=None, scalars=None):
+            self.sweeps += sum(1 for m in made or () if m)
+            return original(sources, pairs, dims, offsets, out, made, scalars)
+
+        monkeypatch.setattr(native, "products_into", products_into)
+
+
 @pytest.mark.parametrize("optimizer", sorted(ADAPTIVE))
 @pytest.mark.parametrize("name", ["scale", "rescale", "conv_flatten"])
 def test_adaptive_steps_of_banks_at_once(monkeypatch, name, optimizer) -> None:
@@ -380,6 +394,26 @@ def test_adaptive_steps_of_banks_at_once(monkeypatch, name, optimizer) -> None:
     net, opt, tracker, rows, charges = _run_with(name, make, "native", 10, log_every=2)
     assert counter.steps >= 8 and tracker._programs.off is None
     assert all(f.general for f in tracker.families)
+    assert _worst(rows, eager_rows) <= 1e-12
+    assert law_error(rows, charges, "discrete_residual") <= 1e-10
+    assert_same_training(plain_net.model, net.model, plain_opt, opt)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam_amsgrad"])
+@pytest.mark.parametrize("name", ["scale", "rescale", "conv_flatten"])
+def test_adam_steps_made_inside_the_sweep(monkeypatch, name, optimizer) -> None:
+    # every tensor above 16 entries takes Adam's one-pass step (directions.SMALL lowered): its aₖ
+    # is left pending and the gather's sweep makes it from g, m, v (and the running maximum)
+    # while it reads θ; the same records as the eager per-family path, the exact law against
+    # the charge measured by hand, training bit-identical
+    make = ADAPTIVE[optimizer]
+    monkeypatch.setattr(directions, "SMALL", 16)
+    plain_net, plain_opt, _, _, _ = _run_with(name, make, None, 10)
+    _, _, _, eager_rows, _ = _run_with(name, make, "eager", 10, log_every=2)
+    counter, made = _Counter(monkeypatch), _MadeSteps(monkeypatch)
+    net, opt, tracker, rows, charges = _run_with(name, make, "native", 10, log_every=2)
+    assert counter.steps >= 8 and tracker._programs.off is None
+    assert made.sweeps >= 8, made.sweeps
     assert _worst(rows, eager_rows) <= 1e-12
     assert law_error(rows, charges, "discrete_residual") <= 1e-10
     assert_same_training(plain_net.model, net.model, plain_opt, opt)

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -24,6 +25,69 @@ namespace {
 #else
 #define SYMMECH_CLONES
 #endif
+
+// Adam's coming step a = m' / (sqrt(v') / bc2_sqrt + eps), with m' = lerp(m, g, w1) and
+// v' = beta2 v + (1 - beta2) g g (then max with the running maximum under amsgrad), in the
+// tensors' precision and torch's order of operations, in one pass that reads g, m and v once
+// and writes a (torch's own ops make m' and v' and pass over v' four more times).
+// One block of elements; ``low`` and ``ams`` are fixed per call so that the loop has no branch
+// and vectorises (sqrt and division included: built with -fno-math-errno).
+template <typename T, bool low, bool ams>
+SYMMECH_CLONES void adam_block(const T* g, const T* m, const T* v, const T* vmax, T* a,
+                               int64_t n, T w, T wc, T b2, T c2, T bc, T eps) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T gi = g[i], mi = m[i];
+    const T m1 = low ? mi + w * (gi - mi) : gi - (gi - mi) * wc;  // torch's lerp, both forms
+    T v1 = v[i] * b2;
+    v1 = v1 + c2 * gi * gi;
+    if (ams) v1 = vmax[i] > v1 ? vmax[i] : v1;
+    a[i] = m1 / (std::sqrt(v1) / bc + eps);
+  }
+}
+
+// Adam's scalars in the tensors' precision, and its step over a block of elements.
+template <typename T>
+struct AdamStep {
+  T w, wc, b2, c2, bc, eps;
+  bool low;  // torch's lerp: the form that is exact at its nearer end
+
+  AdamStep(double w1, double beta2, double bc2_sqrt, double e)
+      : w(static_cast<T>(w1)),
+        wc(static_cast<T>(1.0 - w1)),
+        b2(static_cast<T>(beta2)),
+        c2(static_cast<T>(1.0 - beta2)),
+        bc(static_cast<T>(bc2_sqrt)),
+        eps(static_cast<T>(e)),
+        low(w1 < 0.5) {}
+
+  void operator()(const T* g, const T* m, const T* v, const T* vmax, T* a, int64_t n) const {
+    if (low && vmax == nullptr) adam_block<T, true, false>(g, m, v, vmax, a, n, w, wc, b2, c2, bc, eps);
+    if (low && vmax != nullptr) adam_block<T, true, true>(g, m, v, vmax, a, n, w, wc, b2, c2, bc, eps);
+    if (!low && vmax == nullptr) adam_block<T, false, false>(g, m, v, vmax, a, n, w, wc, b2, c2, bc, eps);
+    if (!low && vmax != nullptr) adam_block<T, false, true>(g, m, v, vmax, a, n, w, wc, b2, c2, bc, eps);
+  }
+};
+
+template <typename T>
+void adam_direction_into(const T* g, const T* m, const T* v, const T* vmax, T* a, int64_t n,
+                         double w1, double beta2, double bc2_sqrt, double eps) {
+  const AdamStep<T> step(w1, beta2, bc2_sqrt, eps);
+  at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
+    step(g + begin, m + begin, v + begin, vmax != nullptr ? vmax + begin : nullptr, a + begin,
+         end - begin);
+  });
+}
+
+// A tensor's source made in the sweep, row block by row block, never stored: Adam's coming
+// step from the sources g, m, v (and the running maximum under amsgrad).
+template <typename T>
+struct MadeStep {
+  const T *g, *m, *v, *vmax;
+  AdamStep<T> step;
+  int64_t index;  // its source number in the pairs
+};
+
 
 // Four rows of n columns: each row's sum of x·y (x alone with ONES) added to acc[0..3], and
 // each column's sum over the four added to cols (one read-modify-write per column).
@@ -87,10 +151,12 @@ void block_pair(const T* x, const T* y, int64_t C, int64_t rn, double* acc, doub
 
 // One tensor viewed as rows R × columns C: for each pair p (second index -1: the first source
 // alone), rows[p, r] = Σ_c x[r, c] y[r, c] and, with want_cols, cols[p, c] = Σ_r x[r, c] y[r, c],
-// accumulated in double. Threads take blocks of four rows; each keeps its own column sums.
+// accumulated in double. Threads take blocks of four rows; each keeps its own column sums, and
+// makes the block's rows of ``made`` (when given) in a buffer of its own before the pairs read
+// them.
 template <typename T>
 void sweep(const std::vector<const T*>& src, const std::vector<int64_t>& pairs, int64_t R,
-           int64_t C, bool want_cols, double* rows, double* cols) {
+           int64_t C, bool want_cols, double* rows, double* cols, const MadeStep<T>* made) {
   const int64_t P = static_cast<int64_t>(pairs.size() / 2);
   const int threads = want_cols ? at::get_num_threads() : 1;
   std::vector<double> partial(want_cols ? static_cast<size_t>(threads) * P * C : 0, 0.0);
@@ -99,13 +165,22 @@ void sweep(const std::vector<const T*>& src, const std::vector<int64_t>& pairs, 
   at::parallel_for(0, blocks, std::max<int64_t>(1, grain / 4), [&](int64_t begin, int64_t end) {
     double* mine = want_cols ? partial.data() + static_cast<size_t>(at::get_thread_num()) * P * C
                              : nullptr;
+    std::vector<T> buffer(made != nullptr ? static_cast<size_t>(4 * C) : 0);
     double acc[4];
     for (int64_t block = begin; block < end; ++block) {
       const int64_t r0 = 4 * block, rn = std::min<int64_t>(4, R - r0);
+      if (made != nullptr) {
+        const int64_t at = r0 * C;
+        made->step(made->g + at, made->m + at, made->v + at,
+                   made->vmax != nullptr ? made->vmax + at : nullptr, buffer.data(), rn * C);
+      }
+      auto row = [&](int64_t s) -> const T* {
+        return made != nullptr && s == made->index ? buffer.data() : src[s] + r0 * C;
+      };
       for (int64_t p = 0; p < P; ++p) {
-        const T* x = src[pairs[2 * p]] + r0 * C;
+        const T* x = row(pairs[2 * p]);
         const bool ones = pairs[2 * p + 1] < 0;
-        const T* y = ones ? x : src[pairs[2 * p + 1]] + r0 * C;
+        const T* y = ones ? x : row(pairs[2 * p + 1]);
         double* col = mine != nullptr ? mine + p * C : nullptr;
         acc[0] = acc[1] = acc[2] = acc[3] = 0.0;
         if (ones) {
@@ -162,7 +237,8 @@ bool readable(const std::vector<torch::Tensor>& s) {
 
 template <typename T>
 void products_of(const std::vector<torch::Tensor>& s, const std::vector<int64_t>& pairs,
-                 const std::vector<int64_t>& dims, double* out) {
+                 const std::vector<int64_t>& dims, const std::vector<int64_t>& made_from,
+                 const std::vector<double>& scalars, double* out) {
   const int64_t P = static_cast<int64_t>(pairs.size() / 2);
   const int64_t R = s[0].size(0);
   const int64_t C = R == 0 ? 0 : s[0].numel() / R;
@@ -170,8 +246,15 @@ void products_of(const std::vector<torch::Tensor>& s, const std::vector<int64_t>
   for (int64_t d : dims) want_cols = want_cols || d > 0;
   std::vector<const T*> src;
   for (const auto& x : s) src.push_back(x.data_ptr<T>());
+  std::unique_ptr<MadeStep<T>> made;
+  if (!made_from.empty()) {
+    made.reset(new MadeStep<T>{src[made_from[0]], src[made_from[1]], src[made_from[2]],
+                               made_from[3] < 0 ? nullptr : src[made_from[3]],
+                               AdamStep<T>(scalars[0], scalars[1], scalars[2], scalars[3]),
+                               static_cast<int64_t>(s.size())});
+  }
   std::vector<double> rows(static_cast<size_t>(P * R)), cols(want_cols ? P * C : 0);
-  sweep<T>(src, pairs, R, C, want_cols, rows.data(), cols.data());
+  sweep<T>(src, pairs, R, C, want_cols, rows.data(), cols.data(), made.get());
   for (int64_t d : dims) {
     for (int64_t p = 0; p < P; ++p) {
       const double* r = rows.data() + p * R;
@@ -194,17 +277,26 @@ void products_of(const std::vector<torch::Tensor>& s, const std::vector<int64_t>
 // sources[t], of one shape) at offsets[t], for each dimension of dims[t] in order and each pair
 // of pairs[t] ((i, j) flat; j = -1: source i alone, a sum) in order, the per-group sums: G =
 // the size of that dimension (dimension 0: the rows), or one value for dimension -1 (the
-// whole tensor). Returns the tensors it did not read (not contiguous CPU float32/float64, or
-// without a dimension): their places in ``out`` are left as they were.
+// whole tensor). With made[t] = (g, m, v, vmax or -1), source numbers of t, and scalars[t] =
+// (1 - β₁, β₂, √(1 - β₂ᵏ), ε), source number len(sources[t]) is Adam's coming step, made from
+// them as adam_direction makes it (the same values) and never stored. Returns the tensors it
+// did not read (not contiguous CPU float32/float64, or without a dimension): their places in
+// ``out`` are left as they were.
 std::vector<int64_t> products(const std::vector<std::vector<torch::Tensor>>& sources,
                               const std::vector<std::vector<int64_t>>& pairs,
                               const std::vector<std::vector<int64_t>>& dims,
-                              const std::vector<int64_t>& offsets, torch::Tensor& out) {
+                              const std::vector<int64_t>& offsets, torch::Tensor& out,
+                              const std::vector<std::vector<int64_t>>& made,
+                              const std::vector<std::vector<double>>& scalars) {
   TORCH_CHECK(sources.size() == pairs.size() && pairs.size() == dims.size() &&
-                  dims.size() == offsets.size(),
-              "products: one list of sources, pairs and dimensions and one offset per tensor");
+                  dims.size() == offsets.size() &&
+                  (made.empty() || (made.size() == sources.size() && scalars.size() == made.size())),
+              "products: per tensor one list of sources, pairs, dimensions (and made steps) "
+              "and one offset");
   TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.scalar_type() == torch::kFloat64,
               "products: out must be a contiguous CPU float64 tensor");
+  const std::vector<int64_t> none;
+  const std::vector<double> no_scalars;
   std::vector<int64_t> skipped;
   double* base = out.data_ptr<double>();
   for (size_t t = 0; t < sources.size(); ++t) {
@@ -213,11 +305,20 @@ std::vector<int64_t> products(const std::vector<std::vector<torch::Tensor>>& sou
       skipped.push_back(static_cast<int64_t>(t));
       continue;
     }
+    const auto& made_from = made.empty() ? none : made[t];
     const int64_t n = static_cast<int64_t>(s.size()), nd = s[0].dim();
+    TORCH_CHECK(made_from.empty() || (made_from.size() == 4 && scalars[t].size() == 4),
+                "products: tensor ", t, "'s made step needs 4 source numbers and 4 scalars");
+    for (size_t k = 0; k < made_from.size(); ++k) {
+      TORCH_CHECK(made_from[k] < n && (made_from[k] >= 0 || (k == 3 && made_from[k] == -1)),
+                  "products: tensor ", t, "'s made step reads source ", made_from[k],
+                  " of ", n);
+    }
+    const int64_t count = n + (made_from.empty() ? 0 : 1);
     TORCH_CHECK(pairs[t].size() % 2 == 0, "products: tensor ", t, " has an odd pair list");
     for (size_t k = 0; k < pairs[t].size(); ++k) {
       const int64_t i = pairs[t][k];
-      TORCH_CHECK(i < n && (i >= 0 || (k % 2 == 1 && i == -1)), "products: pair index ", i,
+      TORCH_CHECK(i < count && (i >= 0 || (k % 2 == 1 && i == -1)), "products: pair index ", i,
                   " out of range for tensor ", t);
     }
     int64_t size = 0;
@@ -227,10 +328,11 @@ std::vector<int64_t> products(const std::vector<std::vector<torch::Tensor>>& sou
     }
     TORCH_CHECK(offsets[t] >= 0 && offsets[t] + size <= out.numel(), "products: tensor ", t,
                 "'s values do not fit in out");
+    const auto& sc = made_from.empty() ? no_scalars : scalars[t];
     if (s[0].scalar_type() == torch::kFloat32) {
-      products_of<float>(s, pairs[t], dims[t], base + offsets[t]);
+      products_of<float>(s, pairs[t], dims[t], made_from, sc, base + offsets[t]);
     } else {
-      products_of<double>(s, pairs[t], dims[t], base + offsets[t]);
+      products_of<double>(s, pairs[t], dims[t], made_from, sc, base + offsets[t]);
     }
   }
   return skipped;
@@ -258,45 +360,6 @@ void scatter(const torch::Tensor& values, const torch::Tensor& src, const torch:
     TORCH_CHECK(s[k] >= 0 && s[k] < nv && d[k] >= 0 && d[k] < no, "scatter: index out of range");
     o[d[k]] += v[s[k]] * c[k];
   }
-}
-
-// Adam's coming step a = m' / (sqrt(v') / bc2_sqrt + eps), with m' = lerp(m, g, w1) and
-// v' = beta2 v + (1 - beta2) g g (then max with the running maximum under amsgrad), in the
-// tensors' precision and torch's order of operations, in one pass that reads g, m and v once
-// and writes a (torch's own ops make m' and v' and pass over v' four more times).
-// One block of elements; ``low`` and ``ams`` are fixed per call so that the loop has no branch
-// and vectorises (sqrt and division included: built with -fno-math-errno).
-template <typename T, bool low, bool ams>
-SYMMECH_CLONES void adam_block(const T* g, const T* m, const T* v, const T* vmax, T* a,
-                               int64_t n, T w, T wc, T b2, T c2, T bc, T eps) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const T gi = g[i], mi = m[i];
-    const T m1 = low ? mi + w * (gi - mi) : gi - (gi - mi) * wc;  // torch's lerp, both forms
-    T v1 = v[i] * b2;
-    v1 = v1 + c2 * gi * gi;
-    if (ams) v1 = vmax[i] > v1 ? vmax[i] : v1;
-    a[i] = m1 / (std::sqrt(v1) / bc + eps);
-  }
-}
-
-template <typename T>
-void adam_direction_into(const T* g, const T* m, const T* v, const T* vmax, T* a, int64_t n,
-                         double w1, double beta2, double bc2_sqrt, double eps) {
-  const T w = static_cast<T>(w1), wc = static_cast<T>(1.0 - w1), b2 = static_cast<T>(beta2);
-  const T c2 = static_cast<T>(1.0 - beta2), bc = static_cast<T>(bc2_sqrt);
-  const T e = static_cast<T>(eps);
-  const bool low = w1 < 0.5;  // torch's lerp: the form that is exact at its nearer end
-  at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
-    const int64_t k = end - begin;
-    const T *gb = g + begin, *mb = m + begin, *vb = v + begin;
-    const T* xb = vmax != nullptr ? vmax + begin : nullptr;
-    T* ab = a + begin;
-    if (low && xb == nullptr) adam_block<T, true, false>(gb, mb, vb, xb, ab, k, w, wc, b2, c2, bc, e);
-    if (low && xb != nullptr) adam_block<T, true, true>(gb, mb, vb, xb, ab, k, w, wc, b2, c2, bc, e);
-    if (!low && xb == nullptr) adam_block<T, false, false>(gb, mb, vb, xb, ab, k, w, wc, b2, c2, bc, e);
-    if (!low && xb != nullptr) adam_block<T, false, true>(gb, mb, vb, xb, ab, k, w, wc, b2, c2, bc, e);
-  });
 }
 
 torch::Tensor adam_direction(const torch::Tensor& g, const torch::Tensor& m,
