@@ -202,6 +202,8 @@ class Laws:
         self.t = 0.0
         self.steps = 0
         self._cache: dict[tuple[float, float, float], tuple] = {}
+        #: the steady step's matrix per setting (:meth:`_sgd_linear`)
+        self._linear: dict[tuple, torch.Tensor] = {}
 
     @property
     def gradient_flow(self) -> torch.Tensor:
@@ -240,6 +242,13 @@ class Laws:
 
     def step(self, data: StepData) -> None:
         """Advance every law by one optimizer step with these settings and data."""
+        if self._steady_sgd(data):  # one product with the step's linear map (the usual step)
+            q_before = self.discrete_residual
+            dq, delta_sq = self._sgd_linear(data)
+            self._rotation(data, q_before, dq, delta_sq)
+            self.t += data.hyper.lr
+            self.steps += 1
+            return
         before = {name: getattr(self, name) for name in _STATE}
         start = self.steps == 0
         if data.restart is not None:
@@ -330,6 +339,46 @@ class Laws:
         self.second_order_rate = p10 * q + p11 * qd + g1 * uJu
         return self.discrete_residual - q_res, lr * lr * uJu
 
+    def _steady_sgd(self, data: StepData) -> bool:
+        """Whether the step is SGD's law with nothing but its data: not the first, no restart,
+        no buffer share to re-read, no fresh or idle group. The law is then linear in the
+        state and the data, and :meth:`_sgd_linear` applies it as one matrix."""
+        return (
+            data.general is None
+            and self.steps > 0
+            and data.restart is None
+            and data.xi_b is None
+            and data.fresh is not True
+            and not isinstance(data.fresh, torch.Tensor)
+            and data.idle is False
+            and data.uJu is not None
+            and data.uJb is not None
+        )
+
+    def _sgd_linear(self, data: StepData) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`_sgd_step` of a steady step as one product: [state; r; uᵀJu; uᵀJb; gᵀJg]
+        times the step's matrix, made once per setting by running :meth:`_sgd_step` itself on
+        the unit vectors (the law is linear there), so both give the same law to round-off."""
+        h = data.hyper
+        key = (h.lr, h.momentum, h.dampening, self.kappa * h.weight_decay, h.nesterov)
+        matrix = self._linear.get(key)
+        if matrix is None:
+            if len(self._linear) >= 64:  # bounded: a schedule gives a new lr every step
+                self._linear.pop(next(iter(self._linear)))
+            matrix = self._linear[key] = _step_matrix(self, h).to(self.q0.device)
+        q_res = self.discrete_residual
+        zero = None
+        data_rows = []
+        for value in (data.residual, data.uJu, data.uJb, data.gJg):
+            if value is None:
+                zero = torch.zeros_like(q_res) if zero is None else zero
+                value = zero
+            data_rows.append(value.to(torch.float64))
+        stacked = torch.stack([getattr(self, name) for name in _LINEAR_IN] + data_rows)
+        for name, row in zip(_LINEAR_OUT, (matrix @ stacked).unbind(0)):
+            setattr(self, name, row)
+        return self.discrete_residual - q_res, (h.lr * h.lr) * data_rows[1]
+
     def _general_step(self, g: General):
         """The exact law of θₖ₊₁ = Sθₖ − ηa from measured terms; the continuous models do not
         close here (NaN). Returns the change of ``discrete_residual`` and ⟨δ, Jδ⟩."""
@@ -378,6 +427,27 @@ class Laws:
             self.angular_update = torch.full_like(q_after, float("nan")).index_copy_(0, rows, angle)
         eq = float("nan") if data.rotation_eq is None else float(data.rotation_eq)
         self.angular_equilibrium = torch.full_like(q_after, eq)
+
+
+#: The state :meth:`Laws._sgd_linear` reads and what it writes (its inputs and the equilibrium).
+_LINEAR_IN = (*_ROWS, *_XI_ROWS, "first_order", "second_order", "second_order_rate")
+_LINEAR_OUT = (*_LINEAR_IN, "equilibrium")
+_DATA_ROWS = 4  # r, uᵀJu, uᵀJb, gᵀJg
+
+
+def _step_matrix(laws: Laws, hyper: Hyper) -> torch.Tensor:
+    """The matrix of :meth:`Laws._sgd_step` for one steady step with these settings: its
+    column j is the step of the unit state (or data) j, computed by the step itself on a probe
+    whose groups are the unit vectors (float64, on the CPU)."""
+    n = len(_LINEAR_IN) + _DATA_ROWS
+    unit = torch.eye(n, dtype=torch.float64)
+    probe = Laws(laws.kappa, torch.zeros(n, dtype=torch.float64))
+    for name, row in zip(_LINEAR_IN, unit):
+        setattr(probe, name, row.clone())
+    probe.steps = 1
+    r, uJu, uJb, gJg = unit[len(_LINEAR_IN) :]
+    probe._sgd_step(StepData(hyper, uJu, uJb, gJg, r, fresh=False), False)
+    return torch.stack([getattr(probe, name) for name in _LINEAR_OUT])
 
 
 def angle_from_parts(q_after, dq, delta_sq) -> torch.Tensor:

@@ -13,7 +13,10 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from symmech.laws.names import ANATOMY, PREDICTIONS
 from symmech.runtime.directions import SMALL, direction, directions_of
 from symmech.runtime.stepper import General, Hyper, Laws, StepData
 
@@ -191,3 +194,53 @@ def test_bank_scales_raw_sums_once(same: bool) -> None:
     want_x = torch.cat([(r * s[0]).double() for r, s in zip(raw, scales)])
     want_a = torch.cat([(2 * r * s[1]).double() for r, s in zip(raw, scales)])
     assert torch.equal(got.xi_a, want_x) and torch.equal(got.aJa, want_a)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lr=st.sampled_from([0.0, 1e-3, 0.1]),
+    beta=st.sampled_from([0.0, 0.5, 0.9]),
+    tau=st.sampled_from([0.0, 0.3]),
+    lam=st.sampled_from([0.0, 5e-4, 0.1]),
+    nesterov=st.booleans(),
+    kappa=st.sampled_from([1.0, 2.0]),
+    missing=st.sampled_from([(), ("residual",), ("gJg",), ("residual", "gJg")]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_steady_step_as_one_matrix_is_the_stacked_step(
+    lr, beta, tau, lam, nesterov, kappa, missing, seed
+) -> None:
+    """A steady SGD step (not the first, no restart, no share to re-read, none fresh or idle) is
+    one product with a matrix made from the stacked step itself: over 12 random steps of random
+    data, every law, the anatomy, the shares, the continuous models, the equilibrium and the
+    angle equal those of the stacked step (the same law, summed in another order) to 1e-12 of the
+    state's scale."""
+    if nesterov and (beta == 0.0 or tau != 0.0):
+        return
+    gen = torch.Generator().manual_seed(seed)
+    g = 6
+    q0 = torch.rand(g, generator=gen, dtype=DT) + 0.5
+    hyper = Hyper(lr=lr, momentum=beta, dampening=tau, weight_decay=lam, nesterov=nesterov)
+    fast, slow = Laws(kappa, q0), Laws(kappa, q0)
+    slow._steady_sgd = lambda data: False  # type: ignore[method-assign]
+    seen = 0
+    for k in range(12):
+        uJu = torch.rand(g, generator=gen, dtype=DT)
+        values = {
+            "uJu": uJu,
+            "uJb": uJu * torch.rand(g, generator=gen, dtype=DT),
+            "gJg": torch.rand(g, generator=gen, dtype=DT),
+            "residual": 1e-3 * torch.randn(g, generator=gen, dtype=DT),
+        }
+        for name in missing:
+            values[name] = None
+        for laws in (fast, slow):
+            laws.step(StepData(hyper, rotation_eq=0.1, **values))
+        seen += int(fast._steady_sgd(StepData(hyper, **values)) and k > 0)
+        for name in (*PREDICTIONS, *ANATOMY, "equilibrium", "xi_b", "xi_b_residual"):
+            a, b = getattr(fast, name), getattr(slow, name)
+            scale = 1.0 + b.abs().max().item() if not b.isnan().all() else 1.0
+            assert torch.allclose(a, b, rtol=0, atol=1e-12 * scale, equal_nan=True), (k, name)
+        a, b = fast.angular_update, slow.angular_update
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12, equal_nan=True), k
+    assert seen >= 10 and fast._linear  # the product ran on every step after the first
