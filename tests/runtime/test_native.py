@@ -182,6 +182,28 @@ def test_threaded_sweep_matches_numpy(dtype) -> None:
         _check_layout(block, sources, dim, listed, dtype=torch.float64)
 
 
+@pytest.mark.parametrize("pairs", [[0, 0, 0, 1], [0, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(131, 33, 3, 3), (7, 5), (6,)])
+def test_a_square_and_a_cross_in_one_pass_match_numpy(pairs, dtype, shape) -> None:
+    """Two pairs x·x and x·y in either order (a logged step's θ·θ and θ·g, Adam's a·a and a·θ)
+    are read in one pass: rows, columns and totals against numpy, with R not a multiple of 4
+    and rows split across threads."""
+    gen = torch.Generator().manual_seed(17)
+    sources = [torch.randn(shape, generator=gen, dtype=dtype) for _ in range(2)]
+    dims = [d for d in (0, 1, -1) if d < len(shape)]
+    n = 2 * sum(1 if d < 0 else shape[d] for d in dims)
+    out = torch.empty(n, dtype=torch.float64)
+    assert native.products_into([sources], [pairs], [dims], [0], out) == []
+    listed = tuple(zip(pairs[::2], pairs[1::2]))
+    at = 0
+    for d in dims:
+        groups = 1 if d < 0 else shape[d]
+        block = out[at : at + 2 * groups].view(2, groups)
+        _check_layout(block, sources, None if d < 0 else d, listed, dtype=torch.float64)
+        at += 2 * groups
+
+
 def test_a_pair_asked_in_both_orders() -> None:
     """One layout asks for (0, 1) and (1, 0), another layout of the same sources for (0, 0)."""
     gen = torch.Generator().manual_seed(11)

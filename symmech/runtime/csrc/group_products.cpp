@@ -134,6 +134,63 @@ SYMMECH_CLONES double row1(const T* x, const T* y, int64_t n, double* cols) {
   return acc;
 }
 
+// Four rows of n columns, two pairs that share their first source: x·x and x·y (θ·θ and θ·g
+// on a logged step, a·a and a·θ under Adam), each element of x converted once; row sums added
+// to sq[0..3] and cross[0..3], column sums to sq_cols and cross_cols.
+template <typename T>
+SYMMECH_CLONES void rows4_square_cross(const T* x, const T* y, int64_t n, double* sq,
+                                       double* cross, double* sq_cols, double* cross_cols) {
+  const T *x0 = x, *x1 = x + n, *x2 = x + 2 * n, *x3 = x + 3 * n;
+  const T *y0 = y, *y1 = y + n, *y2 = y + 2 * n, *y3 = y + 3 * n;
+  double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0, c0 = 0.0, c1 = 0.0, c2 = 0.0, c3 = 0.0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, c0, c1, c2, c3)
+  for (int64_t c = 0; c < n; ++c) {
+    const double a0 = static_cast<double>(x0[c]), a1 = static_cast<double>(x1[c]);
+    const double a2 = static_cast<double>(x2[c]), a3 = static_cast<double>(x3[c]);
+    const double q0 = a0 * a0, q1 = a1 * a1, q2 = a2 * a2, q3 = a3 * a3;
+    const double p0 = a0 * static_cast<double>(y0[c]), p1 = a1 * static_cast<double>(y1[c]);
+    const double p2 = a2 * static_cast<double>(y2[c]), p3 = a3 * static_cast<double>(y3[c]);
+    s0 += q0;
+    s1 += q1;
+    s2 += q2;
+    s3 += q3;
+    c0 += p0;
+    c1 += p1;
+    c2 += p2;
+    c3 += p3;
+    sq_cols[c] += (q0 + q1) + (q2 + q3);
+    cross_cols[c] += (p0 + p1) + (p2 + p3);
+  }
+  sq[0] += s0;
+  sq[1] += s1;
+  sq[2] += s2;
+  sq[3] += s3;
+  cross[0] += c0;
+  cross[1] += c1;
+  cross[2] += c2;
+  cross[3] += c3;
+}
+
+// One row of n columns, x·x and x·y in one pass (with COLS, each also added to its column sums).
+template <typename T, bool COLS>
+SYMMECH_CLONES void row1_square_cross(const T* x, const T* y, int64_t n, double* sq,
+                                      double* cross, double* sq_cols, double* cross_cols) {
+  double s0 = 0.0, c0 = 0.0;
+#pragma omp simd reduction(+ : s0, c0)
+  for (int64_t c = 0; c < n; ++c) {
+    const double a = static_cast<double>(x[c]);
+    const double q = a * a, p = a * static_cast<double>(y[c]);
+    s0 += q;
+    c0 += p;
+    if (COLS) {
+      sq_cols[c] += q;
+      cross_cols[c] += p;
+    }
+  }
+  *sq = s0;
+  *cross = c0;
+}
+
 // Rows r0 .. r0 + rn (rn ≤ 4) of one pair: with column sums, four rows at once (one
 // read-modify-write of the column sums per four rows); without, row by row (one long
 // contiguous stream per source).
@@ -162,11 +219,20 @@ void sweep(const std::vector<const T*>& src, const std::vector<int64_t>& pairs, 
   std::vector<double> partial(want_cols ? static_cast<size_t>(threads) * P * C : 0, 0.0);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(C * P, 1));
   const int64_t blocks = (R + 3) / 4;
+  // two pairs x·x and x·y (either order): the index of the square, read with the cross in one
+  // pass when the column sums are asked for too (-1: each pair on its own)
+  int64_t square_cross = -1;
+  if (P == 2 && pairs[1] >= 0 && pairs[3] >= 0) {
+    for (int64_t sq = 0; sq < 2 && square_cross < 0; ++sq) {
+      const int64_t i = pairs[2 * sq], a = pairs[2 * (1 - sq)], b = pairs[2 * (1 - sq) + 1];
+      if (pairs[2 * sq + 1] == i && (a == i) != (b == i)) square_cross = sq;
+    }
+  }
   at::parallel_for(0, blocks, std::max<int64_t>(1, grain / 4), [&](int64_t begin, int64_t end) {
     double* mine = want_cols ? partial.data() + static_cast<size_t>(at::get_thread_num()) * P * C
                              : nullptr;
     std::vector<T> buffer(made != nullptr ? static_cast<size_t>(4 * C) : 0);
-    double acc[4];
+    double acc[4], cross[4];
     for (int64_t block = begin; block < end; ++block) {
       const int64_t r0 = 4 * block, rn = std::min<int64_t>(4, R - r0);
       if (made != nullptr) {
@@ -177,6 +243,33 @@ void sweep(const std::vector<const T*>& src, const std::vector<int64_t>& pairs, 
       auto row = [&](int64_t s) -> const T* {
         return made != nullptr && s == made->index ? buffer.data() : src[s] + r0 * C;
       };
+      if (square_cross >= 0) {  // both pairs in one pass
+        const int64_t sq = square_cross, cr = 1 - square_cross;
+        const T* x = row(pairs[2 * sq]);
+        const T* y = row(pairs[2 * cr] == pairs[2 * sq] ? pairs[2 * cr + 1] : pairs[2 * cr]);
+        double* sq_cols = mine != nullptr ? mine + sq * C : nullptr;
+        double* cross_cols = mine != nullptr ? mine + cr * C : nullptr;
+        acc[0] = acc[1] = acc[2] = acc[3] = 0.0;
+        cross[0] = cross[1] = cross[2] = cross[3] = 0.0;
+        if (mine != nullptr && rn == 4) {
+          rows4_square_cross<T>(x, y, C, acc, cross, sq_cols, cross_cols);
+        } else {
+          for (int64_t k = 0; k < rn; ++k) {
+            if (mine != nullptr) {
+              row1_square_cross<T, true>(x + k * C, y + k * C, C, acc + k, cross + k, sq_cols,
+                                         cross_cols);
+            } else {
+              row1_square_cross<T, false>(x + k * C, y + k * C, C, acc + k, cross + k, nullptr,
+                                          nullptr);
+            }
+          }
+        }
+        for (int64_t k = 0; k < rn; ++k) {
+          rows[sq * R + r0 + k] = acc[k];
+          rows[cr * R + r0 + k] = cross[k];
+        }
+        continue;
+      }
       for (int64_t p = 0; p < P; ++p) {
         const T* x = row(pairs[2 * p]);
         const bool ones = pairs[2 * p + 1] < 0;
