@@ -6,6 +6,8 @@ dozen tensor operations whatever the number of layers.
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 
 from .family import Family
@@ -24,6 +26,14 @@ class Bank:
             total += f.n_groups
         self.size = total
         self.laws: Laws | None = None
+        self._segments = {
+            id(f): slice(start, start + f.n_groups) for f, start in zip(families, self.offsets)
+        }
+
+    @cached_property
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the families bind, in order (a tensor bound twice appears twice)."""
+        return [t for f in self.families for t in f.binding.tensors]
 
     def start(self) -> None:
         """Start every law from the families' Q₀ (NaN for a family with none)."""
@@ -177,5 +187,4 @@ class Bank:
 
     def segment(self, family: Family) -> slice:
         """Where a family's groups sit in the bank's vectors."""
-        i = self.families.index(family)
-        return slice(self.offsets[i], self.offsets[i] + family.n_groups)
+        return self._segments[id(family)]

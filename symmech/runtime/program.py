@@ -307,14 +307,13 @@ class Programs:
         hyper, general = first.hyper()
         state, grads = self.optimizer.state, self.cache.grads
         buffers = hyper.momentum != 0.0 and not general
-        for f in fams:
-            for t in f.binding.tensors:
-                g = grads.get(id(t), t.grad)
-                if g is None or g.layout != torch.strided:
-                    return None
-                if buffers and state.get(t, {}).get("momentum_buffer") is None:
-                    return None
-            if buffers and not f.follows_buffer:
+        if buffers and not all(f.follows_buffer for f in fams):
+            return None
+        for t in bank.tensors:
+            g = grads.get(id(t), t.grad)
+            if g is None or g.layout != torch.strided:
+                return None
+            if buffers and state.get(t, {}).get("momentum_buffer") is None:
                 return None
         if general:
             return self._general(bank, hyper)

@@ -180,6 +180,7 @@ class Tracker:
         :meth:`History.add`, which copies the values at once: the snapshots hold the live
         tensors."""
         laws: dict[int, tuple[dict[str, torch.Tensor], float]] = {}
+        settings_of: dict[tuple[int, ...], Any] = {}  # read once per param group and call
         out = []
         for f in self.families:
             bank = self._bank_of.get(id(f))
@@ -192,7 +193,9 @@ class Tracker:
             elif bank is not None:
                 t = 0.0
             obs = observed.get(id(f))
-            settings = f.settings()
+            settings = settings_of.get(f.group_indices[:1])
+            if settings is None:
+                settings = settings_of[f.group_indices[:1]] = f.settings()
             note = f.note
             if final and f.restart_due is not None:  # the last step's data were dropped
                 state, segment = None, None
