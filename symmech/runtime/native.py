@@ -14,8 +14,9 @@ contracting a multiply and an add into one rounding (``-ffp-contract=off``), so 
 element-wise value is the IEEE result of its operations whatever the vector width.
 
 It is built once per machine with :func:`torch.utils.cpp_extension.load` (a C++ compiler and
-ninja are needed; the build lies in torch's extension folder, ``TORCH_EXTENSIONS_DIR``) and
-loaded in about a second afterwards. :func:`build` builds it and waits; :func:`start` builds it
+ninja are needed; the build lies in torch's extension folder, ``TORCH_EXTENSIONS_DIR``, with a
+copy of the source, so another checkout of the same source finds it current) and loaded in
+about a second afterwards. :func:`build` builds it and waits; :func:`start` builds it
 in the background (the ``auto`` mode of :mod:`.fused`, so training never waits for the
 compiler): a first build runs in a child process that completes it even when the training script
 ends first, and a thread loads it. When the build fails, :func:`failure` says why and everything stays eager.
@@ -33,6 +34,7 @@ ends first, and a thread loads it. When the build fails, :func:`failure` says wh
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -68,6 +70,20 @@ def _build_directory() -> Path:
     return Path(_get_build_directory(NAME, verbose=False))
 
 
+def _staged(directory: Path) -> Path:
+    """The kernel's source copied into the build directory, rewritten only when its contents
+    differ: the build then names one path whichever checkout or installation loads it, so a
+    second checkout with the same source (a clean clone, another environment) finds the build
+    current instead of compiling it again (ninja compares the command and the file's time)."""
+    staged = directory / SOURCE.name
+    text = SOURCE.read_bytes()
+    if not staged.exists() or staged.read_bytes() != text:
+        partial = staged.with_name(f"{staged.name}.{os.getpid()}.tmp")
+        partial.write_bytes(text)
+        os.replace(partial, staged)  # atomic: a concurrent build reads a whole file
+    return staged
+
+
 def _load() -> None:
     """Build (or find the cached build) and import it; on failure, remember why."""
     global _module, _failed
@@ -78,7 +94,7 @@ def _load() -> None:
         _wait_for_lock(directory / "lock")
         module = load(
             NAME,
-            sources=[str(SOURCE)],
+            sources=[str(_staged(directory))],
             extra_cflags=CFLAGS,
             build_directory=str(directory),
             verbose=False,
@@ -97,12 +113,13 @@ def _spawn_build() -> subprocess.Popen | None:
     try:
         directory = _build_directory()
         library = directory / f"{NAME}.so"
-        if library.exists() and library.stat().st_mtime >= SOURCE.stat().st_mtime:
-            return None
         if _live_lock(directory / "lock"):
             return None
+        staged = _staged(directory)
+        if library.exists() and library.stat().st_mtime >= staged.stat().st_mtime:
+            return None
         return subprocess.Popen(
-            [sys.executable, "-c", _BUILD, NAME, str(SOURCE), str(directory)],
+            [sys.executable, "-c", _BUILD, NAME, str(staged), str(directory)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -804,3 +804,29 @@ def test_adam_direction_in_one_pass_is_the_step_adam_takes(
         eps = torch.finfo(dtype).eps  # θ − θ' rounds at θ's size, the step at its own
         tol = 4 * eps * before.abs().max() + 64 * eps * moved.abs().max()
         assert (moved - want).abs().max() <= tol, k
+
+
+def test_the_source_is_staged_once_per_content(tmp_path, monkeypatch) -> None:
+    """The build compiles a copy of the source kept in the build directory, rewritten only when
+    the contents differ: a second checkout of the same source (another path, a newer file)
+    leaves the copy and its time untouched, so the build stays current; a changed source
+    replaces it."""
+    import os
+
+    checkout = tmp_path / "one" / "group_products.cpp"
+    other = tmp_path / "two" / "group_products.cpp"
+    build = tmp_path / "build"
+    for path in (checkout.parent, other.parent, build):
+        path.mkdir()
+    checkout.write_text("int a;\n")
+    other.write_text("int a;\n")
+    monkeypatch.setattr(native, "SOURCE", checkout)
+    staged = native._staged(build)
+    assert staged.parent == build and staged.read_text() == "int a;\n"
+    os.utime(staged, (1_000_000, 1_000_000))
+    monkeypatch.setattr(native, "SOURCE", other)  # the same source from another checkout
+    assert native._staged(build) == staged and staged.stat().st_mtime == 1_000_000
+    other.write_text("int b;\n")
+    assert native._staged(build).read_text() == "int b;\n"
+    assert staged.stat().st_mtime > 1_000_000
+    assert list(build.iterdir()) == [staged]  # no partial file left behind
