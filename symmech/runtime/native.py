@@ -49,12 +49,17 @@ SOURCE = Path(__file__).with_name("csrc") / "group_products.cpp"
 NAME = "symmech_group_products"
 #: a build lock older than this is left over from a build that was killed: removed
 STALE_LOCK_S = 600.0
-CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off"]
+#: OpenMP on: torch's parallel_for is a header template whose parallel region compiles to one
+#: thread without it (the kernel then ignored torch's threads). The library links libgomp.so.1,
+#: the one torch has already loaded, so the process keeps one OpenMP runtime.
+CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
+LDFLAGS = ["-fopenmp"]
 #: what a child process runs to build the kernel (argv: name, source, build directory)
 _BUILD = (
     "import sys\n"
     "from torch.utils.cpp_extension import load\n"
     f"load(sys.argv[1], sources=[sys.argv[2]], extra_cflags={CFLAGS!r}, "
+    f"extra_ldflags={LDFLAGS!r}, "
     "build_directory=sys.argv[3], verbose=False)\n"
 )
 
@@ -96,6 +101,7 @@ def _load() -> None:
             NAME,
             sources=[str(_staged(directory))],
             extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
             build_directory=str(directory),
             verbose=False,
         )
