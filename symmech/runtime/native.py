@@ -49,11 +49,13 @@ SOURCE = Path(__file__).with_name("csrc") / "group_products.cpp"
 NAME = "symmech_group_products"
 #: a build lock older than this is left over from a build that was killed: removed
 STALE_LOCK_S = 600.0
-#: OpenMP on: torch's parallel_for is a header template whose parallel region compiles to one
-#: thread without it (the kernel then ignored torch's threads). The library links libgomp.so.1,
-#: the one torch has already loaded, so the process keeps one OpenMP runtime.
-CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
-LDFLAGS = ["-fopenmp"]
+#: OpenMP on Linux: torch's parallel_for is a header template whose parallel region compiles to
+#: one thread without it (the kernel then ignored torch's threads). The library links
+#: libgomp.so.1, the one torch has already loaded, so the process keeps one OpenMP runtime.
+#: Elsewhere (Apple's clang has no -fopenmp) the loops are vectorised and run on one thread.
+_OPENMP = sys.platform.startswith("linux")
+CFLAGS = ["-O3", "-fopenmp" if _OPENMP else "-fopenmp-simd", "-fno-math-errno", "-ffp-contract=off"]
+LDFLAGS = ["-fopenmp"] if _OPENMP else []
 #: what a child process runs to build the kernel (argv: name, source, build directory)
 _BUILD = (
     "import sys\n"

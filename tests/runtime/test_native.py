@@ -830,3 +830,18 @@ def test_the_source_is_staged_once_per_content(tmp_path, monkeypatch) -> None:
     assert native._staged(build).read_text() == "int b;\n"
     assert staged.stat().st_mtime > 1_000_000
     assert list(build.iterdir()) == [staged]  # no partial file left behind
+
+
+def test_the_kernel_shares_torchs_openmp_runtime() -> None:
+    """The kernel is built with OpenMP, so torch's parallel_for splits its rows across torch's
+    threads; it must use the OpenMP runtime torch loaded, not a second one (two runtimes would
+    each keep a thread pool). The process maps exactly one libgomp after the kernel is loaded."""
+    from pathlib import Path
+
+    maps = Path("/proc/self/maps")
+    if not maps.exists():  # pragma: no cover - Linux only; CI runs on Linux
+        pytest.skip("no /proc/self/maps on this platform")
+    assert native.build(), native.failure()
+    assert "-fopenmp" in native.CFLAGS and "-fopenmp" in native.LDFLAGS
+    runtimes = {line.split()[-1] for line in maps.read_text().splitlines() if "libgomp" in line}
+    assert len(runtimes) == 1, runtimes
