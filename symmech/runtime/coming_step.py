@@ -18,7 +18,7 @@ moments in place: a pass read after that refuses with a clear error instead of a
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,7 +35,7 @@ def _value(x: float | torch.Tensor) -> float:
 class AdamPass:
     """Adam's coming step of one tensor, not made yet: m'/(√v'/√(1 − β₂ᵏ) + ε) with
     m' = lerp(m, g, 1 − β₁) and v' = β₂v + (1 − β₂)g² (then the running maximum under amsgrad),
-    from the tensors as they are now. ``versions`` are their in-place counters now."""
+    from the tensors as they are now."""
 
     grad: torch.Tensor
     exp_avg: torch.Tensor
@@ -44,22 +44,11 @@ class AdamPass:
     betas: tuple[float, float]
     bc2_sqrt: float
     eps: float
-    versions: tuple[int, ...]
+    #: the tensors' in-place counters when the pass was taken
+    versions: tuple[int, ...] = field(init=False)
 
-    @classmethod
-    def of(
-        cls,
-        grad: torch.Tensor,
-        exp_avg: torch.Tensor,
-        exp_avg_sq: torch.Tensor,
-        vmax: torch.Tensor | None,
-        betas: tuple[float, float],
-        bc2_sqrt: float,
-        eps: float,
-    ) -> AdamPass:
-        tensors = (grad, exp_avg, exp_avg_sq) + (() if vmax is None else (vmax,))
-        versions = tuple(t._version for t in tensors)
-        return cls(grad, exp_avg, exp_avg_sq, vmax, betas, bc2_sqrt, eps, versions)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "versions", tuple(t._version for t in self.tensors()))
 
     def tensors(self) -> list[torch.Tensor]:
         """g, m, v and, under amsgrad, the running maximum."""

@@ -172,12 +172,11 @@ def _adam(
     if host_counter:
         step = _value(step_t)
         bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-        if defer and _one_pass_applies(group, grad, exp_avg, exp_avg_sq, vmax):
-            pending = AdamPass.of(grad, exp_avg, exp_avg_sq, vmax, (beta1, beta2), bc2**0.5, eps)
-            return Direction(shrink, lr / bc1, pending=pending)
-        fast = _one_pass(group, grad, exp_avg, exp_avg_sq, vmax, bc2**0.5)
-        if fast is not None:
-            return Direction(shrink, lr / bc1, fast)
+        if _one_pass_applies(group, grad, exp_avg, exp_avg_sq, vmax):
+            one_pass = AdamPass(grad, exp_avg, exp_avg_sq, vmax, (beta1, beta2), bc2**0.5, eps)
+            if defer:  # made when first read, or inside the sweep of the banks read at once
+                return Direction(shrink, lr / bc1, pending=one_pass)
+            return Direction(shrink, lr / bc1, one_pass.make())
     m = exp_avg.lerp(grad, 1 - beta1)
     v = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
     if vmax is not None:
@@ -211,23 +210,6 @@ def _step_after(state: dict, group: Group, p: torch.Tensor) -> torch.Tensor:
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
         step_t = torch.zeros((), dtype=dtype, device=p.device if on_device else "cpu")
     return step_t + 1
-
-
-def _one_pass(
-    group: Group,
-    grad: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    vmax: torch.Tensor | None,
-    bc2_sqrt: float,
-) -> torch.Tensor | None:
-    """aₖ from symmech's C++ kernel in one pass (:func:`.native.adam_direction`) when
-    :func:`_one_pass_applies`; None: torch's ops."""
-    if not _one_pass_applies(group, grad, exp_avg, exp_avg_sq, vmax):
-        return None
-    return native.adam_direction(
-        grad, exp_avg, exp_avg_sq, vmax, tuple(group["betas"]), bc2_sqrt, group["eps"]
-    )
 
 
 def _one_pass_applies(

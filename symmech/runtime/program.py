@@ -106,12 +106,12 @@ class Gather:
         self.sweeps = list(sweeps.values())
         where: dict[tuple, int] = {}  # atom -> where its per-group values start
         self.offsets: list[int] = []
-        self.shapes: list[tuple[int, ...]] = []
+        shapes: list[tuple[int, ...]] = []
         at = 0
         for (tid, view), sw in sweeps.items():
             shape = tuple(sw.spec.shaped(torch.empty(sw.spec.tensor.shape, device="meta")).shape)
             self.offsets.append(at)
-            self.shapes.append(shape)
+            shapes.append(shape)
             for dim in sw.dims:
                 for first, second in sw.pairs:
                     key = ("prod", (tid, view, dim), first, second)
@@ -119,7 +119,7 @@ class Gather:
                     at += 1 if dim is None else int(shape[dim])
         self.n_products = at
         self.pairs = [sw.flat_pairs() for sw in self.sweeps]
-        self.dims = [sw.kernel_dims(len(shape)) for sw, shape in zip(self.sweeps, self.shapes)]
+        self.dims = [sw.kernel_dims(len(shape)) for sw, shape in zip(self.sweeps, shapes)]
         src: list[int] = []
         dst: list[int] = []
         coef: list[float] = []
@@ -156,7 +156,7 @@ class Gather:
             found = self._read(sw, read, sw.roles if step is None else sw.roles[:-1])
             if step is not None:  # "a" is the last role: made from g, m, v (and the maximum)
                 k = len(found)
-                found.extend(_shaped(sw.spec, t) for t in step.tensors())
+                found.extend(sw.spec.shaped(t) for t in step.tensors())
                 at = len(found)  # the made step's source number
                 if pairs is self.pairs:
                     pairs = list(self.pairs)
@@ -187,7 +187,7 @@ class Gather:
             t = read(role, sw.spec.tensor)  # under no_grad (the tracker's hooks): no detach
             if t is None:
                 raise LookupError(f"no {role!r} of a {tuple(sw.spec.tensor.shape)} tensor")
-            found.append(_shaped(sw.spec, t))
+            found.append(sw.spec.shaped(t))
         return found
 
     def _eager(self, i: int, members: list[torch.Tensor], products: torch.Tensor) -> None:
@@ -199,10 +199,6 @@ class Gather:
                 sums = fused.group_sums(value, dim).reshape(-1)
                 products[at : at + sums.numel()] = sums
                 at += sums.numel()
-
-
-def _shaped(spec: Any, t: torch.Tensor) -> torch.Tensor:
-    return t if spec.view is None else spec.shaped(t)
 
 
 def _check_groups(value: Lin | Forms, fam: Family) -> None:

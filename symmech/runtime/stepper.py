@@ -365,7 +365,7 @@ class Laws:
         if matrix is None:
             if len(self._linear) >= 64:  # bounded: a schedule gives a new lr every step
                 self._linear.pop(next(iter(self._linear)))
-            matrix = self._linear[key] = _step_matrix(self, h).to(self.q0.device)
+            matrix = self._linear[key] = _step_matrix(self.kappa, h).to(self.q0.device)
         q_res = self.discrete_residual
         zero = None
         data_rows = []
@@ -435,13 +435,13 @@ _LINEAR_OUT = (*_LINEAR_IN, "equilibrium")
 _DATA_ROWS = 4  # r, uᵀJu, uᵀJb, gᵀJg
 
 
-def _step_matrix(laws: Laws, hyper: Hyper) -> torch.Tensor:
+def _step_matrix(kappa: float, hyper: Hyper) -> torch.Tensor:
     """The matrix of :meth:`Laws._sgd_step` for one steady step with these settings: its
     column j is the step of the unit state (or data) j, computed by the step itself on a probe
     whose groups are the unit vectors (float64, on the CPU)."""
     n = len(_LINEAR_IN) + _DATA_ROWS
     unit = torch.eye(n, dtype=torch.float64)
-    probe = Laws(laws.kappa, torch.zeros(n, dtype=torch.float64))
+    probe = Laws(kappa, torch.zeros(n, dtype=torch.float64))
     for name, row in zip(_LINEAR_IN, unit):
         setattr(probe, name, row.clone())
     probe.steps = 1
