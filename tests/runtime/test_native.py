@@ -204,6 +204,37 @@ def test_a_square_and_a_cross_in_one_pass_match_numpy(pairs, dtype, shape) -> No
         at += 2 * groups
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    shape=st.sampled_from([(131, 33, 3, 3), (8, 40), (5, 7, 2), (9,), (4, 1, 3)]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    pairs=st.sampled_from([[0, 0], [1, 1], [0, 1], [0, -1], [0, 0, 1, 0], [1, 1, 0, 1],
+                           [0, 0, 1, 1], [0, -1, 1, 1, 0, 1]]),
+    seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_sums_of_small_integers_are_exact(shape, dtype, pairs, seed) -> None:
+    """On integer entries every product and every partial sum is an integer below 2⁵³, so the
+    kernel's sums must equal numpy's int64 sums exactly, whatever its order of additions, its
+    vector width or its fused multiply-adds: each kind of pair (a sum, a square, a cross, the
+    square and the cross read in one pass), rows, columns and totals."""
+    rng = np.random.default_rng(seed)
+    ints = [rng.integers(-64, 65, size=shape) for _ in range(2)]
+    sources = [torch.tensor(a, dtype=dtype) for a in ints]
+    dims = [d for d in (0, 1, -1) if d < len(shape)]
+    n = len(pairs) // 2
+    out = torch.empty(n * sum(1 if d < 0 else shape[d] for d in dims), dtype=torch.float64)
+    assert native.products_into([sources], [pairs], [dims], [0], out) == []
+    at = 0
+    for d in dims:
+        for i, j in zip(pairs[::2], pairs[1::2]):
+            value = ints[i] if j < 0 else ints[i] * ints[j]
+            axes = tuple(a for a in range(len(shape)) if a != d) if d >= 0 else None
+            want = np.atleast_1d(value.sum(axis=axes))
+            got = out[at : at + want.size].numpy()
+            assert np.array_equal(got, want.astype(np.float64)), (d, (i, j), got, want)
+            at += want.size
+
+
 def test_a_pair_asked_in_both_orders() -> None:
     """One layout asks for (0, 1) and (1, 0), another layout of the same sources for (0, 0)."""
     gen = torch.Generator().manual_seed(11)

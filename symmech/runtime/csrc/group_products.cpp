@@ -7,7 +7,7 @@
 //   cols[p, c] = Σ_r x_i[r, c] · x_j[r, c]        (summed further to any other dimension's groups)
 // accumulated in double and written into one float64 vector; scatter() then forms the bank
 // vectors from it. Rows are split across threads; each thread keeps its own column sums, added
-// up at the end. The inner loops are compiled for AVX-512, AVX2 and plain x86-64, chosen at load
+// up at the end. The inner loops are compiled for AVX-512, AVX2 with FMA and plain x86-64, chosen at load
 // time (target_clones), so a cached build runs on any x86-64 machine.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -20,11 +20,30 @@
 
 namespace {
 
+// The product loops are compiled for AVX-512, AVX2 with FMA (x86-64-v3) and plain x86-64, chosen
+// at load time. They may contract a product and its sum into one fused multiply-add: for float32
+// sources that changes nothing (the product of two floats is exact in double, so only the sum
+// rounds, once either way); for float64 sources it rounds once where a multiply and an add
+// round twice. Everything else (Adam's step) is built with -ffp-contract=off.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SYMMECH_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define SYMMECH_CLONES __attribute__((target_clones("avx512f", "arch=x86-64-v3", "default")))
+#define SYMMECH_PRODUCTS SYMMECH_CLONES __attribute__((optimize("fp-contract=fast")))
 #else
 #define SYMMECH_CLONES
+#define SYMMECH_PRODUCTS
 #endif
+
+// What a pair's element-wise product is: x alone (a sum), x·x (one conversion per element), or
+// x·y.
+enum class Kind { kSum, kSquare, kCross };
+
+template <typename T, Kind K>
+inline double product(const T* x, const T* y, int64_t c) {
+  const double a = static_cast<double>(x[c]);
+  if (K == Kind::kSum) return a;
+  if (K == Kind::kSquare) return a * a;
+  return a * static_cast<double>(y[c]);
+}
 
 // Adam's coming step a = m' / (sqrt(v') / bc2_sqrt + eps), with m' = lerp(m, g, w1) and
 // v' = beta2 v + (1 - beta2) g g (then max with the running maximum under amsgrad), in the
@@ -89,29 +108,28 @@ struct MadeStep {
 };
 
 
-// Four rows of n columns: each row's sum of x·y (x alone with ONES) added to acc[0..3], and
-// each column's sum over the four added to cols (one read-modify-write per column).
-template <typename T, bool ONES>
-SYMMECH_CLONES void rows4(const T* x, const T* y, int64_t n, double* acc, double* cols) {
-  const int64_t ld = n;
-  const T *x0 = x, *x1 = x + ld, *x2 = x + 2 * ld, *x3 = x + 3 * ld;
-  const T *y0 = y, *y1 = y + ld, *y2 = y + 2 * ld, *y3 = y + 3 * ld;
+// A column's sum with four rows' products added one at a time (in the product loops each add
+// then contracts into a multiply-add with its product).
+inline double plus4(double col, double p0, double p1, double p2, double p3) {
+  return (((col + p0) + p1) + p2) + p3;
+}
+
+// Four rows of n columns: each row's sum of the pair's products added to acc[0..3], and each
+// column's sum over the four added to cols (one read-modify-write per column).
+template <typename T, Kind K>
+SYMMECH_PRODUCTS void rows4(const T* x, const T* y, int64_t n, double* acc, double* cols) {
+  const T *x0 = x, *x1 = x + n, *x2 = x + 2 * n, *x3 = x + 3 * n;
+  const T *y0 = y, *y1 = y + n, *y2 = y + 2 * n, *y3 = y + 3 * n;
   double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
   for (int64_t c = 0; c < n; ++c) {
-    const double p0 = ONES ? static_cast<double>(x0[c])
-                           : static_cast<double>(x0[c]) * static_cast<double>(y0[c]);
-    const double p1 = ONES ? static_cast<double>(x1[c])
-                           : static_cast<double>(x1[c]) * static_cast<double>(y1[c]);
-    const double p2 = ONES ? static_cast<double>(x2[c])
-                           : static_cast<double>(x2[c]) * static_cast<double>(y2[c]);
-    const double p3 = ONES ? static_cast<double>(x3[c])
-                           : static_cast<double>(x3[c]) * static_cast<double>(y3[c]);
+    const double p0 = product<T, K>(x0, y0, c), p1 = product<T, K>(x1, y1, c);
+    const double p2 = product<T, K>(x2, y2, c), p3 = product<T, K>(x3, y3, c);
     a0 += p0;
     a1 += p1;
     a2 += p2;
     a3 += p3;
-    cols[c] += (p0 + p1) + (p2 + p3);
+    cols[c] = plus4(cols[c], p0, p1, p2, p3);
   }
   acc[0] += a0;
   acc[1] += a1;
@@ -119,15 +137,14 @@ SYMMECH_CLONES void rows4(const T* x, const T* y, int64_t n, double* acc, double
   acc[3] += a3;
 }
 
-// One row, columns [0, n): its sum of x·y (x alone with ONES); with COLS each product is also
-// added to its column's sum.
-template <typename T, bool ONES, bool COLS>
-SYMMECH_CLONES double row1(const T* x, const T* y, int64_t n, double* cols) {
+// One row, columns [0, n): its sum of the pair's products; with COLS each product is also added
+// to its column's sum.
+template <typename T, Kind K, bool COLS>
+SYMMECH_PRODUCTS double row1(const T* x, const T* y, int64_t n, double* cols) {
   double acc = 0.0;
 #pragma omp simd reduction(+ : acc)
   for (int64_t c = 0; c < n; ++c) {
-    const double v = ONES ? static_cast<double>(x[c])
-                          : static_cast<double>(x[c]) * static_cast<double>(y[c]);
+    const double v = product<T, K>(x, y, c);
     acc += v;
     if (COLS) cols[c] += v;
   }
@@ -138,7 +155,7 @@ SYMMECH_CLONES double row1(const T* x, const T* y, int64_t n, double* cols) {
 // on a logged step, a·a and a·θ under Adam), each element of x converted once; row sums added
 // to sq[0..3] and cross[0..3], column sums to sq_cols and cross_cols.
 template <typename T>
-SYMMECH_CLONES void rows4_square_cross(const T* x, const T* y, int64_t n, double* sq,
+SYMMECH_PRODUCTS void rows4_square_cross(const T* x, const T* y, int64_t n, double* sq,
                                        double* cross, double* sq_cols, double* cross_cols) {
   const T *x0 = x, *x1 = x + n, *x2 = x + 2 * n, *x3 = x + 3 * n;
   const T *y0 = y, *y1 = y + n, *y2 = y + 2 * n, *y3 = y + 3 * n;
@@ -158,8 +175,8 @@ SYMMECH_CLONES void rows4_square_cross(const T* x, const T* y, int64_t n, double
     c1 += p1;
     c2 += p2;
     c3 += p3;
-    sq_cols[c] += (q0 + q1) + (q2 + q3);
-    cross_cols[c] += (p0 + p1) + (p2 + p3);
+    sq_cols[c] = plus4(sq_cols[c], q0, q1, q2, q3);
+    cross_cols[c] = plus4(cross_cols[c], p0, p1, p2, p3);
   }
   sq[0] += s0;
   sq[1] += s1;
@@ -173,7 +190,7 @@ SYMMECH_CLONES void rows4_square_cross(const T* x, const T* y, int64_t n, double
 
 // One row of n columns, x·x and x·y in one pass (with COLS, each also added to its column sums).
 template <typename T, bool COLS>
-SYMMECH_CLONES void row1_square_cross(const T* x, const T* y, int64_t n, double* sq,
+SYMMECH_PRODUCTS void row1_square_cross(const T* x, const T* y, int64_t n, double* sq,
                                       double* cross, double* sq_cols, double* cross_cols) {
   double s0 = 0.0, c0 = 0.0;
 #pragma omp simd reduction(+ : s0, c0)
@@ -194,15 +211,15 @@ SYMMECH_CLONES void row1_square_cross(const T* x, const T* y, int64_t n, double*
 // Rows r0 .. r0 + rn (rn ≤ 4) of one pair: with column sums, four rows at once (one
 // read-modify-write of the column sums per four rows); without, row by row (one long
 // contiguous stream per source).
-template <typename T, bool ONES>
+template <typename T, Kind K>
 void block_pair(const T* x, const T* y, int64_t C, int64_t rn, double* acc, double* cols) {
   if (cols != nullptr && rn == 4) {
-    rows4<T, ONES>(x, y, C, acc, cols);
+    rows4<T, K>(x, y, C, acc, cols);
     return;
   }
   for (int64_t k = 0; k < rn; ++k) {
-    acc[k] = cols != nullptr ? row1<T, ONES, true>(x + k * C, y + k * C, C, cols)
-                             : row1<T, ONES, false>(x + k * C, y + k * C, C, nullptr);
+    acc[k] = cols != nullptr ? row1<T, K, true>(x + k * C, y + k * C, C, cols)
+                             : row1<T, K, false>(x + k * C, y + k * C, C, nullptr);
   }
 }
 
@@ -277,9 +294,11 @@ void sweep(const std::vector<const T*>& src, const std::vector<int64_t>& pairs, 
         double* col = mine != nullptr ? mine + p * C : nullptr;
         acc[0] = acc[1] = acc[2] = acc[3] = 0.0;
         if (ones) {
-          block_pair<T, true>(x, y, C, rn, acc, col);
+          block_pair<T, Kind::kSum>(x, y, C, rn, acc, col);
+        } else if (pairs[2 * p] == pairs[2 * p + 1]) {
+          block_pair<T, Kind::kSquare>(x, y, C, rn, acc, col);
         } else {
-          block_pair<T, false>(x, y, C, rn, acc, col);
+          block_pair<T, Kind::kCross>(x, y, C, rn, acc, col);
         }
         for (int64_t k = 0; k < rn; ++k) rows[p * R + r0 + k] = acc[k];
       }
