@@ -68,20 +68,35 @@ def _pair(x) -> Pair:
     return x.pair() if hasattr(x, "pair") else x
 
 
-_FLAT: dict[tuple, tuple[torch.Tensor, int, torch.Tensor]] = {}
+_CONVERTED: dict[tuple, tuple[torch.Tensor, int, torch.Tensor | None]] = {}
+
+
+def _converted(m: torch.Tensor, dtype: torch.dtype, diagonal: bool) -> torch.Tensor | None:
+    """A constant matrix (or stack of them) converted to ``dtype`` once (a family's constants
+    do not change): flattened, (a·b,) or (F, a·b); or with ``diagonal`` its diagonal, (a,) or
+    (F, a), and None when some entry off the diagonal is not zero."""
+    key = (id(m), dtype, diagonal)
+    hit = _CONVERTED.get(key)
+    if hit is not None and hit[0] is m and hit[1] == m._version:
+        return hit[2]
+    if len(_CONVERTED) >= 4096:
+        _CONVERTED.clear()
+    m_ = m.detach()
+    if not diagonal:
+        out: torch.Tensor | None = m_.flatten(-2).to(dtype)
+    else:
+        d = m_.diagonal(dim1=-2, dim2=-1)
+        square = m_.shape[-1] == m_.shape[-2]
+        out = d.to(dtype) if square and torch.equal(torch.diag_embed(d), m_) else None
+    _CONVERTED[key] = (m, m._version, out)
+    return out
 
 
 def _flat(m: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``m`` flattened in ``dtype``, converted once (a family's constants do not change)."""
-    key = (id(m), dtype)
-    hit = _FLAT.get(key)
-    if hit is not None and hit[0] is m and hit[1] == m._version:
-        return hit[2]
-    if len(_FLAT) >= 4096:
-        _FLAT.clear()
-    flat = m.detach().flatten(-2).to(dtype)  # (a·b,), or (F, a·b) for stacked constants
-    _FLAT[key] = (m, m._version, flat)
-    return flat
+    """``m`` flattened in ``dtype``, (a·b,), or (F, a·b) for stacked constants."""
+    out = _converted(m, dtype, diagonal=False)
+    assert out is not None
+    return out
 
 
 class Scaled:
@@ -106,6 +121,14 @@ class Scaled:
 
     def dot(self, other) -> torch.Tensor:
         m = self.matrix
+        stacked_ok = m.ndim == 2 or (m.ndim == 3 and _Stacked.count)
+        if type(other) is not Scaled and hasattr(other, "gram") and stacked_ok:
+            # diagonal constants (a large head's generators eᵢeᵢᵀ): only the Gram's diagonal
+            diag = _converted(m, other.value.dtype, diagonal=True)
+            if diag is not None:
+                gram = self.base.gram(other, m.shape[-1], m.shape[-1], diagonal=True)
+                if gram is not None:  # (G, a): Σ_a M_aa Gram_aa per group (and family)
+                    return torch.mv(gram, diag) if m.ndim == 2 else torch.mm(diag, gram.T)
         if type(other) is not Scaled and hasattr(other, "gram") and m.ndim == 2:
             gram = self.base.gram(other, m.shape[0], m.shape[1])
             if gram is not None:

@@ -192,10 +192,13 @@ class GridSlice:
         layout = (id(p), spec.view, spec.dim % max(self.value.ndim, 1))
         return self.cache.plan.lookup(layout, spec, (roles[0], roles[1]), self.cache.read)
 
-    def gram(self, other: GridSlice, rows: int, cols: int) -> torch.Tensor | None:
+    def gram(
+        self, other: GridSlice, rows: int, cols: int, diagonal: bool = False
+    ) -> torch.Tensor | None:
         """Per group, Σ over every axis but the group axis and the last of x[..., a] y[..., b]:
         (G, a, b), shared by every family that reads ⟨x M, y⟩ = Σ_ab M_ab Gram_ab for its own
-        constant M (a = ``rows``, b = ``cols``); None where it does not apply (a sharded or absent
+        constant M (a = ``rows``, b = ``cols``); with ``diagonal`` only the entries a = b, (G, a)
+        (diagonal constants M need no more). None where it does not apply (a sharded or absent
         slice, the group axis last, other shapes): the caller multiplies by M itself."""
         if self.absent or other.absent or self.part is not None or other.part is not None:
             return None
@@ -209,7 +212,9 @@ class GridSlice:
             return None
         if other.spec.dim != dim:
             return None
-        key = ("gram", _key(x), _key(y), dim)
+        if diagonal and rows != cols:
+            return None
+        key = ("gram", _key(x), _key(y), dim, diagonal)
         out = self.cache.grids.get(key)
         if out is None:
             if dim is not None:
@@ -218,7 +223,8 @@ class GridSlice:
                 x, y = x.unsqueeze(0), y.unsqueeze(0)
             x = x.reshape(x.shape[0], -1, rows)
             y = y.reshape(y.shape[0], -1, cols)
-            out = self.cache.grids[key] = torch.bmm(x.mT, y)
+            out = (x * y).sum(1) if diagonal else torch.bmm(x.mT, y)
+            self.cache.grids[key] = out
         return out
 
     def _reduced_key(self, other: GridSlice | None) -> tuple | None:

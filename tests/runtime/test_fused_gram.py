@@ -37,14 +37,18 @@ def _rel(a: torch.Tensor, b: np.ndarray) -> float:
     return float((a.double() - b_t).abs().max() / b_t.abs().max().clamp_min(1e-300))
 
 
-@settings(max_examples=40, deadline=None)
-@given(shape=SHAPES, dim_pick=st.integers(-1, 3), seed=st.integers(0, 2**16))
-def test_scaled_dot_matches_numpy(shape, dim_pick, seed) -> None:
+@settings(max_examples=60, deadline=None)
+@given(shape=SHAPES, dim_pick=st.integers(-1, 3), seed=st.integers(0, 2**16),
+       diagonal=st.booleans())  # fmt: skip
+def test_scaled_dot_matches_numpy(shape, dim_pick, seed, diagonal) -> None:
+    """Any constant M, and a diagonal one (only the Gram's diagonal is read then)."""
     dim = None if dim_pick < 0 else dim_pick % len(shape)
     gen = torch.Generator().manual_seed(seed)
     theta, grad = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2))
     c = shape[-1]
     m = torch.randn(c, c, generator=gen, dtype=torch.float64)
+    if diagonal:
+        m = torch.diag(torch.randn(c, generator=gen, dtype=torch.float64))
     cache = ReductionCache()
     spec = BoundSlice(theta, dim)
     x, y = GridSlice(theta, spec, cache), GridSlice(grad, spec, cache)
@@ -54,9 +58,38 @@ def test_scaled_dot_matches_numpy(shape, dim_pick, seed) -> None:
     assert _rel(got, ref) <= 1e-12
     swapped = kernels.dot([y], kernels.mm([x], m))  # ⟨y, x M⟩ = ⟨x M, y⟩
     assert _rel(swapped, ref) <= 1e-12
-    used = any(k[0] == "gram" for k in cache.grids)
+    used = {k[-1] for k in cache.grids if k[0] == "gram"}  # diagonal or not
     last = dim is not None and dim == len(shape) - 1
-    assert used == (not last)  # the group axis last: M mixes groups, the product is formed
+    assert used == (set() if last else {diagonal})  # group axis last: the product is formed
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=SHAPES, dim_pick=st.integers(-1, 3), seed=st.integers(0, 2**16),
+       off=st.booleans())  # fmt: skip
+def test_stacked_diagonal_constants_read_the_grams_diagonal(shape, dim_pick, seed, off) -> None:
+    """Stacked generators eᵢeᵢᵀ (a large attention head's families, batched): (F, G) against
+    numpy family by family, from the Gram's diagonal, without a ``bmm``; one entry off the
+    diagonal in one of them sends the whole stack to the full Gram, with the same values."""
+    dim = None if dim_pick < 0 else dim_pick % len(shape)
+    if dim is not None and dim == len(shape) - 1:
+        dim = 0 if len(shape) > 1 else None
+    gen = torch.Generator().manual_seed(seed)
+    theta, grad = (torch.randn(shape, generator=gen, dtype=torch.float64) for _ in range(2))
+    c = shape[-1]
+    stack = torch.stack([torch.diag(torch.eye(c, dtype=torch.float64)[i]) for i in range(c)])
+    if off and c > 1:
+        stack[-1, 0, 1] = 0.5
+    cache = ReductionCache()
+    spec = BoundSlice(theta, dim)
+    x, y = GridSlice(theta, spec, cache), GridSlice(grad, spec, cache)
+    with kernels.stacked(c):
+        got = kernels.dot(kernels.mm([x], stack), [y])
+    assert got.shape[0] == c
+    for i in range(c):
+        ref = _numpy_scaled_dot(theta.numpy(), stack[i].numpy(), grad.numpy(), dim)
+        assert _rel(got[i], ref) <= 1e-12
+    kinds = {k[-1] for k in cache.grids if k[0] == "gram"}
+    assert kinds == {not (off and c > 1)}
 
 
 def test_strided_head_view_matches_numpy() -> None:
