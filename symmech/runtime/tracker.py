@@ -168,7 +168,11 @@ class Tracker:
             if not f.module.CLOSES or f.frozen:
                 continue
             groups = set(f.group_indices)
-            key = (min(groups), f.module.KAPPA) if len(groups) == 1 else ("solo", id(f))
+            # specs with constants (attention heads) in banks of their own: they are evaluated
+            # family by family (batched), and would keep the others' banks off the one read
+            # of :mod:`.program`, which traces specs without constants only
+            traced = not f.module.CONSTANTS
+            key = (min(groups), f.module.KAPPA, traced) if len(groups) == 1 else ("solo", id(f))
             by_key.setdefault(key, []).append(f)
         self.banks = [Bank(fams) for fams in by_key.values()]
         self._bank_of = {id(f): bank for bank in self.banks for f in bank.families}

@@ -36,6 +36,7 @@ from support.training import (
 )
 
 import symmech
+from symmech.demo.models import transformer_block
 from symmech.runtime import directions, fused, native, program
 from symmech.runtime.binding import BoundSlice
 from symmech.runtime.family import TrackerWarning
@@ -417,6 +418,47 @@ def test_adam_steps_made_inside_the_sweep(monkeypatch, name, optimizer) -> None:
     assert _worst(rows, eager_rows) <= 1e-12
     assert law_error(rows, charges, "discrete_residual") <= 1e-10
     assert_same_training(plain_net.model, net.model, plain_opt, opt)
+
+
+def _transformer_run(mode: str | None, steps: int = 6):
+    torch.manual_seed(0)
+    model = transformer_block(32, 2, 64, 6, 5, 8).double()  # heads of 16: diagonal generators
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    x = torch.randn(4, 6, 8, dtype=torch.float64)
+    y = torch.randint(0, 5, (4,))
+    tracker = None
+    if mode is not None:
+        fused.MODE = mode
+        tracker = symmech.track(model, opt, example_input=(x, y), log_every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrackerWarning)
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    return model, opt, tracker, None if tracker is None else tracker.records()
+
+
+def test_attention_heads_bank_apart_and_the_rest_is_read_at_once(monkeypatch) -> None:
+    # a transformer block under AdamW: the attention heads' families (specs with constants,
+    # evaluated family by family) have banks of their own, so the norms', the MLP's and the
+    # stream's bank is read at once; the records equal the per-family eager path's to 1e-12
+    # and training is bit-identical
+    plain_model, plain_opt, _, _ = _transformer_run(None)
+    _, _, _, eager_rows = _transformer_run("eager")
+    counter = _Counter(monkeypatch)
+    model, opt, tracker, rows = _transformer_run("native")
+    monkeypatch.undo()
+    banks = tracker.banks
+    assert banks is not None
+    heads = [b for b in banks if any(f.module.CONSTANTS for f in b.families)]
+    assert heads and all(f.module.CONSTANTS for b in heads for f in b.families)
+    assert any(f.symmetry.startswith("attention") for b in heads for f in b.families)
+    rest = [b for b in banks if b not in heads]
+    assert rest and all(tracker._programs._steady(b) is not None for b in rest)
+    assert counter.steps >= 4 and tracker._programs.off is None
+    assert _worst(rows, eager_rows) <= 1e-12
+    assert_same_training(plain_model, model, plain_opt, opt)
 
 
 @pytest.mark.parametrize(
