@@ -59,9 +59,12 @@ AUTO_MIN_ELEMENTS = 1_000_000
 #: step, 3.3–3.5× with the kernel against 3.7–6.0× eager (the eager products are temporaries,
 #: whose cost depends on what the allocator returned to the system before: after a small
 #: confirmation every one page-faults), logging every 50 steps 2.4–2.5× against 2.2–2.3×; under
-#: AdamW 1.8–2.3× against 3.0–4.1×. A transformer block of 0.8 M entries (71 families) measured
-#: 3.4× against 2.7× under AdamW: below 1 M entries Python per tensor outweighs the sweep.
-AUTO_MIN_ELEMENTS_CPU = 1_000_000
+#: AdamW 1.8–2.3× against 3.0–4.1×. A transformer block of 0.8 M entries (71 families) under
+#: AdamW measured 3.4× against 2.7× while its attention heads kept every family of their bank
+#: off the one read; with the heads in banks of their own, 3.1× against 4.1× logging every step
+#: and 2.4× against 3.3× every 50 steps. Much smaller models stay eager: Python per tensor
+#: outweighs the sweep there, and they need no build.
+AUTO_MIN_ELEMENTS_CPU = 500_000
 #: compiled functions kept (one per model layout: shapes, strides, dtypes, group dims, products)
 MAX_COMPILED = 8
 
