@@ -36,6 +36,7 @@ import torch
 
 from . import fused, native
 from .bank import Bank
+from .binding import BoundSlice
 from .coming_step import AdamPass
 from .directions import modelled
 from .family import Family, coming_steps
@@ -97,10 +98,19 @@ class Gather:
 
     def __init__(self, wanted: list[tuple[Request, list[Part]]]) -> None:
         sweeps: dict[tuple, _Sweep] = {}  # (tensor id, view) -> its sweep
+        diagonals: dict[tuple, tuple[int, torch.Tensor]] = {}  # slot -> diagonal_groups
         for _, parts in wanted:
             for _, lin, fam in parts:
                 for atom in lin.terms:
                     tid, view, dim = atom[1]
+                    if atom[0] == "diag":  # read from the tensor itself, along its dimension d
+                        spec = _spec_of(fam, atom[1])
+                        if atom[1] not in diagonals:
+                            diagonals[atom[1]] = diagonal_groups(spec)
+                        d = diagonals[atom[1]][0]
+                        sw = sweeps.setdefault((tid, None), _Sweep(BoundSlice(spec.tensor, d)))
+                        sw.add(atom[2], atom[3], d)
+                        continue
                     sw = sweeps.setdefault((tid, view), _Sweep(_spec_of(fam, atom[1])))
                     sw.add(atom[2], atom[3] if atom[0] == "prod" else None, dim)
         self.sweeps = list(sweeps.values())
@@ -131,7 +141,12 @@ class Gather:
             for offset, lin, fam in parts:
                 n = fam.n_groups
                 for atom, c in lin.terms.items():
-                    src.extend(range(where[atom], where[atom] + n))
+                    if atom[0] == "diag":  # group g's a-th entry: index k[g, a] along d
+                        d, k = diagonals[atom[1]]
+                        at = where[("prod", (atom[1][0], None, d), atom[2], atom[3])]
+                        src.extend((at + k[:, atom[4]]).tolist())
+                    else:
+                        src.extend(range(where[atom], where[atom] + n))
                     dst.extend(range(start + offset, start + offset + n))
                     coef.extend([c] * n)
                 size = max(size, offset + n)
@@ -209,6 +224,38 @@ def _check_groups(value: Lin | Forms, fam: Family) -> None:
             groups = _spec_of(fam, atom[1]).n_groups
             if groups != fam.n_groups:
                 raise NotTraced(f"a term of {groups} groups in a family of {fam.n_groups}")
+
+
+def diagonal_groups(spec: BoundSlice) -> tuple[int, torch.Tensor]:
+    """Where a slice's diagonal terms lie in its tensor: a dimension d and, per group g and
+    entry a of the slice's last axis, the index k[g, a] along d such that the entries the term
+    sums, slice[g, …, a], are exactly the tensor's entries with index k[g, a] along d (a head's
+    feature: a row of q's weight, a column of the output projection's). The term is then the
+    kernel's group sum along d at k. Raises :class:`NotTraced` when no dimension holds them.
+
+    >>> import torch
+    >>> w = torch.zeros(6, 5)  # two heads of 3 features, as rows
+    >>> d, k = diagonal_groups(BoundSlice(w, 0, ("strided", (2, 5, 3), (15, 1, 5), 0)))
+    >>> d, k.tolist()
+    (0, [[0, 1, 2], [3, 4, 5]])
+    """
+    shape = tuple(spec.tensor.shape)
+    flat = spec.shaped(torch.arange(math.prod(shape)).view(shape))
+    if flat.ndim < 2 or (spec.dim is not None and spec.dim % flat.ndim == flat.ndim - 1):
+        raise NotTraced("a diagonal term on a slice without a feature axis of its own")
+    flat = flat.movedim(spec.dim % flat.ndim, 0) if spec.dim is not None else flat.unsqueeze(0)
+    summed = flat.reshape(flat.shape[0], -1, flat.shape[-1])  # (G, the entries summed, a)
+    distinct = bool((summed.sort(dim=1).values.diff(dim=1) != 0).all())
+    coords = torch.unravel_index(summed, shape)
+    for d, c in enumerate(coords):
+        k = c[:, 0, :]
+        if (
+            distinct
+            and summed.shape[1] * shape[d] == math.prod(shape)
+            and bool((c == k[:, None]).all())
+        ):
+            return d, k
+    raise NotTraced("a diagonal term whose entries are not one index of a dimension")
 
 
 def _spec_of(fam: Family, where: tuple) -> Any:
@@ -298,7 +345,7 @@ class Programs:
             return None
         first = fams[0]
         for f in fams:
-            if not f.tracked or f.q0 is None or f.restart_due is not None or f.batch is not None:
+            if not f.tracked or f.q0 is None or f.restart_due is not None:
                 return None
         hyper, general = first.hyper()
         state, grads = self.optimizer.state, self.cache.grads
@@ -344,7 +391,11 @@ class Programs:
         if key not in self._traced:
             try:
                 parts = [
-                    (offset, trace(f.module, fn[0], f.binding.blocks, fn[1]), f)
+                    (
+                        offset,
+                        trace(f.module, fn[0], f.binding.blocks, fn[1], f.binding.constants),
+                        f,
+                    )
                     for offset, f in zip(bank.offsets, bank.families)
                 ]
                 for _, value, f in parts:

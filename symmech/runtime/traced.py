@@ -2,13 +2,15 @@
 
 Every data term a generated module computes (Q, rₖ = ⟨ξ, g⟩, the forms ⟨x, J y⟩) is, for a
 spec without constants, a fixed linear combination of per-group inner products ⟨x, y⟩ of one
-bound slice's θ, g or momentum buffer, and of per-group sums ⟨𝟙, x⟩ (translations).
+bound slice's θ, g or momentum buffer, and of per-group sums ⟨𝟙, x⟩ (translations). A term
+⟨x M, y⟩ with a diagonal constant M (a large attention head's generator eᵢeᵢᵀ) is one too:
+Σ_a M_aa times the per-group products of the slices' a-th entries along their last axis.
 :func:`trace` runs the function once on stand-in slices that record that combination instead of
 computing it, so a bank can later compute the terms of all its families by one gather from the
 products of one sweep (:mod:`.program`).
 
-Anything else, a constant matrix, a whole-matrix product, a product of two terms, a branch on a
-value, makes the trace fail (:class:`NotTraced`) and the family keeps its own evaluation: a
+Anything else, a constant off its diagonal, a whole-matrix product, a product of two terms, a
+branch on a value, makes the trace fail (:class:`NotTraced`) and the family keeps its own evaluation: a
 stand-in's whole-matrix form (``pair``) is NaN, so a term computed from it cannot pass for zero.
 
 >>> import torch
@@ -31,8 +33,9 @@ import torch
 from .binding import BoundSlice
 from .kernels import Forms
 
-#: what a term reads: ("prod", slot, role, role) with the roles sorted, or ("sum", slot, role);
-#: a slot is (id of the bound tensor, its view, its group dimension)
+#: what a term reads: ("prod", slot, role, role) with the roles sorted, ("sum", slot, role), or
+#: ("diag", slot, role, role, a): the per-group products of the slices' entries a along their
+#: last axis; a slot is (id of the bound tensor, its view, its group dimension)
 Atom = tuple
 FORM_FIELDS = ("tt", "tg", "gg", "tb", "gb", "bb")
 
@@ -129,6 +132,25 @@ class Stand:
     def sum(self) -> Lin:
         return Lin({("sum", self.slot, self.role): 1.0})
 
+    def scaled_dot(self, m: torch.Tensor, other: Any) -> Lin:
+        """⟨x M, y⟩ per group for a diagonal constant M: Σ_a M_aa ("diag", slot, …, a); any
+        other M, or y in another layout, fails the trace."""
+        if type(other) is not Stand or other.slot != self.slot:
+            raise NotTraced("a product of two different layouts")
+        meta = self.spec.shaped(torch.empty(self.spec.tensor.shape, device="meta"))
+        dim = self.spec.dim
+        if m.ndim != 2 or meta.ndim < 2 or tuple(m.shape) != (meta.shape[-1],) * 2:
+            raise NotTraced(f"a constant of shape {tuple(m.shape)} on a slice {tuple(meta.shape)}")
+        if dim is not None and dim % meta.ndim == meta.ndim - 1:
+            raise NotTraced("a constant that mixes groups (the group axis last)")
+        d = m.detach().diagonal()
+        if not torch.equal(torch.diag(d), m.detach()):
+            raise NotTraced("a constant that is not diagonal")
+        first, second = sorted((self.role, other.role))
+        return Lin(
+            {("diag", self.slot, first, second, a): v for a, v in enumerate(d.tolist()) if v}
+        )
+
     def gram(self, *args: Any) -> None:
         return None  # no shared Gram matrix: a constant's term goes through pair() (NaN)
 
@@ -139,15 +161,24 @@ class Stand:
         return self.spec.prepare(nan)
 
 
-def trace(module: Any, name: str, blocks: dict[str, list[BoundSlice]], roles: tuple) -> Any:
-    """``module.<name>`` of stand-ins with the given roles (None: an absent argument) as a
-    :class:`Lin`, or a :class:`~.kernels.Forms` of them; raises :class:`NotTraced`."""
-    if module.CONSTANTS:
-        raise NotTraced("a spec with constants")
-    args = [
+def trace(
+    module: Any,
+    name: str,
+    blocks: dict[str, list[BoundSlice]],
+    roles: tuple,
+    constants: dict[str, torch.Tensor] | None = None,
+) -> Any:
+    """``module.<name>`` of stand-ins with the given roles (None: an absent argument) and the
+    family's ``constants`` as a :class:`Lin`, or a :class:`~.kernels.Forms` of them; raises
+    :class:`NotTraced`."""
+    if module.CONSTANTS and constants is None:
+        raise NotTraced("a spec with constants, and none given")
+    args: list[Any] = [
         None if r is None else {b: [Stand(s, r) for s in slices] for b, slices in blocks.items()}
         for r in roles
     ]
+    if module.CONSTANTS:
+        args.append(constants)
     try:
         value = getattr(module, name)(*args)
     except NotTraced:

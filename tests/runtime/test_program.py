@@ -1,8 +1,12 @@
 """The banks read at once (symmech/runtime/program.py, traced.py) against independent computations.
 
 * a generated function's traced form, evaluated term by term on random tensors, equals the
-  function itself run on plain tensors, for every built-in spec without constants; specs with
-  constants, products of terms and branches on values are refused;
+  function itself run on plain tensors, for every built-in spec without constants and for the
+  attention heads' diagonal generators (traced with their constants); constants off the
+  diagonal, products of terms and branches on values are refused; where a diagonal term's
+  entries lie in its tensor, against a brute-force search;
+* a transformer block under AdamW: the heads' banks apart from the rest, read at once with heads
+  of 16 features and family by family with heads of 4, the eager records, training untouched;
 * on the float64 test nets, under every case of torch.optim.SGD (heavy ball, no momentum,
   Nesterov, dampening, weight decay) and logging/residual settings drawn by hypothesis, the
   tracker with the banks read at once gives the records of the per-family eager path to 1e-12,
@@ -73,13 +77,16 @@ def _reduce(x: torch.Tensor, dim: int | None) -> torch.Tensor:
 
 
 def _evaluate(lin, specs: dict[tuple, BoundSlice], values: dict[str, dict[int, torch.Tensor]]):
-    """A traced combination evaluated term by term on the tensors ``values[role][id(tensor)]``."""
+    """A traced combination evaluated term by term on the tensors ``values[role][id(tensor)]``
+    (a diagonal term: the slices' entries a along their last axis)."""
     out = None
     for atom, c in lin.terms.items():
         spec = specs[atom[1]]
         dim = atom[1][2]
         x = spec.shaped(values[atom[2]][id(spec.tensor)])
         term = x if atom[0] == "sum" else x * spec.shaped(values[atom[3]][id(spec.tensor)])
+        if atom[0] == "diag":
+            term = term[..., atom[4]]
         term = c * _reduce(term, dim)
         out = term if out is None else out + term
     return out
@@ -90,6 +97,18 @@ def _plain(blocks: dict[str, list[BoundSlice]], role_values: dict[int, torch.Ten
     path, which shares nothing with the traced one."""
     return {
         b: [s.prepare(role_values[id(s.tensor)]) for s in slices] for b, slices in blocks.items()
+    }
+
+
+def _random_values(blocks: dict[str, list[BoundSlice]], gen: torch.Generator) -> dict:
+    """Random float64 θ, g and b (roles "t", "g", "b") for every bound tensor, by id."""
+    return {
+        role: {
+            id(s.tensor): torch.randn(s.tensor.shape, generator=gen, dtype=torch.float64)
+            for slices in blocks.values()
+            for s in slices
+        }
+        for role in "tgb"
     }
 
 
@@ -105,14 +124,7 @@ def test_traced_terms_equal_the_generated_functions(name) -> None:
         for slices in blocks.values():
             for s in slices:
                 specs[slot(s)] = s
-        values = {
-            role: {
-                id(s.tensor): torch.randn(s.tensor.shape, generator=gen, dtype=torch.float64)
-                for slices in blocks.values()
-                for s in slices
-            }
-            for role in "tgb"
-        }
+        values = _random_values(blocks, gen)
         calls = [("charge", ("t",)), ("residual", ("t", "g")), ("quadratic", ("b",)),
                  ("forms", ("t", "g", None)), ("forms", ("t", "g", "b"))]  # fmt: skip
         for fn, roles in calls:
@@ -135,6 +147,86 @@ def test_traced_terms_equal_the_generated_functions(name) -> None:
                 torch.testing.assert_close(got, value.reshape(-1), rtol=1e-12, atol=1e-12)
 
 
+def test_traced_attention_terms_equal_the_generated_functions() -> None:
+    # heads of 16 features: one family per diagonal generator eᵢeᵢᵀ, traced with its constant
+    # into ("diag", …, a) terms; evaluated on the slices' entries a against the generated
+    # functions run on plain tensors with the constant multiplied out
+    torch.manual_seed(0)
+    model = transformer_block(32, 2, 64, 6, 5, 8).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tracker = symmech.track(model, opt, example_input=(torch.randn(2, 6, 8).double(),
+                                                       torch.randint(0, 5, (2,))))  # fmt: skip
+    heads = [f for f in tracker.families if f.module.CONSTANTS]
+    assert len(heads) == 32
+    gen = torch.Generator().manual_seed(1)
+    for family in heads:
+        blocks, const = family.binding.blocks, family.binding.constants
+        specs = {slot(s): s for slices in blocks.values() for s in slices}
+        values = _random_values(blocks, gen)
+        for fn, roles in (("charge", ("t",)), ("residual", ("t", "g")), ("quadratic", ("b",))):
+            traced = trace(family.module, fn, blocks, roles, const)
+            assert {atom[0] for atom in traced.terms} == {"diag"}
+            args = [_plain(blocks, values[r]) for r in roles]
+            want = getattr(family.module, fn)(*args, const)
+            got = _evaluate(traced, specs, values)
+            torch.testing.assert_close(got, want.reshape(-1), rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    heads=st.integers(1, 3),
+    features=st.integers(1, 4),
+    inner=st.integers(1, 5),
+    layout=st.sampled_from(["rows", "columns", "interleaved", "mixed", "repeated"]),
+)
+def test_diagonal_groups_against_a_brute_force_search(heads, features, inner, layout) -> None:
+    # the slab a diagonal term reads, found by diagonal_groups, against every dimension tried
+    # by brute force on the entries the term sums; a layout where a feature's entries are no
+    # one index of a dimension is refused
+    width = heads * features
+    if layout == "rows":  # a q weight: (heads·features) rows of ``inner`` inputs
+        w = torch.zeros(width, inner)
+        view = ("strided", (heads, inner, features), (features * inner, 1, inner), 0)
+    elif layout == "columns":  # an output projection: ``inner`` rows of (heads·features) inputs
+        w = torch.zeros(inner, width)
+        view = ("strided", (heads, inner, features), (features, width, 1), 0)
+    elif layout == "interleaved":  # features outermost: row f·heads + h
+        w = torch.zeros(width, inner)
+        view = ("strided", (heads, inner, features), (inner, 1, heads * inner), 0)
+    elif layout == "mixed":  # each feature's entries spread over two rows: no slab
+        if inner < 2 or width < 2:
+            return
+        w = torch.zeros(width, inner)
+        view = ("strided", (heads, inner, features), (features * inner, 1, 1), 0)
+    else:  # one entry of a row read ``inner`` times: in one slab, but not the whole of it
+        if inner < 2:
+            return
+        w = torch.zeros(width, inner)
+        view = ("strided", (heads, inner, features), (features * inner, 0, inner), 0)
+    spec = BoundSlice(w, 0, view)
+    flat = spec.shaped(torch.arange(w.numel()).view(w.shape))
+    want = None
+    for d in range(w.ndim):
+        index = torch.arange(w.numel()).view(w.shape)
+        ok, k = True, torch.empty(heads, features, dtype=torch.long)
+        for g in range(heads):
+            for a in range(features):
+                entries = sorted(flat[g, :, a].tolist())  # with repeats: summed as often
+                coord = {int(i) // w.stride(d) % w.shape[d] for i in entries}
+                slab = sorted(index.select(d, next(iter(coord))).reshape(-1).tolist())
+                ok = ok and len(coord) == 1 and entries == slab
+                k[g, a] = next(iter(coord))
+        if ok:
+            want = (d, k)
+            break
+    if want is None:
+        with pytest.raises(NotTraced):
+            program.diagonal_groups(spec)
+        return
+    d, k = program.diagonal_groups(spec)
+    assert d == want[0] and torch.equal(k, want[1])
+
+
 class _Fake:
     CONSTANTS = ()
 
@@ -154,7 +246,7 @@ class _Fake:
     def matrix(th):
         from symmech.runtime.kernels import dot, mm
 
-        return dot(mm(th["theta"], torch.eye(3, dtype=torch.float64)), th["theta"])
+        return dot(mm(th["theta"], torch.ones(3, 3, dtype=torch.float64)), th["theta"])
 
     @staticmethod
     def scaled_by_tensor(th):
@@ -420,9 +512,9 @@ def test_adam_steps_made_inside_the_sweep(monkeypatch, name, optimizer) -> None:
     assert_same_training(plain_net.model, net.model, plain_opt, opt)
 
 
-def _transformer_run(mode: str | None, steps: int = 6):
+def _transformer_run(mode: str | None, n_heads: int = 2, steps: int = 6):
     torch.manual_seed(0)
-    model = transformer_block(32, 2, 64, 6, 5, 8).double()  # heads of 16: diagonal generators
+    model = transformer_block(32, n_heads, 64, 6, 5, 8).double()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     x = torch.randn(4, 6, 8, dtype=torch.float64)
     y = torch.randint(0, 5, (4,))
@@ -439,15 +531,18 @@ def _transformer_run(mode: str | None, steps: int = 6):
     return model, opt, tracker, None if tracker is None else tracker.records()
 
 
-def test_attention_heads_bank_apart_and_the_rest_is_read_at_once(monkeypatch) -> None:
-    # a transformer block under AdamW: the attention heads' families (specs with constants,
-    # evaluated family by family) have banks of their own, so the norms', the MLP's and the
-    # stream's bank is read at once; the records equal the per-family eager path's to 1e-12
-    # and training is bit-identical
-    plain_model, plain_opt, _, _ = _transformer_run(None)
-    _, _, _, eager_rows = _transformer_run("eager")
+@pytest.mark.parametrize("n_heads, read_at_once", [(2, True), (8, False)])
+def test_attention_heads_bank_apart(monkeypatch, n_heads, read_at_once) -> None:
+    # a transformer block under AdamW: the attention heads' families (specs with constants)
+    # have banks of their own, so the norms', the MLP's and the stream's bank is read at once
+    # whatever the heads do. Heads of 16 features (one diagonal generator eᵢeᵢᵀ a family) are
+    # read at once too, from the rows of q, k, v and the columns of the output projection;
+    # heads of 4 (every entry i ≤ j, constants off the diagonal) keep the per-family path.
+    # The records equal the per-family eager path's to 1e-12, training is bit-identical.
+    plain_model, plain_opt, _, _ = _transformer_run(None, n_heads)
+    _, _, _, eager_rows = _transformer_run("eager", n_heads)
     counter = _Counter(monkeypatch)
-    model, opt, tracker, rows = _transformer_run("native")
+    model, opt, tracker, rows = _transformer_run("native", n_heads)
     monkeypatch.undo()
     banks = tracker.banks
     assert banks is not None
@@ -456,6 +551,10 @@ def test_attention_heads_bank_apart_and_the_rest_is_read_at_once(monkeypatch) ->
     assert any(f.symmetry.startswith("attention") for b in heads for f in b.families)
     rest = [b for b in banks if b not in heads]
     assert rest and all(tracker._programs._steady(b) is not None for b in rest)
+    steady = tracker._programs.before(banks, log=True)
+    assert steady is not None
+    on_path = {banks.index(b) for b in heads} & set(steady.banks)
+    assert bool(on_path) == read_at_once
     assert counter.steps >= 4 and tracker._programs.off is None
     assert _worst(rows, eager_rows) <= 1e-12
     assert_same_training(plain_model, model, plain_opt, opt)
