@@ -512,10 +512,13 @@ def test_adam_steps_made_inside_the_sweep(monkeypatch, name, optimizer) -> None:
     assert_same_training(plain_net.model, net.model, plain_opt, opt)
 
 
-def _transformer_run(mode: str | None, n_heads: int = 2, steps: int = 6):
+def _transformer_run(mode: str | None, n_heads: int = 2, optimizer: str = "adamw", steps: int = 6):
     torch.manual_seed(0)
     model = transformer_block(32, n_heads, 64, 6, 5, 8).double()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    else:  # heavy ball: the buffer's uᵀJu read after the step
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
     x = torch.randn(4, 6, 8, dtype=torch.float64)
     y = torch.randint(0, 5, (4,))
     tracker = None
@@ -531,18 +534,19 @@ def _transformer_run(mode: str | None, n_heads: int = 2, steps: int = 6):
     return model, opt, tracker, None if tracker is None else tracker.records()
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 @pytest.mark.parametrize("n_heads, read_at_once", [(2, True), (8, False)])
-def test_attention_heads_bank_apart(monkeypatch, n_heads, read_at_once) -> None:
-    # a transformer block under AdamW: the attention heads' families (specs with constants)
+def test_attention_heads_bank_apart(monkeypatch, n_heads, read_at_once, optimizer) -> None:
+    # a transformer block under AdamW or SGD: the attention heads' families (specs with constants)
     # have banks of their own, so the norms', the MLP's and the stream's bank is read at once
     # whatever the heads do. Heads of 16 features (one diagonal generator eᵢeᵢᵀ a family) are
     # read at once too, from the rows of q, k, v and the columns of the output projection;
     # heads of 4 (every entry i ≤ j, constants off the diagonal) keep the per-family path.
     # The records equal the per-family eager path's to 1e-12, training is bit-identical.
-    plain_model, plain_opt, _, _ = _transformer_run(None, n_heads)
-    _, _, _, eager_rows = _transformer_run("eager", n_heads)
+    plain_model, plain_opt, _, _ = _transformer_run(None, n_heads, optimizer)
+    _, _, _, eager_rows = _transformer_run("eager", n_heads, optimizer)
     counter = _Counter(monkeypatch)
-    model, opt, tracker, rows = _transformer_run("native", n_heads)
+    model, opt, tracker, rows = _transformer_run("native", n_heads, optimizer)
     monkeypatch.undo()
     banks = tracker.banks
     assert banks is not None
