@@ -471,6 +471,7 @@ def test_a_pending_adam_step_is_made_once_before_the_step_and_refused_after_it(
     assert native.build(), native.failure()
     monkeypatch.setattr(fused, "MODE", "native")
     monkeypatch.setattr(directions_module, "SMALL", 8)
+    monkeypatch.setattr(directions_module, "SMALL_PENDING", 8)
     gen = torch.Generator().manual_seed(0)
     w = nn.Parameter(torch.randn(6, 5, generator=gen, dtype=DTYPE))
     opt = torch.optim.AdamW([w], lr=0.01, weight_decay=0.1, amsgrad=True)

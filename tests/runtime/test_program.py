@@ -501,6 +501,7 @@ def test_adam_steps_made_inside_the_sweep(monkeypatch, name, optimizer) -> None:
     # the charge measured by hand, training bit-identical
     make = ADAPTIVE[optimizer]
     monkeypatch.setattr(directions, "SMALL", 16)
+    monkeypatch.setattr(directions, "SMALL_PENDING", 16)
     plain_net, plain_opt, _, _, _ = _run_with(name, make, None, 10)
     _, _, _, eager_rows, _ = _run_with(name, make, "eager", 10, log_every=2)
     counter, made = _Counter(monkeypatch), _MadeSteps(monkeypatch)
