@@ -163,6 +163,11 @@ class Tracker:
             return None
 
     def _make_banks(self) -> None:
+        self.banks = [Bank(fams) for fams in self._bank_families()]
+        self._bank_of = {id(f): bank for bank in self.banks for f in bank.families}
+
+    def _bank_families(self) -> list[list[Family]]:
+        """The families of each bank, in order."""
         by_key: dict[tuple, list[Family]] = {}
         for f in self.families:
             if not f.module.CLOSES or f.frozen:
@@ -174,8 +179,7 @@ class Tracker:
             traced = not f.module.CONSTANTS
             key = (min(groups), f.module.KAPPA, traced) if len(groups) == 1 else ("solo", id(f))
             by_key.setdefault(key, []).append(f)
-        self.banks = [Bank(fams) for fams in by_key.values()]
-        self._bank_of = {id(f): bank for bank in self.banks for f in bank.families}
+        return list(by_key.values())
 
     def _snapshots(
         self, observed: dict[int, torch.Tensor | None], final: bool = False
@@ -505,13 +509,23 @@ class Tracker:
                     "track the same symmetries of the same model before loading",
                 )
             )
+        banks = len(self._bank_families())
+        if banks != len(state["banks"]):  # a state from a symmech that banked otherwise
+            raise BindingError(
+                explain(
+                    call,
+                    f"the saved laws fill {len(state['banks'])} banks, this tracker has "
+                    f"{banks} (a state saved before the specs with constants, the attention "
+                    "heads, had banks of their own)",
+                    "track without load_state_dict: the model and the optimizer load as they "
+                    "are, and the laws start again from the observed charges",
+                )
+            )
         for f, saved in zip(self.families, state["families"]):
             f.load_state_dict(saved)
         self._detect = None
         self._make_banks()
         assert self.banks is not None
-        if len(self.banks) != len(state["banks"]):  # pragma: no cover - same families, same banks
-            raise BindingError(explain(call, "the saved laws do not match this tracker's banks"))
         for bank, laws in zip(self.banks, state["banks"]):
             bank.start()
             if laws is not None:

@@ -7,6 +7,7 @@ without the tracker checks that training stays bit-identical.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -338,7 +339,6 @@ def test_part_of_a_group_without_gradient_restarts_the_law_with_a_note():
 def _nan_then_rollback(net: Net, opt, bad: int, noticed: int, n: int, charges=None) -> None:
     """Train ``n`` steps; step ``bad`` has a NaN loss; after step ``noticed`` roll back to the
     checkpoint taken before step ``bad``."""
-    import copy
 
     good = None
     for k in range(n):
@@ -378,7 +378,6 @@ def test_nan_step_then_rollback_restarts_the_laws_with_a_note():
 
 def test_resuming_from_a_checkpoint_mid_run_restarts_exactly():
     """Loading optimizer state (with other momentum buffers) mid-run: exact again at once."""
-    import copy
 
     net = make_net("rescale")
     opt = torch.optim.SGD(net.model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
@@ -571,6 +570,25 @@ def test_load_state_dict_of_other_families_is_refused():
     opt2 = torch.optim.SGD(other.model.parameters(), lr=0.1)
     with pytest.raises(symmech.BindingError, match=r"the saved tracker has the families"):
         symmech.track(other.model, opt2, other.bindings()).load_state_dict(state)
+
+
+def test_load_state_dict_with_other_banks_says_what_to_do():
+    # a state whose laws fill another number of banks (saved before the specs with constants
+    # had banks of their own: one bank held the heads and the norms) is refused with the counts
+    # and the way on, and the tracker is left as it was
+    net, opt = _resumable()
+    tracker = symmech.track(net.model, opt, net.bindings())
+    _step(net, opt)
+    state = tracker.state_dict()
+    state["banks"] = state["banks"] + [None]
+    fresh = symmech.track(net.model, opt, net.bindings())
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(symmech.BindingError, match=r"fill 2 banks, this tracker has 1.*track "
+                       r"without load_state_dict"):  # fmt: skip
+        fresh.load_state_dict(state)
+    after = fresh.state_dict()
+    assert after["families"] == before["families"] and after["banks"] == before["banks"]
+    assert after["step"] == before["step"]
 
 
 # ---------------------------------------------------------------------------------------------
