@@ -48,6 +48,8 @@ from .traced import FORM_FIELDS, Lin, NotTraced, slot, trace
 Request = tuple[int, str, tuple, str | None]
 #: a family's traced value with the family's offset in its bank
 Part = tuple[int, Lin, Family]
+#: where a slot's diagonal terms lie in its tensor: a dimension and the (G, a) indices along it
+Diagonal = tuple[int, torch.Tensor]
 #: the generated function and the roles of its arguments, per term a step asks for
 CHARGE, RESIDUAL, QUADRATIC = ("charge", ("t",)), ("residual", ("t", "g")), ("quadratic", ("b",))
 FORMS, FORMS_B = ("forms", ("t", "g", None)), ("forms", ("t", "g", "b"))
@@ -96,19 +98,18 @@ class Gather:
     over its families' terms, at the families' offsets: one :func:`.native.scatter`.
     """
 
-    def __init__(self, wanted: list[tuple[Request, list[Part]]]) -> None:
+    def __init__(
+        self, wanted: list[tuple[Request, list[Part]]], diagonals: dict[tuple, Diagonal]
+    ) -> None:
         sweeps: dict[tuple, _Sweep] = {}  # (tensor id, view) -> its sweep
-        diagonals: dict[tuple, tuple[int, torch.Tensor]] = {}  # slot -> diagonal_groups
         for _, parts in wanted:
             for _, lin, fam in parts:
                 for atom in lin.terms:
                     tid, view, dim = atom[1]
                     if atom[0] == "diag":  # read from the tensor itself, along its dimension d
-                        spec = _spec_of(fam, atom[1])
-                        if atom[1] not in diagonals:
-                            diagonals[atom[1]] = diagonal_groups(spec)
                         d = diagonals[atom[1]][0]
-                        sw = sweeps.setdefault((tid, None), _Sweep(BoundSlice(spec.tensor, d)))
+                        tensor = _spec_of(fam, atom[1]).tensor
+                        sw = sweeps.setdefault((tid, None), _Sweep(BoundSlice(tensor, d)))
                         sw.add(atom[2], atom[3], d)
                         continue
                     sw = sweeps.setdefault((tid, view), _Sweep(_spec_of(fam, atom[1])))
@@ -216,14 +217,18 @@ class Gather:
                 at += sums.numel()
 
 
-def _check_groups(value: Lin | Forms, fam: Family) -> None:
-    """Every term of a traced value has one value per group of the family."""
+def _check_groups(value: Lin | Forms, fam: Family, diagonals: dict[tuple, Diagonal]) -> None:
+    """Every term of a traced value has one value per group of the family, and every diagonal
+    term lies in one dimension of its tensor (:func:`diagonal_groups`, kept in ``diagonals``
+    by slot for the gather): otherwise the bank keeps the per-family path."""
     lins = [getattr(value, f) for f in FORM_FIELDS] if isinstance(value, Forms) else [value]
     for lin in lins:
         for atom in [] if lin is None else lin.terms:
-            groups = _spec_of(fam, atom[1]).n_groups
-            if groups != fam.n_groups:
-                raise NotTraced(f"a term of {groups} groups in a family of {fam.n_groups}")
+            spec = _spec_of(fam, atom[1])
+            if spec.n_groups != fam.n_groups:
+                raise NotTraced(f"a term of {spec.n_groups} groups in a family of {fam.n_groups}")
+            if atom[0] == "diag" and atom[1] not in diagonals:
+                diagonals[atom[1]] = diagonal_groups(spec)
 
 
 def diagonal_groups(spec: BoundSlice) -> tuple[int, torch.Tensor]:
@@ -301,6 +306,7 @@ class Programs:
         self.off: str | None = None
         self._traced: dict[tuple, list[Part] | None] = {}
         self._gathers: dict[tuple, Gather] = {}
+        self._diagonals: dict[tuple, Diagonal] = {}  # by slot, found while tracing
         self._large: tuple[int, bool] | None = None
         self._banks: list[Bank] | None = None  # the banks the caches above were made for
 
@@ -399,7 +405,7 @@ class Programs:
                     for offset, f in zip(bank.offsets, bank.families)
                 ]
                 for _, value, f in parts:
-                    _check_groups(value, f)
+                    _check_groups(value, f, self._diagonals)
                 self._traced[key] = parts
             except NotTraced:
                 self._traced[key] = None
@@ -419,7 +425,7 @@ class Programs:
         key = tuple(r for r, _ in requests)
         gather = self._gathers.get(key)
         if gather is None:
-            gather = self._gathers[key] = Gather(requests)
+            gather = self._gathers[key] = Gather(requests, self._diagonals)
         return gather.run(self.read, self.pending)
 
     def before(self, banks: list[Bank], log: bool) -> Step | None:
@@ -428,6 +434,7 @@ class Programs:
             self._banks = banks
             self._traced.clear()
             self._gathers.clear()
+            self._diagonals.clear()
         steady: dict[int, BankStep] = {}
         wanted: list[tuple[int, Bank, tuple, str | None]] = []
         for number, bank in enumerate(banks):

@@ -565,6 +565,27 @@ def test_attention_heads_bank_apart(monkeypatch, n_heads, read_at_once, optimize
     assert_same_training(plain_model, model, plain_opt, opt)
 
 
+def test_heads_whose_features_are_no_slab_keep_their_own_path(monkeypatch) -> None:
+    # when a head's diagonal terms lie in no one dimension of the tensor (diagonal_groups
+    # refuses), only the heads' bank keeps the per-family path: found while tracing, so the
+    # programs stay on for the other banks, with the eager records and training untouched
+    def refuse(spec):
+        raise NotTraced("no slab (on purpose)")
+
+    monkeypatch.setattr(program, "diagonal_groups", refuse)
+    plain_model, plain_opt, _, _ = _transformer_run(None)
+    _, _, _, eager_rows = _transformer_run("eager")
+    model, opt, tracker, rows = _transformer_run("native")
+    banks = tracker.banks
+    assert banks is not None and tracker._programs.off is None
+    steady = tracker._programs.before(banks, log=True)
+    assert steady is not None
+    on_path = {banks[n].families[0].module.CONSTANTS != () for n in steady.banks}
+    assert on_path == {False}
+    assert _worst(rows, eager_rows) <= 1e-12
+    assert_same_training(plain_model, model, plain_opt, opt)
+
+
 @pytest.mark.parametrize(
     "name, args",
     [
