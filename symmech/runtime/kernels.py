@@ -122,7 +122,8 @@ class Scaled:
     def dot(self, other) -> torch.Tensor:
         m = self.matrix
         if hasattr(self.base, "scaled_dot"):  # a stand-in being traced (:mod:`.traced`)
-            return self.base.scaled_dot(m, other)
+            diag = _converted(m, torch.float64, diagonal=True) if m.ndim == 2 else None
+            return self.base.scaled_dot(diag, other)
         stacked_ok = m.ndim == 2 or (m.ndim == 3 and _Stacked.count)
         if type(other) is not Scaled and hasattr(other, "gram") and stacked_ok:
             # diagonal constants (a large head's generators eᵢeᵢᵀ): only the Gram's diagonal

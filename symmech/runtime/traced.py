@@ -10,8 +10,9 @@ computing it, so a bank can later compute the terms of all its families by one g
 products of one sweep (:mod:`.program`).
 
 Anything else, a constant off its diagonal, a whole-matrix product, a product of two terms, a
-branch on a value, makes the trace fail (:class:`NotTraced`) and the family keeps its own evaluation: a
-stand-in's whole-matrix form (``pair``) is NaN, so a term computed from it cannot pass for zero.
+branch on a value, makes the trace fail (:class:`NotTraced`) and the family keeps its own
+evaluation: a stand-in's whole-matrix form (``pair``) is NaN, so a term computed from it cannot
+pass for zero.
 
 >>> import torch
 >>> from symmech.runtime.binding import BoundSlice
@@ -132,23 +133,23 @@ class Stand:
     def sum(self) -> Lin:
         return Lin({("sum", self.slot, self.role): 1.0})
 
-    def scaled_dot(self, m: torch.Tensor, other: Any) -> Lin:
-        """⟨x M, y⟩ per group for a diagonal constant M: Σ_a M_aa ("diag", slot, …, a); any
+    def scaled_dot(self, diagonal: torch.Tensor | None, other: Any) -> Lin:
+        """⟨x M, y⟩ per group for a constant M whose ``diagonal`` is all it holds (None: M is
+        not a diagonal matrix, :func:`.kernels._converted`): Σ_a M_aa ("diag", slot, …, a); any
         other M, or y in another layout, fails the trace."""
         if type(other) is not Stand or other.slot != self.slot:
             raise NotTraced("a product of two different layouts")
+        if diagonal is None:
+            raise NotTraced("a constant that is not diagonal")
         meta = self.spec.shaped(torch.empty(self.spec.tensor.shape, device="meta"))
         dim = self.spec.dim
-        if m.ndim != 2 or meta.ndim < 2 or tuple(m.shape) != (meta.shape[-1],) * 2:
-            raise NotTraced(f"a constant of shape {tuple(m.shape)} on a slice {tuple(meta.shape)}")
+        if meta.ndim < 2 or meta.shape[-1] != diagonal.numel():
+            raise NotTraced(f"a constant of {diagonal.numel()} rows on a slice {tuple(meta.shape)}")
         if dim is not None and dim % meta.ndim == meta.ndim - 1:
             raise NotTraced("a constant that mixes groups (the group axis last)")
-        d = m.detach().diagonal()
-        if not torch.equal(torch.diag(d), m.detach()):
-            raise NotTraced("a constant that is not diagonal")
         first, second = sorted((self.role, other.role))
         return Lin(
-            {("diag", self.slot, first, second, a): v for a, v in enumerate(d.tolist()) if v}
+            {("diag", self.slot, first, second, a): v for a, v in enumerate(diagonal.tolist()) if v}
         )
 
     def gram(self, *args: Any) -> None:
