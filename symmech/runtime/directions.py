@@ -172,9 +172,7 @@ def _adam(
     if host_counter:
         step = _value(step_t)
         bc1, bc2 = 1 - beta1**step, 1 - beta2**step
-        if _one_pass_applies(
-            group, grad, exp_avg, exp_avg_sq, vmax, SMALL_PENDING if defer else SMALL
-        ):
+        if _one_pass_applies(group, grad, exp_avg, exp_avg_sq, vmax, _largest_batched(defer)):
             one_pass = AdamPass(grad, exp_avg, exp_avg_sq, vmax, (beta1, beta2), bc2**0.5, eps)
             if defer:  # made when first read, or inside the sweep of the banks read at once
                 return Direction(shrink, lr / bc1, pending=one_pass)
@@ -220,13 +218,12 @@ def _one_pass_applies(
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
     vmax: torch.Tensor | None,
-    smallest: int = 1 << 16,
+    smallest: int,
 ) -> bool:
     """Whether symmech's C++ kernel makes aₖ in one pass: loaded, the products not kept eager
     (:data:`.fused.MODE`), contiguous CPU float32/float64 tensors larger than ``smallest``
-    (:data:`SMALL`, or :data:`SMALL_PENDING` for a step that may be left pending; smaller ones
-    go through one foreach pass together, :func:`directions_of`, with the values of torch's
-    ops). Then aₖ can also be left pending (:class:`~.coming_step.AdamPass`), for the banks
+    (:func:`_largest_batched`; smaller ones go through one foreach pass together,
+    :func:`directions_of`, with the values of torch's ops). Then aₖ can also be left pending (:class:`~.coming_step.AdamPass`), for the banks
     read at once to make it in their sweep."""
     if fused.MODE == "eager" or not native.ready() or group["differentiable"]:
         return False
@@ -340,6 +337,13 @@ SMALL = 1 << 16
 SMALL_PENDING = 1 << 12
 
 
+def _largest_batched(defer: bool) -> int:
+    """The largest tensor whose aₖ the foreach batch makes: :data:`SMALL_PENDING` when the
+    step may be left pending for the kernel's sweep (loaded, products not kept eager), else
+    :data:`SMALL`."""
+    return SMALL_PENDING if defer and native.ready() and fused.MODE != "eager" else SMALL
+
+
 @torch.no_grad()
 def directions_of(
     optimizer: torch.optim.Optimizer,
@@ -361,8 +365,7 @@ def directions_of(
     """
     grads = list(grads) if grads is not None else [None] * len(params)
     out: list[Direction | None] = [None] * len(params)
-    limit = SMALL_PENDING if defer and native.ready() and fused.MODE != "eager" else SMALL
-    small = [i for i, p in enumerate(params) if p.numel() <= limit]
+    small = [i for i, p in enumerate(params) if p.numel() <= _largest_batched(defer)]
     if 0 <= group < len(optimizer.param_groups) and len(small) > 1:
         found = optimizer.param_groups[group]
         fast = _adam_batch(optimizer, found, [params[i] for i in small], [grads[i] for i in small])
