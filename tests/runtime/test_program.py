@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -37,6 +36,7 @@ from support.training import (
     law_error,
     make_net,
     make_opt,
+    worst_record_difference,
 )
 
 import symmech
@@ -48,8 +48,6 @@ from symmech.runtime.kernels import Forms
 from symmech.runtime.traced import FORM_FIELDS, NotTraced, slot, trace
 
 NETS = ("scale", "rescale", "quadratic", "translation", "conv_flatten")
-KEYS = ("observed", "residual", "discrete", "discrete_residual", "first_order", "second_order",
-        "angular_update", "dQ_step", "dQ_decay")  # fmt: skip
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -308,21 +306,6 @@ def _run(name, cfg, mode, steps, between=None, **options):
     return net, opt, tracker, rows
 
 
-def _worst(a: list[dict], b: list[dict]) -> float:
-    assert len(a) == len(b) and len(a) > 0
-    worst = 0.0
-    for ra, rb in zip(a, b):
-        assert (ra["step"], ra["layer"], ra["group"]) == (rb["step"], rb["layer"], rb["group"])
-        assert ra["status"] == rb["status"], (ra["status"], rb["status"])
-        for k in KEYS:
-            x, y = ra.get(k), rb.get(k)
-            if x is None or (isinstance(x, float) and np.isnan(x)):
-                assert y is None or (isinstance(y, float) and np.isnan(y)), (k, x, y)
-                continue
-            worst = max(worst, abs(x - y) / (1.0 + abs(x)))
-    return worst
-
-
 @settings(
     max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -350,7 +333,7 @@ def test_banks_at_once_equal_each_family_on_its_own(
     monkeypatch.undo()
     assert counter.steps >= 6  # every step once the laws run (the first ones are per family)
     assert tracker._programs.off is None
-    assert _worst(rows, eager_rows) <= 1e-12
+    assert worst_record_difference(rows, eager_rows) <= 1e-12
     assert_same_training(plain_net.model, net.model, plain_opt, opt)
 
 
@@ -393,7 +376,7 @@ def test_momentum_switched_off_and_on_and_a_gradient_the_kernel_cannot_read(monk
     counter = _Counter(monkeypatch)
     net, opt, tracker, rows = _run("rescale", cfg, "native", 12, between)
     assert counter.steps >= 8
-    assert _worst(rows, eager_rows) <= 1e-12
+    assert worst_record_difference(rows, eager_rows) <= 1e-12
     assert_same_training(plain_net.model, net.model, plain_opt, opt)
 
 
@@ -422,7 +405,7 @@ def test_an_error_in_the_gather_warns_once_and_each_family_reads_its_own(monkeyp
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrackerWarning)
         rows = tracker.records()
-    assert _worst(rows, eager_rows) <= 1e-12
+    assert worst_record_difference(rows, eager_rows) <= 1e-12
     assert_same_training(plain_net.model, net.model, plain_opt, opt)
 
 
@@ -487,7 +470,7 @@ def test_adaptive_steps_of_banks_at_once(monkeypatch, name, optimizer) -> None:
     net, opt, tracker, rows, charges = _run_with(name, make, "native", 10, log_every=2)
     assert counter.steps >= 8 and tracker._programs.off is None
     assert all(f.general for f in tracker.families)
-    assert _worst(rows, eager_rows) <= 1e-12
+    assert worst_record_difference(rows, eager_rows) <= 1e-12
     assert law_error(rows, charges, "discrete_residual") <= 1e-10
     assert_same_training(plain_net.model, net.model, plain_opt, opt)
 
@@ -508,7 +491,7 @@ def test_adam_steps_made_inside_the_sweep(monkeypatch, name, optimizer) -> None:
     net, opt, tracker, rows, charges = _run_with(name, make, "native", 10, log_every=2)
     assert counter.steps >= 8 and tracker._programs.off is None
     assert made.sweeps >= 8, made.sweeps
-    assert _worst(rows, eager_rows) <= 1e-12
+    assert worst_record_difference(rows, eager_rows) <= 1e-12
     assert law_error(rows, charges, "discrete_residual") <= 1e-10
     assert_same_training(plain_net.model, net.model, plain_opt, opt)
 
@@ -561,7 +544,7 @@ def test_attention_heads_bank_apart(monkeypatch, n_heads, read_at_once, optimize
     on_path = {banks.index(b) for b in heads} & set(steady.banks)
     assert bool(on_path) == read_at_once
     assert counter.steps >= 4 and tracker._programs.off is None
-    assert _worst(rows, eager_rows) <= 1e-12
+    assert worst_record_difference(rows, eager_rows) <= 1e-12
     assert_same_training(plain_model, model, plain_opt, opt)
 
 
@@ -582,7 +565,7 @@ def test_heads_whose_features_are_no_slab_keep_their_own_path(monkeypatch) -> No
     assert steady is not None
     on_path = {banks[n].families[0].module.CONSTANTS != () for n in steady.banks}
     assert on_path == {False}
-    assert _worst(rows, eager_rows) <= 1e-12
+    assert worst_record_difference(rows, eager_rows) <= 1e-12
     assert_same_training(plain_model, model, plain_opt, opt)
 
 

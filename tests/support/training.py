@@ -388,3 +388,26 @@ def assert_same_training(a: nn.Module, b: nn.Module, opt_a, opt_b) -> None:
         for k in sa:
             if torch.is_tensor(sa[k]):
                 assert torch.equal(bits(sa[k]), bits(sb[k])), k
+
+
+#: the record columns two computations of the same run must agree in
+RECORD_KEYS = ("observed", "residual", "discrete", "discrete_residual", "first_order",
+               "second_order", "angular_update", "dQ_step", "dQ_decay")  # fmt: skip
+
+
+def worst_record_difference(a: list[dict], b: list[dict]) -> float:
+    """The largest difference of :data:`RECORD_KEYS` between two runs' records, relative to
+    1 + |value|; the rows must match in step, layer, group and status, and a value missing or
+    NaN on one side must be so on the other."""
+    assert len(a) == len(b) and len(a) > 0
+    worst = 0.0
+    for ra, rb in zip(a, b, strict=True):
+        assert (ra["step"], ra["layer"], ra["group"]) == (rb["step"], rb["layer"], rb["group"])
+        assert ra["status"] == rb["status"], (ra["status"], rb["status"])
+        for k in RECORD_KEYS:
+            x, y = ra.get(k), rb.get(k)
+            if x is None or (isinstance(x, float) and np.isnan(x)):
+                assert y is None or (isinstance(y, float) and np.isnan(y)), (k, x, y)
+                continue
+            worst = max(worst, abs(x - y) / (1.0 + abs(x)))
+    return worst
