@@ -173,9 +173,9 @@ class Tracker:
             if not f.module.CLOSES or f.frozen:
                 continue
             groups = set(f.group_indices)
-            # specs with constants (attention heads) in banks of their own: they are evaluated
-            # family by family (batched), and would keep the others' banks off the one read
-            # of :mod:`.program`, which traces specs without constants only
+            # specs with constants (attention heads) in banks of their own: a constant off its
+            # diagonal (heads of up to 8 features) does not trace, and would keep every other
+            # family of the bank off the one read of :mod:`.program`
             traced = not f.module.CONSTANTS
             key = (min(groups), f.module.KAPPA, traced) if len(groups) == 1 else ("solo", id(f))
             by_key.setdefault(key, []).append(f)
